@@ -1,0 +1,34 @@
+"""blip2_jax: BLIP-2 (Q-Former pre-training and beyond) in JAX/Flax for CPU, GPU and TPU meshes."""
+import setuptools
+
+setuptools.setup(
+    name="blip2_jax",
+    version="0.1.0",
+    description="A JAX/Flax reimplementation of BLIP-2 for TPU and GPU meshes.",
+    long_description=open("README.md", encoding="utf-8").read() if __import__("os").path.exists("README.md") else "",
+    long_description_content_type="text/markdown",
+    python_requires=">=3.11",
+    packages=setuptools.find_packages(include=["blip2_jax", "blip2_jax.*"]),
+    package_data={"blip2_jax": ["data/*.txt"]},
+    install_requires=[
+        "jax>=0.6",
+        "flax>=0.10",
+        "optax>=0.2.4",
+        "orbax-checkpoint>=0.11",
+        "chex>=0.1.88",
+        "ml-collections>=1.0",
+        "transformers>=4.46",
+        "tensorflow-datasets>=4.9.7",
+        "grain>=0.2.10",
+        "pillow>=10",
+        "safetensors>=0.4",
+        "numpy>=1.26",
+        "tqdm>=4.66",
+        "tensorboardX>=2.6",
+        "absl-py>=2.1",
+    ],
+    extras_require={
+        # torch is only a numerical reference for the parity tests, never imported by the package.
+        "test": ["pytest>=8", "torch==2.13.0"],
+    },
+)
