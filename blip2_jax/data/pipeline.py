@@ -1,0 +1,230 @@
+"""Image-text input pipeline: TFDS array_record files read with grain, preprocessed with numpy and PIL.
+
+No TensorFlow anywhere: TFDS only writes and indexes the files, grain shuffles, shards and prefetches, and
+images are decoded here with PIL, so a corrupt image is caught, counted and skipped instead of killing a run.
+
+The `data` ConfigDict fields read here: name, data_dir, builder_kwargs, train_split, eval_split, image_size,
+crop_scale, flip, max_text_len, num_threads, prefetch, eval_max_examples.
+"""
+
+import collections
+import io
+import logging
+import re
+import threading
+
+import grain
+import numpy as np
+import tensorflow_datasets as tfds
+from PIL import Image
+
+from blip2_jax.data import tokenizer as tokenizer_lib
+from blip2_jax.data.coco_captions import CocoCaptions
+from blip2_jax.data.synthetic_shapes import SyntheticShapes
+
+# CLIP's normalisation, which EVA-CLIP and hence BLIP-2 use.
+CLIP_MEAN = np.array((0.48145466, 0.4578275, 0.40821073), np.float32)
+CLIP_STD = np.array((0.26862954, 0.26130258, 0.27577711), np.float32)
+CROP_RATIO = (3 / 4, 4 / 3)  # torchvision's RandomResizedCrop default, which LAVIS keeps
+
+# Builders that ship with the package prepare their own data on first use (generate it, or convert local
+# COCO files); any other name must already be prepared under data_dir.
+SHIPPED_BUILDERS = {"synthetic_shapes": SyntheticShapes, "coco_captions": CocoCaptions}
+
+
+# ----------------------------------------------------------------------------------------------- source
+
+
+def get_source(data_cfg, split: str):
+    """A random-access source of raw examples of `split`: {'image': encoded bytes, 'caption', ...}."""
+    kwargs = dict(data_cfg.builder_kwargs or {})
+    if data_cfg.name in SHIPPED_BUILDERS:
+        builder = SHIPPED_BUILDERS[data_cfg.name](
+            data_dir=data_cfg.data_dir, file_format="array_record", **kwargs)
+        builder.download_and_prepare()  # a no-op once the files exist
+    else:
+        try:
+            builder = tfds.builder(data_cfg.name, data_dir=data_cfg.data_dir, **kwargs)
+            prepared = builder.is_prepared()
+        except tfds.core.registered.DatasetNotFoundError:
+            prepared = False
+        if not prepared:
+            raise FileNotFoundError(
+                f"No prepared TFDS dataset {data_cfg.name!r} (split {split!r}) under data_dir "
+                f"{data_cfg.data_dir or tfds.core.constants.DATA_DIR!r}: prepare it there first in array_record "
+                f"format, e.g. `tfds build {data_cfg.name} --data_dir=... --file_format=array_record`.")
+    if split.split("[")[0] not in builder.info.splits:
+        raise ValueError(f"Dataset {data_cfg.name!r} has no split {split!r}; it has "
+                         f"{sorted(builder.info.splits)}.")
+    # Skip TFDS's image decoding (it would need TensorFlow); we decode with PIL and can catch bad images.
+    return builder.as_data_source(split, decoders={"image": tfds.decode.SkipDecoding()})
+
+
+# ------------------------------------------------------------------------------------------ bad images
+
+_skipped = 0
+_warned = set()  # source indices already logged: a bad image comes back every epoch
+_skipped_lock = threading.Lock()  # grain decodes in several threads
+
+
+def num_skipped_images() -> int:
+    """How many examples this process has dropped because their image could not be decoded."""
+    return _skipped
+
+
+def _decode(example: dict, index: int) -> dict:
+    """Decodes the image bytes to an RGB PIL image, or sets it to None (and counts it) if it is broken."""
+    global _skipped
+    try:
+        image = Image.open(io.BytesIO(example["image"]))
+        image = image.convert("RGB")  # forces the full decode, so truncated files fail here
+    except Exception as e:  # PIL raises a grab-bag of types for bad data; any of them means "skip"
+        with _skipped_lock:
+            _skipped += 1
+            first_time = index not in _warned
+            _warned.add(index)
+        if first_time:
+            logging.warning("Skipping example %d: its image cannot be decoded (%s: %s).",
+                            index, type(e).__name__, e)
+        image = None
+    caption = example["caption"]
+    out = {"image": image, "caption": caption.decode("utf-8") if isinstance(caption, bytes) else caption}
+    if "image_id" in example:
+        out["image_id"] = int(example["image_id"])
+    return out
+
+
+# -------------------------------------------------------------------------------------- preprocessing
+
+
+def random_resized_crop(image: Image.Image, size: int, scale, rng: np.random.Generator) -> Image.Image:
+    """torchvision's RandomResizedCrop (10 tries, then a central crop), bicubic, with a numpy rng."""
+    w, h = image.size
+    for _ in range(10):
+        area = w * h * rng.uniform(*scale)
+        aspect = np.exp(rng.uniform(*np.log(CROP_RATIO)))
+        cw, ch = int(round(np.sqrt(area * aspect))), int(round(np.sqrt(area / aspect)))
+        if 0 < cw <= w and 0 < ch <= h:
+            x, y = int(rng.integers(0, w - cw + 1)), int(rng.integers(0, h - ch + 1))
+            break
+    else:  # no sampled box fits: the whole image, cut to the nearest allowed aspect ratio
+        cw, ch = w, h
+        if w / h < CROP_RATIO[0]:
+            ch = int(round(w / CROP_RATIO[0]))
+        elif w / h > CROP_RATIO[1]:
+            cw = int(round(h * CROP_RATIO[1]))
+        x, y = (w - cw) // 2, (h - ch) // 2
+    return image.resize((size, size), Image.BICUBIC, box=(x, y, x + cw, y + ch))
+
+
+_LEFT_RIGHT = re.compile(r"\b(left|right)\b")
+
+
+def swap_left_right(caption: str) -> str:
+    return _LEFT_RIGHT.sub(lambda m: "right" if m.group(1) == "left" else "left", caption)
+
+
+def normalize(image: Image.Image) -> np.ndarray:
+    """uint8 RGB -> float32 HWC in [0, 1], then CLIP mean/std."""
+    return (np.asarray(image, np.float32) / 255.0 - CLIP_MEAN) / CLIP_STD
+
+
+def train_preprocess(example: dict, rng: np.random.Generator, data_cfg) -> dict:
+    image = random_resized_crop(example["image"], data_cfg.image_size, data_cfg.crop_scale, rng)
+    caption = tokenizer_lib.clean_caption(example["caption"])
+    if data_cfg.flip and rng.random() < 0.5:
+        # A flip turns "on the left" into "on the right". LAVIS flips and leaves the caption wrong; we swap
+        # the words instead, so the caption stays true (skipping the flip would lose the augmentation).
+        image = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+        caption = swap_left_right(caption)
+    return {"image": normalize(image), "caption": caption}
+
+
+def eval_preprocess(image: Image.Image, image_size: int) -> np.ndarray:
+    return normalize(image.resize((image_size, image_size), Image.BICUBIC))
+
+
+# ------------------------------------------------------------------------------------------- training
+
+
+def make_train_iterator(data_cfg, tokenizer, *, global_batch_size: int, seed: int, process_index: int = 0,
+                        process_count: int = 1):
+    """An endless iterator of this process's batches: {'image' f32 [b,S,S,3], 'text_ids', 'text_mask' i32 [b,L]}.
+
+    b = global_batch_size // process_count. The iterator is a grain DatasetIterator: `get_state()` is a
+    JSON-serialisable dict and `set_state(state)` resumes with exactly the batches that would have come
+    next, because all randomness (shuffle, crop, flip) is a function of (seed, position in the stream).
+    """
+    if global_batch_size % process_count:
+        raise ValueError(f"global_batch_size {global_batch_size} is not divisible by the number of processes "
+                         f"{process_count}; pick a multiple of {process_count}.")
+    source = get_source(data_cfg, data_cfg.train_split)
+    ds = (
+        grain.MapDataset.source(source)
+        .seed(seed)
+        .map_with_index(lambda i, ex: _decode(ex, i))  # index into the source, for the bad-image warning
+        [process_index::process_count]  # disjoint shares that together cover the data
+        .shuffle()  # a new order each epoch (grain mixes the epoch into the seed)
+        .repeat()
+        .filter(lambda ex: ex["image"] is not None)
+        .random_map(lambda ex, rng: train_preprocess(ex, rng, data_cfg))
+        .to_iter_dataset(grain.ReadOptions(num_threads=data_cfg.num_threads,
+                                           prefetch_buffer_size=data_cfg.prefetch))
+        # Batch after to_iter_dataset: grain can't batch a MapDataset after a filter (its length is unknown).
+        .batch(global_batch_size // process_count, drop_remainder=True)
+        # Tokenise whole batches in the consuming thread: one call per batch is fast, and a HF fast
+        # tokenizer shared by grain's worker threads can fail with "Already borrowed".
+        .map(lambda batch: _tokenize_batch(batch, tokenizer, data_cfg.max_text_len))
+    )
+    return iter(ds)
+
+
+def _tokenize_batch(batch: dict, tokenizer, max_len: int) -> dict:
+    ids, mask = tokenizer_lib.tokenize(tokenizer, [str(c) for c in batch["caption"]], max_len)
+    return {"image": batch["image"], "text_ids": ids, "text_mask": mask}
+
+
+# --------------------------------------------------------------------------------------------- eval
+
+
+def load_eval_set(data_cfg, tokenizer, split: str | None = None) -> dict:
+    """The whole eval split (or its first eval_max_examples examples), for retrieval and captioning.
+
+    Examples that share an `image_id` (COCO has ~5 captions per image) become one image with several
+    texts; without an image_id every example is its own image. Returns
+      images   f32 [N_img, S, S, 3]     text_ids, text_mask  i32 [N_txt, L]
+      txt2img  i32 [N_txt]              img2txt  list of N_img lists of text indices
+      captions list of N_txt cleaned captions.
+    """
+    source = get_source(data_cfg, split or data_cfg.eval_split)
+    n = len(source) if data_cfg.eval_max_examples is None else min(len(source), data_cfg.eval_max_examples)
+    examples = (
+        grain.MapDataset.source(source)[:n]
+        .map_with_index(lambda i, ex: _decode(ex, i))
+        .filter(lambda ex: ex["image"] is not None)
+        .map(lambda ex: {**ex, "image": eval_preprocess(ex["image"], data_cfg.image_size)})
+        # Threads decode in parallel, and the order stays that of the split.
+        .to_iter_dataset(grain.ReadOptions(num_threads=data_cfg.num_threads,
+                                           prefetch_buffer_size=data_cfg.prefetch))
+    )
+    images, captions, txt2img = [], [], []
+    image_index = {}  # image_id -> row in images
+    for i, ex in enumerate(examples):
+        key = ex.get("image_id", ("example", i))
+        if key not in image_index:
+            image_index[key] = len(images)
+            images.append(ex["image"])
+        captions.append(tokenizer_lib.clean_caption(ex["caption"]))
+        txt2img.append(image_index[key])
+    img2txt = collections.defaultdict(list)
+    for t, i in enumerate(txt2img):
+        img2txt[i].append(t)
+    ids, mask = tokenizer_lib.tokenize(tokenizer, captions, data_cfg.max_text_len)
+    return {
+        "images": np.stack(images),
+        "text_ids": ids,
+        "text_mask": mask,
+        "txt2img": np.asarray(txt2img, np.int32),
+        "img2txt": [img2txt[i] for i in range(len(images))],
+        "captions": captions,
+    }

@@ -1,0 +1,64 @@
+"""Building blocks shared by the frozen ViT and the Q-Former.
+
+Every parameter is created with logical axis names (MaxText style); `partitioning.py` maps them to mesh axes
+through the rules in the config, so the model code never names a mesh axis.
+"""
+from typing import Any, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+Dtype = Any
+
+# BERT and the ViTs initialise weights with a truncated-ish normal of std 0.02 (timm, HF BertPreTrainedModel).
+default_init = nn.initializers.normal(stddev=0.02)
+
+
+def logical(init, axes: Sequence[str | None]):
+  return nn.with_logical_partitioning(init, tuple(axes))
+
+
+def dense(features: int, axes: tuple[str | None, str | None], *, use_bias: bool = True,
+          dtype: Dtype = jnp.float32, name: str | None = None) -> nn.Dense:
+  """nn.Dense whose kernel carries logical axes (in_axis, out_axis) and bias (out_axis,); fp32 master weights."""
+  return nn.Dense(features, use_bias=use_bias, dtype=dtype, param_dtype=jnp.float32,
+                  kernel_init=logical(default_init, axes),
+                  bias_init=logical(nn.initializers.zeros, (axes[1],)), name=name)
+
+
+def layer_norm(eps: float, name: str | None = None) -> nn.LayerNorm:
+  """LayerNorm computed and returned in float32 whatever the activation dtype (bf16 statistics drift)."""
+  return nn.LayerNorm(epsilon=eps, dtype=jnp.float32, param_dtype=jnp.float32,
+                      scale_init=logical(nn.initializers.ones, ("norm",)),
+                      bias_init=logical(nn.initializers.zeros, ("norm",)), name=name)
+
+
+def gelu(x):
+  # Exact (erf) GELU: both EVA-ViT-g and BERT use it; the tanh approximation is a different function.
+  return jax.nn.gelu(x, approximate=False)
+
+
+def quick_gelu(x):
+  # CLIP ViT-L's activation.
+  return x * jax.nn.sigmoid(1.702 * x)
+
+
+ACTIVATIONS = {"gelu": gelu, "quick_gelu": quick_gelu}
+
+
+def attention(q, k, v, mask=None, *, dropout_rate=0.0, deterministic=True, dropout_rng=None):
+  """Multi-head scaled dot-product attention.
+
+  q: [B, Lq, H, Dh]; k, v: [B, Lk, H, Dh]; mask: bool, broadcastable to [B, H, Lq, Lk], True = may attend.
+  Softmax runs in float32; the output has q's dtype.
+  """
+  scale = q.shape[-1] ** -0.5
+  logits = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32) * scale
+  if mask is not None:
+    logits = jnp.where(mask, logits, jnp.finfo(jnp.float32).min)
+  probs = jax.nn.softmax(logits, axis=-1)
+  if dropout_rate > 0.0 and not deterministic:
+    keep = jax.random.bernoulli(dropout_rng, 1.0 - dropout_rate, probs.shape)
+    probs = jnp.where(keep, probs / (1.0 - dropout_rate), 0.0)
+  return jnp.einsum("bhqk,bkhd->bqhd", probs.astype(v.dtype), v)

@@ -1,0 +1,114 @@
+"""The frozen image encoder: EVA-CLIP ViT as BLIP-2 uses it (LAVIS `eva_vit.py`, HF `Blip2VisionModel`).
+
+Pre-norm blocks, fused qkv with biases on q and v only, exact GELU, no layer-scale and no final norm: the
+features leave the last block raw and `ln_vision` (owned by the BLIP-2 model, trainable) normalises them.
+"""
+import flax.linen as nn
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from blip2_jax.models import layers
+
+
+def _torch_bicubic_matrix(n_in: int, n_out: int) -> np.ndarray:
+  """[n_out, n_in] matrix of torch's bicubic resize (align_corners=False, A=-0.75, clamped borders).
+
+  jax.image.resize uses Keys' A=-0.5 kernel; the checkpoints were fine-tuned at 364px with torch's kernel, so
+  we reproduce it exactly.
+  """
+  a = -0.75
+
+  def cubic(x):
+    x = abs(x)
+    if x <= 1:
+      return ((a + 2) * x - (a + 3)) * x * x + 1
+    if x < 2:
+      return ((a * x - 5 * a) * x + 8 * a) * x - 4 * a
+    return 0.0
+
+  m = np.zeros((n_out, n_in), np.float64)
+  for i in range(n_out):
+    src = (i + 0.5) * n_in / n_out - 0.5
+    base = int(np.floor(src))
+    t = src - base
+    for k in range(-1, 3):
+      m[i, min(max(base + k, 0), n_in - 1)] += cubic(k - t)
+  return m
+
+
+def interpolate_pos_embed(pos_embed, grid: int):
+  """Resizes [1, 1 + g*g, D] position embeddings ([CLS] first) to a grid x grid patch grid, bicubically."""
+  old = int(round((pos_embed.shape[1] - 1) ** 0.5))
+  if old == grid:
+    return pos_embed
+  w = jnp.asarray(_torch_bicubic_matrix(old, grid), jnp.float32)
+  patches = pos_embed[0, 1:].reshape(old, old, -1).astype(jnp.float32)
+  patches = jnp.einsum("ih,hwd,jw->ijd", w, patches, w).reshape(1, grid * grid, -1)
+  return jnp.concatenate([pos_embed[:, :1], patches.astype(pos_embed.dtype)], axis=1)
+
+
+class Attention(nn.Module):
+  cfg: ml_collections.ConfigDict
+
+  @nn.compact
+  def __call__(self, x):
+    cfg = self.cfg
+    b, n, d = x.shape
+    heads = cfg.num_heads
+    qkv = layers.dense(3 * d, ("vit_embed", "heads"), use_bias=False, dtype=cfg.dtype, name="qkv")(x)
+    # LAVIS: bias = cat(q_bias, zeros, v_bias); the key has no bias at all.
+    q_bias = self.param("q_bias", layers.logical(nn.initializers.zeros, ("heads",)), (d,), jnp.float32)
+    v_bias = self.param("v_bias", layers.logical(nn.initializers.zeros, ("heads",)), (d,), jnp.float32)
+    q, k, v = jnp.split(qkv, 3, axis=-1)
+    q = (q + q_bias.astype(q.dtype)).reshape(b, n, heads, d // heads)
+    k = k.reshape(b, n, heads, d // heads)
+    v = (v + v_bias.astype(v.dtype)).reshape(b, n, heads, d // heads)
+    out = layers.attention(q, k, v).reshape(b, n, d)
+    return layers.dense(d, ("heads", "vit_embed"), dtype=cfg.dtype, name="proj")(out)
+
+
+class Block(nn.Module):
+  cfg: ml_collections.ConfigDict
+
+  @nn.compact
+  def __call__(self, x):
+    cfg = self.cfg
+    x = x + Attention(cfg, name="attn")(layers.layer_norm(cfg.layer_norm_eps, name="norm1")(x))
+    h = layers.layer_norm(cfg.layer_norm_eps, name="norm2")(x)
+    h = layers.dense(cfg.mlp_dim, ("vit_embed", "mlp"), dtype=cfg.dtype, name="fc1")(h)
+    h = layers.ACTIVATIONS[cfg.act](h)
+    return x + layers.dense(x.shape[-1], ("mlp", "vit_embed"), dtype=cfg.dtype, name="fc2")(h)
+
+
+class VisionTransformer(nn.Module):
+  """images [B, S, S, 3] (CLIP-normalised) -> features [B, 1 + (S/p)^2, width] before ln_vision.
+
+  cfg: image_size, patch_size, width, depth, num_heads, mlp_dim, layer_norm_eps, act, dtype.
+  """
+  cfg: ml_collections.ConfigDict
+
+  @nn.compact
+  def __call__(self, images):
+    cfg = self.cfg
+    p, d = cfg.patch_size, cfg.width
+    if images.shape[1] % p or images.shape[2] != images.shape[1]:
+      raise ValueError(f"ViT input must be square with a side divisible by the patch size {p}; "
+                       f"got images of shape {images.shape}.")
+    x = nn.Conv(d, (p, p), strides=(p, p), padding="VALID", dtype=cfg.dtype, param_dtype=jnp.float32,
+                kernel_init=layers.logical(layers.default_init, (None, None, None, "vit_embed")),
+                bias_init=layers.logical(nn.initializers.zeros, ("vit_embed",)),
+                name="patch_embed")(images.astype(cfg.dtype))
+    b, gh, gw, _ = x.shape
+    x = x.reshape(b, gh * gw, d)
+    cls = self.param("cls_token", layers.logical(layers.default_init, (None, None, "vit_embed")),
+                     (1, 1, d), jnp.float32)
+    n_pos = (cfg.image_size // p) ** 2 + 1
+    pos = self.param("pos_embed", layers.logical(layers.default_init, (None, None, "vit_embed")),
+                     (1, n_pos, d), jnp.float32)
+    # [CLS] first, then the position embeddings are added to all tokens (EVA / LAVIS order).
+    x = jnp.concatenate([jnp.broadcast_to(cls.astype(x.dtype), (b, 1, d)), x], axis=1)
+    x = x + interpolate_pos_embed(pos, gh).astype(x.dtype)
+    for i in range(cfg.depth):
+      x = Block(cfg, name=f"blocks_{i}")(x)
+    return x
