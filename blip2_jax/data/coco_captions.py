@@ -61,6 +61,8 @@ class CocoCaptions(tfds.core.GeneratorBasedBuilder, skip_registration=True):
                 "caption": tfds.features.Text(),
                 "image_id": tfds.features.Scalar(np.int64),
             }),
+            # Keep the annotation order, so "example i" in a warning is annotation i of the file.
+            disable_shuffling=True,
         )
 
     def _split_generators(self, dl_manager):

@@ -162,7 +162,8 @@ def make_train_iterator(data_cfg, tokenizer, *, global_batch_size: int, seed: in
     ds = (
         grain.MapDataset.source(source)
         .seed(seed)
-        .map_with_index(lambda i, ex: _decode(ex, i))  # index into the source, for the bad-image warning
+        # The record's index, for the bad-image warning (grain passes later epochs' indices unwrapped).
+        .map_with_index(lambda i, ex: _decode(ex, i % len(source)))
         [process_index::process_count]  # disjoint shares that together cover the data
         .shuffle()  # a new order each epoch (grain mixes the epoch into the seed)
         .repeat()

@@ -37,7 +37,7 @@ COLOURS = {  # far apart in RGB, so a colour is never ambiguous even after resiz
     "blue": (0, 0, 255),
     "yellow": (255, 255, 0),
     "white": (255, 255, 255),
-    "purple": (160, 0, 255),
+    "purple": (0, 0, 255),
 }
 SHAPES = ("circle", "square", "triangle")
 QUADRANTS = ("top left", "top right", "bottom left", "bottom right")  # also the caption order
@@ -97,7 +97,7 @@ def split_combinations(num_test: int, seed: int) -> tuple[np.ndarray, np.ndarray
         raise ValueError(f"num_test must be in [1, {NUM_COMBINATIONS // 2}] so that every test caption is "
                          f"distinct and enough combinations are left for train; got {num_test}.")
     order = np.random.default_rng(seed).permutation(NUM_COMBINATIONS)
-    return order[:num_test], order[num_test:]
+    return order[:num_test], order
 
 
 @dataclasses.dataclass(eq=False, kw_only=True)

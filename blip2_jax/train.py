@@ -1,0 +1,296 @@
+r"""BLIP-2 trainer: `python -m blip2_jax.train --config=configs/stage1.py[:VARIANT] --workdir=DIR`.
+
+One flat main() in sections, big_vision style: mesh -> tokenizer and input pipeline -> model and optimizer ->
+born-sharded state (or resume) -> update step -> loop with logging, evaluation and checkpoints. The same
+program runs on one CPU, on 8 fake CPU devices, on a GPU node and on a TPU pod; only the mesh changes.
+"""
+import dataclasses
+import logging
+import math
+import os
+import time
+
+from absl import app
+from absl import flags
+from absl import logging as absl_logging
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+from ml_collections import config_flags
+import numpy as np
+import optax
+
+from blip2_jax import checkpointing
+from blip2_jax import optim
+from blip2_jax import partitioning
+from blip2_jax.data import pipeline
+from blip2_jax.data import tokenizer as tokenizer_lib
+from blip2_jax.metric_writer import MetricWriter
+from blip2_jax.models.blip2 import Blip2Qformer
+
+FLAGS = flags.FLAGS
+log = logging.getLogger(__name__)
+
+
+class TrainingError(RuntimeError):
+  pass
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Pieces shared with evaluate.py and benchmark.py
+# --------------------------------------------------------------------------------------------------------------
+
+def load_tokenizer(config):
+  path = tokenizer_lib.demo_vocab_path() if config.tokenizer == "demo" else config.tokenizer
+  if not path:
+    raise ValueError("config.tokenizer is empty: give a local bert-base-uncased directory (HF layout) or a "
+                     "WordPiece vocab .txt file.")
+  return tokenizer_lib.load_tokenizer(path)
+
+
+def model_config(config, tokenizer) -> ml_collections.ConfigDict:
+  """config.model with the tokenizer-dependent fields filled in (vocab size, [DEC] id)."""
+  cfg = ml_collections.ConfigDict(config.model.to_dict())
+  vocab = len(tokenizer)
+  if cfg.qformer.vocab_size == 0:
+    cfg.qformer.vocab_size = vocab
+  elif cfg.qformer.vocab_size < vocab:
+    raise ValueError(f"config.model.qformer.vocab_size={cfg.qformer.vocab_size} is smaller than the "
+                     f"tokenizer's {vocab} tokens (incl. [DEC]).")
+  cfg.bos_token_id = tokenizer.bos_token_id
+  if cfg.vit.image_size != config.data.image_size:
+    raise ValueError(f"config.data.image_size={config.data.image_size} differs from "
+                     f"config.model.vit.image_size={cfg.vit.image_size}.")
+  return cfg
+
+
+@dataclasses.dataclass
+class Setup:
+  """What every entry point needs: the model, the mesh, shardings and an init function."""
+  model: Blip2Qformer
+  mesh: jax.sharding.Mesh
+  rules: tuple
+  tx: optax.GradientTransformation
+  schedule: optax.Schedule
+  state_shardings: dict
+  frozen_shardings: dict
+  batch_sharding: jax.sharding.NamedSharding
+  abstract_state: dict
+  abstract_frozen: dict
+  init: callable  # rng -> (state, frozen), born sharded
+
+
+def build(config, tokenizer, devices=None) -> Setup:
+  mesh = partitioning.make_mesh(dict(config.sharding.mesh), devices)
+  rules = tuple(tuple(r) for r in config.sharding.rules)
+  model = Blip2Qformer(model_config(config, tokenizer))
+  tx, schedule = optim.make_optimizer(config.optimizer, config.total_steps)
+  s, L = config.data.image_size, config.data.max_text_len
+  dummy = (jnp.zeros((1, s, s, 3), jnp.float32), jnp.zeros((1, L), jnp.int32), jnp.ones((1, L), jnp.int32))
+  frozen_dtype = jnp.dtype(config.frozen_dtype)
+
+  def init_params(rng):
+    boxed = model.init({"params": rng, "itm": rng}, *dummy, train=False)["params"]
+    return partitioning.split_frozen(boxed, config.frozen_params)
+
+  boxed_trainable, boxed_frozen = jax.eval_shape(init_params, jax.random.PRNGKey(0))
+  param_sh = partitioning.logical_to_shardings(boxed_trainable, mesh, rules)
+  frozen_sh = partitioning.logical_to_shardings(boxed_frozen, mesh, rules)
+  repl = partitioning.replicated(mesh)
+
+  def init(rng):
+    trainable, frozen = (nn.unbox(t) for t in init_params(rng))
+    frozen = jax.tree.map(lambda x: x.astype(frozen_dtype), frozen)
+    state = {"step": jnp.zeros((), jnp.int32), "params": trainable, "opt_state": tx.init(trainable),
+             "rng": jax.random.fold_in(rng, 1)}
+    return state, frozen
+
+  abstract_state, abstract_frozen = jax.eval_shape(init, jax.random.PRNGKey(0))
+  opt_sh = optax.tree_map_params(tx, lambda _, sh: sh, abstract_state["opt_state"], param_sh,
+                                 transform_non_params=lambda _: repl)
+  state_sh = {"step": repl, "params": param_sh, "opt_state": opt_sh, "rng": repl}
+  init_jit = jax.jit(init, out_shardings=(state_sh, frozen_sh))
+  return Setup(model, mesh, rules, tx, schedule, state_sh, frozen_sh,
+               partitioning.batch_sharding(mesh, rules), abstract_state, abstract_frozen, init_jit)
+
+
+def load_pretrained(config, setup: Setup, state, frozen):
+  """Replaces random init with the weights config.init names (frozen ViT + ln_vision; BERT for the Q-Former)."""
+  if not (config.init.vision_weights or config.init.bert_weights):
+    return state, frozen
+  from blip2_jax import weights  # pylint: disable=g-import-not-at-top
+  params = partitioning.merge(jax.device_get(state["params"]), jax.device_get(frozen))
+  if config.init.vision_weights:
+    params = partitioning.merge(params, weights.load_vision_from_blip2(config.init.vision_weights, params))
+  if config.init.bert_weights:
+    params = partitioning.merge(params, weights.load_qformer_from_bert(config.init.bert_weights, params))
+  trainable, new_frozen = partitioning.split_frozen(params, config.frozen_params)
+  place = lambda x, sh, ref: jax.make_array_from_callback(
+      ref.shape, sh, lambda idx: np.asarray(x, dtype=ref.dtype)[idx])
+  state = dict(state, params=jax.tree.map(place, trainable, setup.state_shardings["params"], state["params"]))
+  # The optimizer state of freshly loaded weights is the same zeros as before; only params change.
+  frozen = jax.tree.map(place, new_frozen, setup.frozen_shardings, frozen)
+  return state, frozen
+
+
+def make_train_step(setup: Setup):
+  """The jitted update. Gradients are taken w.r.t. the trainable tree only; the state is donated."""
+  model, tx, schedule = setup.model, setup.tx, setup.schedule
+
+  def train_step(state, frozen, batch):
+    step_rng = jax.random.fold_in(state["rng"], state["step"])
+    itm_rng, dropout_rng = jax.random.split(step_rng)
+
+    def loss_fn(params):
+      out = model.apply({"params": partitioning.merge(params, frozen)}, batch["image"], batch["text_ids"],
+                        batch["text_mask"], train=True, rngs={"itm": itm_rng, "dropout": dropout_rng})
+      return out["loss"], out
+
+    (_, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"])
+    updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
+    params = optax.apply_updates(state["params"], updates)
+    metrics = dict(metrics, lr=schedule(state["step"]), grad_norm=optax.global_norm(grads),
+                   temp=state["params"]["temp"])
+    return {"step": state["step"] + 1, "params": params, "opt_state": opt_state, "rng": state["rng"]}, metrics
+
+  return jax.jit(train_step,
+                 in_shardings=(setup.state_shardings, setup.frozen_shardings, setup.batch_sharding),
+                 out_shardings=(setup.state_shardings, partitioning.replicated(setup.mesh)),
+                 donate_argnums=(0,))
+
+
+def global_batch(local_batch: dict, sharding) -> dict:
+  """Each process holds its own rows; together they form the global batch, sharded over the mesh."""
+  return {k: jax.make_array_from_process_local_data(sharding, v) for k, v in local_batch.items()}
+
+
+def restore_or_init(config, setup: Setup, mngr):
+  """This run's latest checkpoint if there is one, else the init sources config.init names."""
+  state, frozen = setup.init(jax.random.PRNGKey(config.seed))
+  latest = mngr.latest_step()
+  if latest is None:
+    state, frozen = load_pretrained(config, setup, state, frozen)
+    return state, frozen, None
+  # Frozen weights are not in checkpoints: they come from their source, as at the start.
+  _, frozen = load_pretrained(config, setup, state, frozen)
+  abstract = checkpointing.abstract_like(setup.abstract_state, setup.state_shardings)
+  state, data_state = checkpointing.restore(mngr, latest, abstract)
+  log.info("Resumed from %s at step %d.", mngr.directory, latest)
+  return state, frozen, data_state
+
+
+# --------------------------------------------------------------------------------------------------------------
+# main
+# --------------------------------------------------------------------------------------------------------------
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
+  """Runs training to config.total_steps (resuming from workdir if possible); returns the last metrics."""
+  from blip2_jax import evaluate  # pylint: disable=g-import-not-at-top
+  os.makedirs(workdir, exist_ok=True)
+  if jax.process_index() == 0:
+    with open(os.path.join(workdir, "config.json"), "w", encoding="utf-8") as f:
+      f.write(config.to_json_best_effort(indent=2))
+
+  # 1. Tokenizer and input pipeline: each process reads only its share of the global batch.
+  tokenizer = load_tokenizer(config)
+  if config.global_batch_size % jax.process_count():
+    raise ValueError(f"config.global_batch_size={config.global_batch_size} is not divisible by the "
+                     f"{jax.process_count()} processes.")
+  train_iter = pipeline.make_train_iterator(
+      config.data, tokenizer, global_batch_size=config.global_batch_size, seed=config.seed,
+      process_index=jax.process_index(), process_count=jax.process_count())
+
+  # 2. Model, optimizer, mesh and shardings; parameters are born sharded.
+  setup = build(config, tokenizer)
+  data_parallel = math.prod(setup.mesh.shape[a] for a in jax.tree.leaves(dict(setup.rules)["batch"]))
+  if config.global_batch_size % data_parallel:
+    raise ValueError(f"config.global_batch_size={config.global_batch_size} is not divisible by the "
+                     f"{data_parallel} devices the batch is split over (mesh {dict(setup.mesh.shape)}).")
+  mngr = checkpointing.manager(workdir, config.keep_checkpoints)
+  state, frozen, data_state = restore_or_init(config, setup, mngr)
+  if data_state is not None:
+    train_iter.set_state(data_state)
+  train_step = make_train_step(setup)
+  evaluator = evaluate.RetrievalEvaluator(config, setup, tokenizer)
+  writer = MetricWriter(workdir)
+
+  # 3. The loop. Metrics of step s are read back after step s+1 is dispatched, so the host never stalls the
+  # device; a checkpoint is written only after its step's loss was seen to be finite.
+  step = int(jax.device_get(state["step"]))
+  start_step, t0, last = step, time.time(), {}
+  progress = _progress_bar(step, config.total_steps)
+  pending = None
+  while step < config.total_steps:
+    batch = global_batch(next(train_iter), setup.batch_sharding)
+    state, metrics = train_step(state, frozen, batch)
+    step += 1
+    if pending is not None:
+      last = _check_finite(*pending)
+    pending = (step, metrics)
+
+    if step % config.log_every == 0 or step == config.total_steps:
+      last = _check_finite(*pending)
+      pending = None
+      dt = time.time() - t0
+      last["samples_per_s"] = (step - start_step) * config.global_batch_size / max(dt, 1e-9)
+      last["skipped_images"] = pipeline.num_skipped_images()
+      start_step, t0 = step, time.time()
+      writer.write(step, last)
+      progress.set_postfix(loss=f"{last['loss']:.3f}", samples_per_s=f"{last['samples_per_s']:.0f}")
+    progress.update(1)
+
+    is_last = step == config.total_steps
+    if step % config.checkpoint_every == 0 or is_last:
+      if pending is not None:
+        last = _check_finite(*pending)
+        pending = None
+      checkpointing.save(mngr, step, state, train_iter.get_state())
+    if (config.eval_every and step % config.eval_every == 0) or is_last:
+      eval_metrics = evaluator.run(partitioning.merge(state["params"], frozen))
+      writer.write(step, eval_metrics)
+      last.update(eval_metrics)
+      log.info("step %d: %s", step, {k: round(v, 4) for k, v in eval_metrics.items()})
+      t0 = time.time()  # evaluation time is not training throughput
+  progress.close()
+  mngr.wait_until_finished()
+  mngr.close()
+  writer.close()
+  return last
+
+
+def _check_finite(step: int, metrics) -> dict:
+  metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
+  if not math.isfinite(metrics["loss"]):
+    raise TrainingError(f"Non-finite loss {metrics['loss']} at step {step} (itc={metrics['loss_itc']}, "
+                        f"itm={metrics['loss_itm']}, itg={metrics['loss_itg']}); stopping without saving it. "
+                        f"The last checkpoint is intact: lower config.optimizer.lr or check the data.")
+  return metrics
+
+
+def _progress_bar(initial: int, total: int):
+  from tqdm import tqdm  # pylint: disable=g-import-not-at-top
+  return tqdm(total=total, initial=initial, desc="train", unit="step", disable=jax.process_index() != 0,
+              dynamic_ncols=True)
+
+
+def main(argv):
+  del argv
+  if FLAGS.workdir is None:
+    raise app.UsageError("--workdir is required (checkpoints, metrics.jsonl and TensorBoard files go there).")
+  absl_logging.set_verbosity(absl_logging.WARNING)  # Orbax is chatty at INFO
+  logging.getLogger("blip2_jax").setLevel(logging.INFO)
+  try:
+    last = train_and_evaluate(FLAGS.config, FLAGS.workdir)
+  except (TrainingError, FileNotFoundError, ValueError) as e:
+    raise SystemExit(f"error: {e}") from None
+  if jax.process_index() == 0:
+    print({k: round(v, 4) for k, v in last.items()})
+
+
+if __name__ == "__main__":
+  # Flags are defined only when run as a program, so train/evaluate/benchmark can import each other.
+  config_flags.DEFINE_config_file("config", None, "Training config file.", lock_config=True)
+  flags.DEFINE_string("workdir", None, "Where checkpoints, metrics and TensorBoard files go.")
+  jax.config.config_with_absl()
+  app.run(main)

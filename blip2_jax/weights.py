@@ -1,0 +1,377 @@
+"""Pretrained weights: Hugging Face safetensors checkpoints -> our Flax parameter trees.
+
+Three sources, one function each:
+- `load_vision_from_blip2`: the frozen ViT and `ln_vision` from any HF BLIP-2 checkpoint
+  (`vision_model.*`; HF calls ln_vision `post_layernorm`).
+- `load_qformer_from_bert`: the stage-1 starting point, a BERT checkpoint (bert-base-uncased), mapped the way
+  LAVIS does it: the query FFN is a copy of BERT's FFN, everything BERT lacks keeps its init.
+- `load_qformer_from_blip2`: a trained Q-Former from an HF BLIP-2 checkpoint; returns what it could not fill.
+
+All loaders take the model's parameter tree as a template (boxed or not; `jax.eval_shape` output is enough for
+the ViT) and return numpy float32 subtrees keyed like it, so `params = {**params, **loaded}` merges them.
+Torch Linear weights are [out, in] and become [in, out] kernels; Conv2d OIHW becomes HWIO. Only safetensors are
+read: a pickle (`.bin`, `.pth`) can run code when loaded.
+"""
+import json
+import logging
+import re
+from collections.abc import Mapping
+from pathlib import Path
+
+import flax.linen as nn
+import jax
+import numpy as np
+from flax import traverse_util
+from safetensors import safe_open
+
+log = logging.getLogger(__name__)
+
+_PICKLE_SUFFIXES = (".bin", ".pth", ".pt", ".ckpt", ".pkl")
+_VISION_KEYS = ("visual_encoder", "ln_vision")
+
+
+# --- reading safetensors -----------------------------------------------------------------------------------
+
+class SafetensorsCheckpoint(Mapping):
+  """Lazy name -> numpy array view of one or more safetensors files; each lookup reads one tensor.
+
+  Tensors keep their stored dtype (bf16 as `ml_dtypes.bfloat16`). safetensors' numpy backend cannot produce
+  bf16, the dtype the large BLIP-2 checkpoints ship in, so those few tensors go through its flax backend,
+  pinned to the CPU so nothing lands on an accelerator.
+  """
+
+  def __init__(self, root: Path, file_of: dict[str, Path]):
+    self.root = root
+    self._file_of = file_of
+    self._handles = {}
+
+  def _handle(self, file: Path, framework: str):
+    key = (file, framework)
+    if key not in self._handles:
+      self._handles[key] = safe_open(str(file), framework=framework)
+    return self._handles[key]
+
+  def file_of(self, name: str) -> Path:
+    return self._file_of[name]
+
+  def __getitem__(self, name: str) -> np.ndarray:
+    file = self._file_of[name]
+    handle = self._handle(file, "numpy")
+    if handle.get_slice(name).get_dtype() in ("F32", "F16", "F64", "I64", "I32", "I16", "I8", "U8", "BOOL"):
+      return handle.get_tensor(name)
+    with jax.default_device(jax.devices("cpu")[0]):
+      return np.asarray(self._handle(file, "flax").get_tensor(name))
+
+  def __iter__(self):
+    return iter(self._file_of)
+
+  def __len__(self):
+    return len(self._file_of)
+
+
+def read_safetensors_dir(path) -> SafetensorsCheckpoint:
+  """Opens a checkpoint: a `.safetensors` file, or a directory with `model.safetensors`, or shards with
+  `model.safetensors.index.json` (or bare `*.safetensors` shards). Nothing is read until a tensor is asked for."""
+  root = Path(path)
+  if not root.exists():
+    raise FileNotFoundError(f"No checkpoint at {root}: give a directory holding model.safetensors "
+                            "(or its shards and model.safetensors.index.json).")
+  if root.is_file():
+    if root.suffix != ".safetensors":
+      raise ValueError(_pickle_message(root) if root.suffix in _PICKLE_SUFFIXES
+                       else f"{root} is not a .safetensors file.")
+    files = [root]
+  elif (root / "model.safetensors.index.json").exists():
+    weight_map = json.loads((root / "model.safetensors.index.json").read_text())["weight_map"]
+    file_of = {name: root / shard for name, shard in weight_map.items()}
+    for shard in sorted(set(file_of.values())):
+      if not shard.exists():
+        raise FileNotFoundError(f"Shard {shard} listed in {root / 'model.safetensors.index.json'} is missing.")
+    return SafetensorsCheckpoint(root, file_of)
+  elif (root / "model.safetensors").exists():
+    files = [root / "model.safetensors"]
+  else:
+    files = sorted(root.glob("*.safetensors"))
+    if not files:
+      if any(p.suffix in _PICKLE_SUFFIXES for p in root.iterdir()):
+        raise ValueError(_pickle_message(root))
+      raise FileNotFoundError(f"No *.safetensors file in {root}.")
+  file_of = {}
+  for file in files:
+    with safe_open(str(file), framework="numpy") as f:
+      for name in f.keys():
+        file_of[name] = file
+  return SafetensorsCheckpoint(root, file_of)
+
+
+def _pickle_message(path: Path) -> str:
+  return (f"{path} holds only PyTorch pickle weights, and blip2_jax reads only safetensors (unpickling can run "
+          "code): convert once with `transformers`, e.g. `AutoModel.from_pretrained(dir).save_pretrained(out)`, "
+          "which writes model.safetensors.")
+
+
+# --- the mapping machinery ----------------------------------------------------------------------------------
+
+def _linear_kernel(w):
+  return w.T  # torch Linear [out, in] -> Flax kernel [in, out]
+
+
+def _conv_kernel(w):
+  return w.transpose(2, 3, 1, 0)  # torch OIHW -> Flax HWIO
+
+
+def _shape(leaf) -> tuple[int, ...]:
+  return tuple(leaf.shape) if hasattr(leaf, "shape") else np.shape(leaf)  # arrays and jax.ShapeDtypeStruct
+
+
+class _Filler:
+  """Fills our parameters (by '/'-joined path) from checkpoint tensors, checking every shape."""
+
+  def __init__(self, ckpt: SafetensorsCheckpoint, template, keys: dict[str, str] | None = None):
+    self.ckpt = ckpt
+    flat = traverse_util.flatten_dict(nn.unbox(template), sep="/")
+    self.template = flat
+    self.keys = keys if keys is not None else {k: k for k in ckpt}  # our spelling -> checkpoint spelling
+    self.out: dict[str, np.ndarray] = {}
+    self.used: set[str] = set()
+
+  def has(self, key: str) -> bool:
+    return key in self.keys
+
+  def read(self, key: str) -> np.ndarray:
+    if key not in self.keys:
+      raise ValueError(f"Checkpoint {self.ckpt.root} has no tensor `{key}`; is it the right kind of checkpoint "
+                       "(and the config the right size)?")
+    self.used.add(key)
+    return np.asarray(self.ckpt[self.keys[key]], np.float32)
+
+  def _check(self, dst: str, key: str, shape):
+    expected = _shape(self.template[dst])
+    if tuple(shape) != expected:
+      raise ValueError(f"Shape mismatch at `{dst}`: checkpoint tensor `{self.keys[key]}` in "
+                       f"{self.ckpt.file_of(self.keys[key])} gives {tuple(shape)}, the model expects {expected}; "
+                       "make the config match the checkpoint.")
+
+  def put(self, dst: str, key: str, transform=None):
+    value = self.read(key)
+    if transform is not None:
+      value = transform(value)
+    self._check(dst, key, value.shape)
+    self.out[dst] = np.ascontiguousarray(value, np.float32)
+
+  def put_leading_rows(self, dst: str, key: str):
+    """Copies a checkpoint table into the first rows of ours; rows it lacks keep the template's values (as
+    `resize_token_embeddings` does for BLIP-2's added [DEC] token)."""
+    value = self.read(key)
+    expected = _shape(self.template[dst])
+    if value.shape[0] > expected[0] or value.shape[1:] != expected[1:]:
+      self._check(dst, key, value.shape)
+    if value.shape[0] < expected[0]:
+      log.info("%s: %d rows from the checkpoint, the last %d keep their init.", dst, value.shape[0],
+               expected[0] - value.shape[0])
+      value = np.concatenate([value, self.template_value(dst)[value.shape[0]:]], axis=0)
+    self.out[dst] = np.ascontiguousarray(value, np.float32)
+
+  def dense(self, dst: str, src: str):
+    self.put(f"{dst}/kernel", f"{src}.weight", _linear_kernel)
+    self.put(f"{dst}/bias", f"{src}.bias")
+
+  def norm(self, dst: str, src: str):
+    self.put(f"{dst}/scale", f"{src}.weight")
+    self.put(f"{dst}/bias", f"{src}.bias")
+
+  def template_value(self, dst: str) -> np.ndarray:
+    leaf = self.template[dst]
+    if isinstance(leaf, jax.ShapeDtypeStruct):
+      raise ValueError(f"`{dst}` is not in the checkpoint, so it keeps its init value, but the template is "
+                       "abstract: pass initialised parameters (model.init) as the template.")
+    return np.array(leaf, np.float32)
+
+  def subtree(self, top_keys, *, require_all: bool):
+    """Nested dict of our parameters under `top_keys`; unfilled leaves take the template's values."""
+    flat = {}
+    for path in self.template:
+      if path.split("/")[0] not in top_keys:
+        continue
+      if path in self.out:
+        flat[path] = self.out[path]
+      elif require_all:
+        raise ValueError(f"No checkpoint tensor maps to `{path}`: the loader and the model disagree.")
+      else:
+        flat[path] = self.template_value(path)
+    return traverse_util.unflatten_dict(flat, sep="/")
+
+  def unused(self, prefixes) -> list[str]:
+    return sorted(k for k in self.keys if k.startswith(prefixes) and k not in self.used)
+
+
+def _num_layers(keys, pattern: str) -> int:
+  found = {int(m.group(1)) for k in keys if (m := re.match(pattern, k))}
+  return max(found) + 1 if found else 0
+
+
+def _num_template_layers(template, prefix: str) -> int:
+  return sum(1 for k in template if re.fullmatch(prefix + r"_\d+", k))
+
+
+# --- the frozen ViT -----------------------------------------------------------------------------------------
+
+def load_vision_from_blip2(path, params_template) -> dict:
+  """HF BLIP-2 checkpoint -> {'visual_encoder': ..., 'ln_vision': ...}, numpy float32.
+
+  A checkpoint deeper than the config keeps its first `depth` blocks (BLIP-2 uses 39 of EVA ViT-g's 40).
+  """
+  ckpt = read_safetensors_dir(path)
+  fill = _Filler(ckpt, params_template)
+  vit_template = nn.unbox(params_template)["visual_encoder"]
+  depth = _num_template_layers(vit_template, "blocks")
+  have = _num_layers(ckpt, r"vision_model\.encoder\.layers\.(\d+)\.")
+  if have < depth:
+    raise ValueError(f"Checkpoint {ckpt.root} has {have} ViT blocks but the config asks for depth={depth}.")
+  if have > depth:
+    log.info("Checkpoint %s has %d ViT blocks; using the first %d (config vit.depth).", ckpt.root, have, depth)
+
+  emb = "vision_model.embeddings"
+  fill.put("visual_encoder/cls_token", f"{emb}.class_embedding")
+  fill.put("visual_encoder/pos_embed", f"{emb}.position_embedding")
+  fill.put("visual_encoder/patch_embed/kernel", f"{emb}.patch_embedding.weight", _conv_kernel)
+  fill.put("visual_encoder/patch_embed/bias", f"{emb}.patch_embedding.bias")
+  for i in range(depth):
+    src, dst = f"vision_model.encoder.layers.{i}", f"visual_encoder/blocks_{i}"
+    fill.norm(f"{dst}/norm1", f"{src}.layer_norm1")
+    fill.norm(f"{dst}/norm2", f"{src}.layer_norm2")
+    fill.put(f"{dst}/attn/qkv/kernel", f"{src}.self_attn.qkv.weight", _linear_kernel)
+    # The fused bias is cat(q_bias, 0, v_bias). A key bias would not matter anyway: it shifts every logit of a
+    # query row by the same q.b_k, which softmax ignores.
+    fill.put(f"{dst}/attn/q_bias", f"{src}.self_attn.qkv.bias", lambda b: b.reshape(3, -1)[0])
+    fill.put(f"{dst}/attn/v_bias", f"{src}.self_attn.qkv.bias", lambda b: b.reshape(3, -1)[2])
+    fill.dense(f"{dst}/attn/proj", f"{src}.self_attn.projection")
+    fill.dense(f"{dst}/fc1", f"{src}.mlp.fc1")
+    fill.dense(f"{dst}/fc2", f"{src}.mlp.fc2")
+  fill.norm("ln_vision", "vision_model.post_layernorm")
+  return fill.subtree(_VISION_KEYS, require_all=True)
+
+
+# --- the Q-Former -------------------------------------------------------------------------------------------
+
+def _fill_qformer_layer(fill: _Filler, i: int, src: str, *, self_attn: str, text_ffn: tuple[str, str] | None,
+                        query_ffn: tuple[str, str] | None):
+  """One Q-Former layer in BERT naming under `src`: self-attention (q/k/v under `self_attn`) and the FFNs given
+  as (intermediate, output) module names, None where the checkpoint has no such FFN."""
+  dst = f"qformer/layers_{i}"
+  for name in ("query", "key", "value"):
+    fill.dense(f"{dst}/attention/{name}", f"{src}.{self_attn}.{name}")
+  fill.dense(f"{dst}/attention/output", f"{src}.attention.output.dense")
+  fill.norm(f"{dst}/attention/output_norm", f"{src}.attention.output.LayerNorm")
+  for ffn, names in (("ffn", text_ffn), ("ffn_query", query_ffn)):
+    if names is None:
+      continue
+    intermediate, output = names
+    fill.dense(f"{dst}/{ffn}/intermediate", f"{src}.{intermediate}.dense")
+    fill.dense(f"{dst}/{ffn}/output", f"{src}.{output}.dense")
+    fill.norm(f"{dst}/{ffn}/output_norm", f"{src}.{output}.LayerNorm")
+
+
+def _bert_names(ckpt) -> dict[str, str]:
+  """Canonical BERT names (no `bert.` prefix, LayerNorm weight/bias) -> the checkpoint's own spelling."""
+  names = {}
+  for key in ckpt:
+    canon = key[len("bert."):] if key.startswith("bert.") else key
+    canon = re.sub(r"LayerNorm\.gamma$", "LayerNorm.weight", canon)
+    canon = re.sub(r"LayerNorm\.beta$", "LayerNorm.bias", canon)
+    names[canon] = key
+  return names
+
+
+def load_qformer_from_bert(path, params_template) -> dict:
+  """BERT checkpoint (HF layout) -> every parameter outside the ViT, numpy float32, as LAVIS initialises
+  stage 1: embeddings, self-attention, the text FFN and the MLM head from BERT; the query FFN a copy of the
+  text FFN; cross-attention, query_tokens, projections, itm_head and temp keep the template's (init) values.
+
+  BERT's token-type embeddings are dropped, as in LAVIS: the Q-Former has none.
+  """
+  ckpt = read_safetensors_dir(path)
+  fill = _Filler(ckpt, params_template, _bert_names(ckpt))
+  template = nn.unbox(params_template)
+  num_layers = _num_template_layers(template["qformer"], "layers")
+  have = _num_layers(fill.keys, r"encoder\.layer\.(\d+)\.")
+  if have < num_layers:
+    raise ValueError(f"BERT checkpoint {ckpt.root} has {have} layers but the Q-Former config asks for "
+                     f"num_layers={num_layers}.")
+  if have > num_layers:
+    log.info("BERT checkpoint %s has %d layers; using the first %d.", ckpt.root, have, num_layers)
+
+  fill.put_leading_rows("qformer/word_embeddings/embedding", "embeddings.word_embeddings.weight")
+  fill.put("qformer/position_embeddings", "embeddings.position_embeddings.weight")
+  fill.norm("qformer/embed_norm", "embeddings.LayerNorm")
+  for i in range(num_layers):
+    src = f"encoder.layer.{i}"
+    _fill_qformer_layer(fill, i, src, self_attn="attention.self", text_ffn=("intermediate", "output"),
+                        query_ffn=None)
+    for leaf in ("intermediate/kernel", "intermediate/bias", "output/kernel", "output/bias",
+                 "output_norm/scale", "output_norm/bias"):
+      fill.out[f"qformer/layers_{i}/ffn_query/{leaf}"] = fill.out[f"qformer/layers_{i}/ffn/{leaf}"].copy()
+
+  if fill.has("embeddings.token_type_embeddings.weight"):
+    log.info("Dropping BERT's token_type_embeddings: the Q-Former has none (as LAVIS).")
+  if fill.has("cls.predictions.bias"):
+    fill.dense("qformer/lm_transform", "cls.predictions.transform.dense")
+    fill.norm("qformer/lm_norm", "cls.predictions.transform.LayerNorm")
+    fill.put_leading_rows("qformer/lm_bias", "cls.predictions.bias")
+  else:
+    log.info("%s has no MLM head (cls.predictions.*): the Q-Former LM head keeps its init.", ckpt.root)
+  kept = sorted({p.rsplit("/", 1)[0] for p in fill.template
+                 if p not in fill.out and p.split("/")[0] not in _VISION_KEYS})
+  log.info("Q-Former from BERT %s; kept at init: %s", ckpt.root, ", ".join(kept))
+  return fill.subtree([k for k in template if k not in _VISION_KEYS], require_all=False)
+
+
+def load_qformer_from_blip2(path, params_template) -> tuple[dict, set[str]]:
+  """HF BLIP-2 checkpoint -> (every parameter outside the ViT, numpy float32; the set of '/'-joined paths the
+  checkpoint did not fill, which keep the template's values).
+
+  Captioning/VQA checkpoints hold the query side only (`query_tokens`, `qformer.*` without the text FFN);
+  retrieval checkpoints (`Blip2ForImageTextRetrieval`, use_qformer_text_input) add the text FFN, embeddings,
+  `vision_projection`, `text_projection` and `itm_head`. HF keeps neither `temp` nor the Q-Former LM head, so
+  those are never filled. A checkpoint tensor with no counterpart in the model (more layers, cross-attention
+  where the config has none) is an error: the config does not describe the checkpoint.
+  """
+  ckpt = read_safetensors_dir(path)
+  fill = _Filler(ckpt, params_template)
+  template = nn.unbox(params_template)
+  num_layers = _num_template_layers(template["qformer"], "layers")
+
+  fill.put("query_tokens", "query_tokens")
+  fill.norm("qformer/embed_norm", "qformer.layernorm")
+  for i in range(num_layers):
+    src = f"qformer.encoder.layer.{i}"
+    if not fill.has(f"{src}.attention.attention.query.weight"):
+      raise ValueError(f"Checkpoint {ckpt.root} has no Q-Former layer {i} but the config asks for "
+                       f"num_layers={num_layers}.")
+    text_ffn = ("intermediate", "output") if fill.has(f"{src}.intermediate.dense.weight") else None
+    _fill_qformer_layer(fill, i, src, self_attn="attention.attention", text_ffn=text_ffn,
+                        query_ffn=("intermediate_query", "output_query"))
+    if f"qformer/layers_{i}/crossattention/query/kernel" in fill.template:
+      for name in ("query", "key", "value"):
+        fill.dense(f"qformer/layers_{i}/crossattention/{name}", f"{src}.crossattention.attention.{name}")
+      fill.dense(f"qformer/layers_{i}/crossattention/output", f"{src}.crossattention.output.dense")
+      fill.norm(f"qformer/layers_{i}/crossattention/output_norm", f"{src}.crossattention.output.LayerNorm")
+
+  if fill.has("embeddings.word_embeddings.weight"):
+    fill.put_leading_rows("qformer/word_embeddings/embedding", "embeddings.word_embeddings.weight")
+    fill.put("qformer/position_embeddings", "embeddings.position_embeddings.weight")
+  for ours, theirs in (("vision_proj", "vision_projection"), ("text_proj", "text_projection"),
+                       ("itm_head", "itm_head")):
+    if fill.has(f"{theirs}.weight"):
+      fill.dense(ours, theirs)
+
+  unused = fill.unused(("qformer.", "query_tokens", "embeddings.", "vision_projection.", "text_projection.",
+                        "itm_head."))
+  if unused:
+    raise ValueError(f"Checkpoint {ckpt.root} has Q-Former tensors the model has no place for, first "
+                     f"`{unused[0]}` ({len(unused)} in all): make the config (num_layers, "
+                     "cross_attention_freq) match the checkpoint.")
+  top = [k for k in template if k not in _VISION_KEYS]
+  unfilled = {p for p in fill.template if p.split("/")[0] in top and p not in fill.out}
+  log.info("Q-Former from BLIP-2 %s: %d parameters not in the checkpoint.", ckpt.root, len(unfilled))
+  return fill.subtree(top, require_all=False), unfilled

@@ -1,0 +1,117 @@
+r"""BLIP-2 stage 1: Q-Former pre-training on a frozen image encoder (ITC + ITM + ITG).
+
+Paper recipe (default; ViT-g/14 at 224px, global batch 1680, 250k steps; BLIP-2 reports < 6 days on
+16 x A100-40G). Needs real weights and data, given by config:
+
+  python -m blip2_jax.train --config=configs/stage1.py --workdir=gs://bucket/blip2_stage1 \
+      --config.init.vision_weights=/ckpt/blip2-itm-vit-g --config.init.bert_weights=/ckpt/bert-base-uncased \
+      --config.tokenizer=/ckpt/bert-base-uncased --config.data.name=coco_captions \
+      --config.data.data_dir=/data/tfds
+
+Built-in demo (no downloads; synthetic shapes, a small random frozen ViT and a small Q-Former). On a 2-core
+CPU the whole run (dataset generation, compile, training, evaluation) takes under 10 minutes and reaches
+held-out retrieval R@1 >= 0.5 both ways on 1,000 distinct captions (README has the measured figures):
+
+  python -m blip2_jax.train --config=configs/stage1.py:demo --workdir=workdirs/stage1_demo
+
+Variants: `demo`, and `tiny` (a few steps; used by tests). Any field can be overridden with
+`--config.a.b=value`; the config is locked, so a misspelt key is an error that names it.
+"""
+import ml_collections
+
+
+def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+  variant = arg or "paper"
+  if variant not in ("paper", "demo", "tiny"):
+    raise ValueError(f"Unknown variant {variant!r} of configs/stage1.py; choose paper, demo or tiny.")
+  c = ml_collections.ConfigDict()
+  c.variant = variant
+  c.seed = 0
+
+  # --- schedule and logging -------------------------------------------------------------------------------
+  c.total_steps = 250_000
+  c.global_batch_size = 1680                 # ViT-g (paper); ViT-L used 2320
+  c.log_every = 50
+  c.eval_every = 10_000                      # 0 = only at the end
+  c.checkpoint_every = 5_000
+  c.keep_checkpoints = 3
+
+  # --- optimizer (LAVIS pretrain config / paper) ------------------------------------------------------------
+  c.optimizer = ml_collections.ConfigDict(dict(
+      lr=1e-4, warmup_steps=2_000, warmup_lr=1e-6, min_lr=1e-5,
+      b1=0.9, b2=0.98, weight_decay=0.05, grad_clip=0.0))  # grad_clip 0 = off (LAVIS does not clip)
+
+  # --- model ------------------------------------------------------------------------------------------------
+  c.model = ml_collections.ConfigDict(dict(
+      # EVA-CLIP ViT-g/14 as BLIP-2 uses it: 39 of the 40 blocks.
+      vit=dict(image_size=224, patch_size=14, width=1408, depth=39, num_heads=16, mlp_dim=6144,
+               layer_norm_eps=1e-6, act="gelu", dtype="bfloat16"),
+      # BERT-base with cross-attention every 2nd layer; vocab = bert-base-uncased + [DEC].
+      qformer=dict(vocab_size=30523, hidden_size=768, num_layers=12, num_heads=12, intermediate_size=3072,
+                   cross_attention_freq=2, max_position_embeddings=512, layer_norm_eps=1e-12,
+                   dropout_rate=0.1, dtype="float32"),
+      num_query_tokens=32, embed_dim=256, ln_vision_eps=1e-5,
+      itc_label_smoothing=0.1, itg_label_smoothing=0.1,
+      bos_token_id=-1,  # filled from the tokenizer's [DEC] at start-up
+  ))
+  # Regexes over parameter paths; a pattern matching nothing is an error. The optimizer never sees these.
+  c.frozen_params = ("visual_encoder/.*",)
+  c.frozen_dtype = "bfloat16"
+
+  # Where weights come from when there is no checkpoint in the workdir yet ('' = random init).
+  c.init = ml_collections.ConfigDict(dict(
+      vision_weights="",   # local HF BLIP-2 checkpoint dir (vision_model.* in safetensors)
+      bert_weights="",     # local bert-base-uncased dir (HF layout, safetensors) for the Q-Former
+  ))
+  c.tokenizer = ""         # local bert-base-uncased dir, or a WordPiece vocab .txt
+
+  # --- data -------------------------------------------------------------------------------------------------
+  c.data = ml_collections.ConfigDict(dict(
+      # TFDS builder name, read as array_record through grain; data_dir None = the TFDS default.
+      name="coco_captions", data_dir=ml_collections.config_dict.placeholder(str), builder_kwargs={}, train_split="train", eval_split="test",
+      image_size=224, crop_scale=(0.5, 1.0), flip=True, max_text_len=32,
+      num_threads=16, prefetch=4, eval_max_examples=ml_collections.config_dict.placeholder(int)))
+
+  # --- retrieval evaluation (ITC top-k, then ITM rerank) ------------------------------------------------------
+  c.eval = ml_collections.ConfigDict(dict(k_test=128, batch_size=256))
+
+  # --- sharding: mesh axes (-1 = fill) and logical-axis rules -------------------------------------------------
+  c.sharding = ml_collections.ConfigDict(dict(
+      mesh={"data": -1, "fsdp": 1, "tensor": 1},
+      rules=(("batch", ("data", "fsdp")),
+             ("embed", "fsdp"), ("vit_embed", "fsdp"),
+             ("mlp", "tensor"), ("heads", "tensor"), ("vocab", "tensor"),
+             ("norm", None))))
+
+  if variant in ("demo", "tiny"):
+    _demo(c, tiny=variant == "tiny")
+  return c
+
+
+def _demo(c, tiny: bool):
+  """Sized for a 2-core CPU: a few hundred steps of a small random frozen ViT and a small Q-Former."""
+  c.total_steps = 16 if tiny else 900
+  c.global_batch_size = 16 if tiny else 128
+  c.log_every = 4 if tiny else 25
+  c.eval_every = 0
+  c.checkpoint_every = 8 if tiny else 300
+  c.keep_checkpoints = 2
+  c.optimizer.lr = 1e-3                     # small models, few steps: a larger peak lr than the paper's
+  c.optimizer.warmup_steps = 2 if tiny else 50
+  c.optimizer.min_lr = 1e-5
+  c.model.vit.update(dict(image_size=48, patch_size=8, width=96, depth=2, num_heads=4, mlp_dim=192,
+                          dtype="float32"))
+  c.model.qformer.update(dict(vocab_size=0, hidden_size=96, num_layers=2, num_heads=4,
+                              intermediate_size=192, cross_attention_freq=1, max_position_embeddings=32,
+                              dropout_rate=0.0))
+  c.model.num_query_tokens = 8
+  c.model.embed_dim = 64
+  c.frozen_dtype = "float32"
+  c.tokenizer = "demo"                       # the packaged WordPiece vocab of the synthetic captions
+  # The synthetic captions have <= 14 word pieces; 16 tokens hold them with [CLS]/[SEP].
+  c.data.update(dict(name="synthetic_shapes", image_size=48, max_text_len=16, num_threads=2, prefetch=2,
+                     crop_scale=(0.8, 1.0)))
+  if tiny:
+    c.data.builder_kwargs = {"num_train": 256, "num_test": 64}
+  c.eval.k_test = 8 if tiny else 16
+  c.eval.batch_size = 64 if tiny else 256
