@@ -17,7 +17,7 @@ setuptools.setup(
         "orbax-checkpoint>=0.11",
         "chex>=0.1.88",
         "ml-collections>=1.0",
-        "transformers>=4.46",
+        "transformers>=5.0",
         "tensorflow-datasets>=4.9.7",
         "grain>=0.2.10",
         "pillow>=10",

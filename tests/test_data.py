@@ -201,7 +201,8 @@ def test_batch_size_must_divide_by_process_count(data_dir, tok):
 
 def test_flip_mirrors_image_and_swaps_left_right(data_dir):
     ex = pipeline._decode(raw_examples(data_dir, "test")[0], 0)
-    flip_cfg, keep_cfg = make_cfg(data_dir, crop_scale=(1.0, 1.0)), make_cfg(data_dir, crop_scale=(1.0, 1.0), flip=False)
+    flip_cfg = make_cfg(data_dir, crop_scale=(1.0, 1.0))
+    keep_cfg = make_cfg(data_dir, crop_scale=(1.0, 1.0), flip=False)
     flipped = 0
     for seed in range(16):
         out = pipeline.train_preprocess(ex, np.random.default_rng(seed), flip_cfg)

@@ -16,9 +16,10 @@ registered in TFDS's global registry (that raises on a second import of the modu
 constructs it by name. Different generation arguments get different config names, so they never share a
 folder under `data_dir`.
 
-A note for configs: random crops can cut an object out of the picture (and then the caption is wrong), so
-train this data with `crop_scale=(1.0, 1.0)`. A horizontal flip keeps the caption true (the pipeline swaps
-left/right), but of two objects in the same row it puts their clauses out of the canonical order.
+A note for configs: a small random crop can cut an object out of the picture (and then the caption is
+wrong), so keep `crop_scale` near 1 for this data (at >= 0.8 an object loses a few pixels at most).
+A horizontal flip keeps the caption true (the pipeline swaps left/right), but of two objects in the same
+row it puts their clauses out of the canonical order.
 """
 
 import dataclasses
@@ -37,7 +38,7 @@ COLOURS = {  # far apart in RGB, so a colour is never ambiguous even after resiz
     "blue": (0, 0, 255),
     "yellow": (255, 255, 0),
     "white": (255, 255, 255),
-    "purple": (0, 0, 255),
+    "purple": (160, 0, 255),
 }
 SHAPES = ("circle", "square", "triangle")
 QUADRANTS = ("top left", "top right", "bottom left", "bottom right")  # also the caption order
@@ -97,7 +98,7 @@ def split_combinations(num_test: int, seed: int) -> tuple[np.ndarray, np.ndarray
         raise ValueError(f"num_test must be in [1, {NUM_COMBINATIONS // 2}] so that every test caption is "
                          f"distinct and enough combinations are left for train; got {num_test}.")
     order = np.random.default_rng(seed).permutation(NUM_COMBINATIONS)
-    return order[:num_test], order
+    return order[:num_test], order[num_test:]
 
 
 @dataclasses.dataclass(eq=False, kw_only=True)
