@@ -21,6 +21,7 @@ import jax.numpy as jnp
 from ml_collections import config_flags
 import numpy as np
 
+from blip2_jax import cli
 from blip2_jax import checkpointing
 from blip2_jax import losses
 from blip2_jax import partitioning
@@ -147,4 +148,4 @@ if __name__ == "__main__":
   # Flags are defined only when run as a program, so train/evaluate/benchmark can import each other.
   config_flags.DEFINE_config_file("config", None, "Config the workdir was trained with.", lock_config=True)
   flags.DEFINE_string("workdir", None, "Workdir whose latest checkpoint is evaluated.")
-  app.run(main)
+  app.run(main, flags_parser=cli.parse_flags)

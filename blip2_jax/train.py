@@ -21,6 +21,7 @@ from ml_collections import config_flags
 import numpy as np
 import optax
 
+from blip2_jax import cli
 from blip2_jax import checkpointing
 from blip2_jax import optim
 from blip2_jax import partitioning
@@ -278,6 +279,8 @@ def main(argv):
   del argv
   if FLAGS.workdir is None:
     raise app.UsageError("--workdir is required (checkpoints, metrics.jsonl and TensorBoard files go there).")
+  if FLAGS.multihost:
+    jax.distributed.initialize()  # finds the coordinator on TPU pods, SLURM, Open MPI and Kubernetes
   absl_logging.set_verbosity(absl_logging.WARNING)  # Orbax is chatty at INFO
   logging.getLogger("blip2_jax").setLevel(logging.INFO)
   try:
@@ -292,5 +295,6 @@ if __name__ == "__main__":
   # Flags are defined only when run as a program, so train/evaluate/benchmark can import each other.
   config_flags.DEFINE_config_file("config", None, "Training config file.", lock_config=True)
   flags.DEFINE_string("workdir", None, "Where checkpoints, metrics and TensorBoard files go.")
+  flags.DEFINE_bool("multihost", False, "Call jax.distributed.initialize() first (TPU pods, multi-node GPU).")
   jax.config.config_with_absl()
-  app.run(main)
+  app.run(main, flags_parser=cli.parse_flags)

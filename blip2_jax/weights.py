@@ -28,6 +28,7 @@ log = logging.getLogger(__name__)
 
 _PICKLE_SUFFIXES = (".bin", ".pth", ".pt", ".ckpt", ".pkl")
 _VISION_KEYS = ("visual_encoder", "ln_vision")
+_NOT_IN_NUMPY = ("BF16", "F8_E4M3", "F8_E5M2")  # safetensors dtypes its numpy backend refuses
 
 
 # --- reading safetensors -----------------------------------------------------------------------------------
@@ -57,10 +58,13 @@ class SafetensorsCheckpoint(Mapping):
   def __getitem__(self, name: str) -> np.ndarray:
     file = self._file_of[name]
     handle = self._handle(file, "numpy")
-    if handle.get_slice(name).get_dtype() in ("F32", "F16", "F64", "I64", "I32", "I16", "I8", "U8", "BOOL"):
+    if handle.get_slice(name).get_dtype() not in _NOT_IN_NUMPY:
       return handle.get_tensor(name)
     with jax.default_device(jax.devices("cpu")[0]):
       return np.asarray(self._handle(file, "flax").get_tensor(name))
+
+  def __contains__(self, name) -> bool:
+    return name in self._file_of  # Mapping's default would read the tensor
 
   def __iter__(self):
     return iter(self._file_of)
@@ -106,8 +110,8 @@ def read_safetensors_dir(path) -> SafetensorsCheckpoint:
 
 def _pickle_message(path: Path) -> str:
   return (f"{path} holds only PyTorch pickle weights, and blip2_jax reads only safetensors (unpickling can run "
-          "code): convert once with `transformers`, e.g. `AutoModel.from_pretrained(dir).save_pretrained(out)`, "
-          "which writes model.safetensors.")
+          "code): convert it once with its own transformers class, e.g. "
+          "`Blip2ForConditionalGeneration.from_pretrained(dir).save_pretrained(out)`, which writes model.safetensors.")
 
 
 # --- the mapping machinery ----------------------------------------------------------------------------------
@@ -129,8 +133,7 @@ class _Filler:
 
   def __init__(self, ckpt: SafetensorsCheckpoint, template, keys: dict[str, str] | None = None):
     self.ckpt = ckpt
-    flat = traverse_util.flatten_dict(nn.unbox(template), sep="/")
-    self.template = flat
+    self.template = traverse_util.flatten_dict(nn.unbox(template), sep="/")
     self.keys = keys if keys is not None else {k: k for k in ckpt}  # our spelling -> checkpoint spelling
     self.out: dict[str, np.ndarray] = {}
     self.used: set[str] = set()

@@ -49,7 +49,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       # BERT-base with cross-attention every 2nd layer; vocab = bert-base-uncased + [DEC].
       qformer=dict(vocab_size=30523, hidden_size=768, num_layers=12, num_heads=12, intermediate_size=3072,
                    cross_attention_freq=2, max_position_embeddings=512, layer_norm_eps=1e-12,
-                   dropout_rate=0.1, dtype="float32"),
+                   dropout_rate=0.1, dtype="bfloat16"),  # fp32 master weights, bf16 compute
       num_query_tokens=32, embed_dim=256, ln_vision_eps=1e-5,
       itc_label_smoothing=0.1, itg_label_smoothing=0.1,
       bos_token_id=-1,  # filled from the tokenizer's [DEC] at start-up
@@ -103,7 +103,7 @@ def _demo(c, tiny: bool):
                           dtype="float32"))
   c.model.qformer.update(dict(vocab_size=0, hidden_size=96, num_layers=2, num_heads=4,
                               intermediate_size=192, cross_attention_freq=1, max_position_embeddings=32,
-                              dropout_rate=0.0))
+                              dropout_rate=0.0, dtype="float32"))
   c.model.num_query_tokens = 8
   c.model.embed_dim = 64
   c.frozen_dtype = "float32"
@@ -111,7 +111,11 @@ def _demo(c, tiny: bool):
   # The synthetic captions have <= 14 word pieces; 16 tokens hold them with [CLS]/[SEP].
   c.data.update(dict(name="synthetic_shapes", image_size=48, max_text_len=16, num_threads=2, prefetch=2,
                      crop_scale=(0.8, 1.0)))
-  if tiny:
+  if tiny:  # seconds to compile and run: for tests
+    c.model.vit.update(dict(width=32, depth=1, num_heads=2, mlp_dim=64))
+    c.model.qformer.update(dict(hidden_size=32, num_heads=2, intermediate_size=64))
+    c.model.num_query_tokens = 4
+    c.model.embed_dim = 16
     c.data.builder_kwargs = {"num_train": 256, "num_test": 64}
   c.eval.k_test = 8 if tiny else 16
   c.eval.batch_size = 64 if tiny else 256

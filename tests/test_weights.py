@@ -3,6 +3,7 @@
 Every HF model here is randomised (std 0.2, LayerNorm scales around 1, q/v biases set) so a wrong transpose,
 split or name cannot hide behind zeros. Parity is max |ours - theirs| / max |theirs| in float32.
 """
+import functools
 import logging
 
 import flax.linen as nn
@@ -40,14 +41,16 @@ def _init_args():
   return (jnp.zeros((2, 32, 32, 3)), jnp.zeros((2, 6), jnp.int32), jnp.ones((2, 6), jnp.int32))
 
 
-def _init(cfg):
-  rngs = {"params": jax.random.PRNGKey(0), "itm": jax.random.PRNGKey(1)}
-  return nn.unbox(Blip2Qformer(cfg).init(rngs, *_init_args(), train=False)["params"])
-
-
 def _abstract(cfg):
   rngs = {"params": jax.random.PRNGKey(0), "itm": jax.random.PRNGKey(1)}
   return jax.eval_shape(lambda: Blip2Qformer(cfg).init(rngs, *_init_args(), train=False)["params"])
+
+
+def _template(cfg, seed=0):
+  """Stands in for model.init (which takes ~40 s eagerly on CPU here): random values of the right shapes, so a
+  parameter the loader leaves alone is recognisable."""
+  rng = np.random.default_rng(seed)
+  return jax.tree.map(lambda s: rng.normal(size=s.shape).astype(np.float32), nn.unbox(_abstract(cfg)))
 
 
 def _randomise(model, seed):
@@ -60,6 +63,11 @@ def _randomise(model, seed):
       if isinstance(module, transformers.models.blip_2.modeling_blip_2.Blip2Attention):
         module.qkv.bias[WIDTH:2 * WIDTH] = 0.0  # the fused bias is cat(q, 0, v)
   return model.eval()
+
+
+def _apply(cfg, params, *args, method):
+  # One compiled program per call: eager op-by-op dispatch compiles every primitive and is several times slower.
+  return jax.jit(functools.partial(Blip2Qformer(cfg).apply, method=method))({"params": params}, *args)
 
 
 def _rel(ours, theirs):
@@ -107,7 +115,7 @@ def blip2_dirs(hf_blip2, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def template():
-  return _init(_config())
+  return _template(_config())
 
 
 @pytest.fixture(scope="module")
@@ -122,9 +130,9 @@ def _images(size, batch=3, seed=0):
   return jnp.asarray(x), torch.from_numpy(x.transpose(0, 3, 1, 2).copy())
 
 
-def _texts(seed=1):
+def _texts(vocab=VOCAB, seed=1):
   rng = np.random.default_rng(seed)
-  ids = rng.integers(1, VOCAB, size=(3, 7))
+  ids = rng.integers(1, vocab, size=(3, 7))
   mask = (np.arange(7)[None] < np.array([[7], [5], [2]])).astype(np.int64)
   ids = ids * mask
   return (jnp.asarray(ids, jnp.int32), jnp.asarray(mask, jnp.int32),
@@ -136,7 +144,7 @@ def _texts(seed=1):
 def test_vision_matches_hf(hf_blip2, loaded):
   params, _ = loaded
   ours_in, torch_in = _images(32)
-  ours = Blip2Qformer(_config()).apply({"params": params}, ours_in, method="encode_image")
+  ours = _apply(_config(), params, ours_in, method="encode_image")
   with torch.no_grad():
     theirs = hf_blip2.vision_model(torch_in).last_hidden_state
   assert _rel(ours, theirs) < TOL
@@ -145,7 +153,7 @@ def test_vision_matches_hf(hf_blip2, loaded):
 def test_vision_interpolated_position_embeddings_match_hf(hf_blip2, loaded):
   params, _ = loaded
   ours_in, torch_in = _images(48)  # 6x6 patches from a 4x4 position table
-  ours = Blip2Qformer(_config()).apply({"params": params}, ours_in, method="encode_image")
+  ours = _apply(_config(), params, ours_in, method="encode_image")
   with torch.no_grad():
     theirs = hf_blip2.vision_model(torch_in, interpolate_pos_encoding=True).last_hidden_state
   assert ours.shape == (3, 37, WIDTH)
@@ -159,7 +167,7 @@ def test_query_features_match_hf(hf_blip2, loaded):
     image_embeds = hf_blip2.vision_model(torch_in).last_hidden_state
     theirs = hf_blip2.qformer(query_embeds=hf_blip2.query_tokens.expand(3, -1, -1),
                               encoder_hidden_states=image_embeds).last_hidden_state
-  ours, _ = Blip2Qformer(_config()).apply({"params": params}, jnp.asarray(image_embeds.numpy()),
+  ours, _ = _apply(_config(), params, jnp.asarray(image_embeds.numpy()),
                                           method="query_features")
   assert _rel(ours, theirs) < TOL
   # HF keeps neither the learnable temperature nor the Q-Former's LM head.
@@ -169,13 +177,12 @@ def test_query_features_match_hf(hf_blip2, loaded):
 
 def test_itm_logits_match_hf(hf_blip2, loaded):
   params, _ = loaded
-  model = Blip2Qformer(_config())
   ours_img, torch_img = _images(32)
   ids, mask, tids, tmask = _texts()
   with torch.no_grad():
     theirs = hf_blip2(torch_img, tids, tmask, use_image_text_matching_head=True).logits_per_image
-  image_embeds = model.apply({"params": params}, ours_img, method="encode_image")
-  ours = model.apply({"params": params}, image_embeds, ids, mask, method="itm_logits")
+  ours = _apply(_config(), params, ours_img, ids, mask,
+                method=lambda m, images, *text: m.itm_logits(m.encode_image(images), *text))
   assert ours.shape == (3, 2)
   assert _rel(ours, theirs) < TOL
 
@@ -192,7 +199,7 @@ def test_itc_similarity_matches_hf(hf_blip2, loaded):
     text_feat = m.text_feat(m.text_features(text_ids, text_mask))             # [B, E]
     return jnp.einsum("iqe,te->iqt", image_feats, text_feat).max(axis=1)      # max over queries
 
-  ours = Blip2Qformer(_config()).apply({"params": params}, ours_img, ids, mask, method=itc_similarity)
+  ours = _apply(_config(), params, ours_img, ids, mask, method=itc_similarity)
   assert ours.shape == (3, 3)
   assert _rel(ours, theirs) < TOL
 
@@ -244,7 +251,7 @@ def hf_bert(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def bert_template():
-  return _init(_config(vocab=BERT_VOCAB + 1))  # + [DEC]
+  return _template(_config(vocab=BERT_VOCAB + 1))  # + [DEC]
 
 
 def _text_hidden(m, text_ids, text_mask):
@@ -260,17 +267,17 @@ def test_qformer_from_bert_matches_bert(hf_bert, bert_template):
   bert, root = hf_bert
   qformer = weights.load_qformer_from_bert(root, bert_template)
   params = _merge(bert_template, qformer)
-  model = Blip2Qformer(_config(vocab=BERT_VOCAB + 1))
-  ids, mask, tids, tmask = _texts()
+  cfg = _config(vocab=BERT_VOCAB + 1)
+  ids, mask, tids, tmask = _texts(BERT_VOCAB)
   with torch.no_grad():
     out = bert(input_ids=tids, attention_mask=tmask, output_hidden_states=True)
   theirs_hidden, theirs_logits = out.hidden_states[-1], out.logits
 
-  hidden = model.apply({"params": params}, ids, mask, method=_text_hidden)
+  hidden = _apply(cfg, params, ids, mask, method=_text_hidden)
   assert _rel(hidden, theirs_hidden) < TOL
-  cls = model.apply({"params": params}, ids, mask, method="text_features")
+  cls = _apply(cfg, params, ids, mask, method="text_features")
   assert _rel(cls, theirs_hidden[:, 0]) < TOL
-  logits = model.apply({"params": params}, ids, mask, method=_lm_logits)
+  logits = _apply(cfg, params, ids, mask, method=_lm_logits)
   assert logits.shape[-1] == BERT_VOCAB + 1
   assert _rel(logits[..., :BERT_VOCAB], theirs_logits) < TOL
 
@@ -332,9 +339,7 @@ def test_deeper_checkpoint_keeps_first_blocks(blip2_dirs, loaded, caplog):
 
 
 def test_qformer_checkpoint_larger_than_config_is_an_error(blip2_dirs):
-  cfg = _config(num_layers=1)
-  rngs = {"params": jax.random.PRNGKey(0), "itm": jax.random.PRNGKey(1)}
-  template = jax.eval_shape(lambda: Blip2Qformer(cfg).init(rngs, *_init_args(), train=False)["params"])
+  template = _abstract(_config(num_layers=1))
   with pytest.raises(ValueError, match=r"no place for, first `qformer\.encoder\.layer\.1\."):
     weights.load_qformer_from_blip2(blip2_dirs["single"], template)
 

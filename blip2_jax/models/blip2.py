@@ -89,9 +89,12 @@ class Blip2Qformer(nn.Module):
     """Returns a dict with `loss` (the unweighted sum) and `loss_itc`, `loss_itm`, `loss_itg`.
 
     `train` switches dropout on; the ITM negatives always draw from the 'itm' rng stream."""
+    return self.stage1_losses(self.encode_image(images), text_ids, text_mask, train=train)
+
+  def stage1_losses(self, image_embeds, text_ids, text_mask, *, train: bool = True):
+    """The Q-Former part of the stage-1 forward, from ln_vision's output on."""
     cfg = self.cfg
     det = not train
-    image_embeds = self.encode_image(images)
 
     # ITC: every image against every text of the global batch.
     query_output, query_kvs = self.query_features(image_embeds, deterministic=det)
@@ -101,7 +104,7 @@ class Blip2Qformer(nn.Module):
 
     # ITM: (image, text), (hard-negative image, text), (image, hard-negative text).
     neg_text, neg_image = losses.sample_hard_negatives(self.make_rng("itm"), sim_i2t, sim_t2i)
-    b = images.shape[0]
+    b = image_embeds.shape[0]
     itm_ids = jnp.concatenate([text_ids, text_ids, text_ids[neg_text]], axis=0)
     itm_mask = jnp.concatenate([text_mask, text_mask, text_mask[neg_text]], axis=0)
     itm_images = jnp.concatenate([image_embeds, image_embeds[neg_image], image_embeds], axis=0)

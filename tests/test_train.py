@@ -1,0 +1,200 @@
+"""The trainer: sharding invariance, frozen weights, exact resume across processes, failure modes."""
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import chex
+import jax
+import numpy as np
+import pytest
+from flax import traverse_util
+
+from blip2_jax import checkpointing
+from blip2_jax import train
+from configs import stage1
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+  return str(tmp_path_factory.mktemp("tfds"))
+
+
+def tiny_config(data_dir, **overrides):
+  c = stage1.get_config("tiny")
+  c.data.data_dir = data_dir
+  for k, v in overrides.items():
+    node = c
+    *path, last = k.split(".")
+    for p in path:
+      node = node[p]
+    node[last] = v
+  return c
+
+
+def random_batch(config, vocab, seed=0):
+  rng = np.random.default_rng(seed)
+  b, s, L = config.global_batch_size, config.data.image_size, config.data.max_text_len
+  mask = (np.arange(L)[None] < rng.integers(4, L + 1, (b, 1))).astype(np.int32)
+  return {"image": rng.standard_normal((b, s, s, 3)).astype(np.float32),
+          "text_ids": (rng.integers(5, vocab, (b, L)) * mask).astype(np.int32),
+          "text_mask": mask}
+
+
+def run_steps(config, devices, mesh, batches, init_state=None):
+  config = config.copy_and_resolve_references()
+  config.sharding.mesh = mesh
+  tok = train.load_tokenizer(config)
+  setup = train.build(config, tok, devices=devices)
+  state, frozen = setup.init(jax.random.PRNGKey(0))
+  if init_state is not None:  # the same starting values, placed on this mesh
+    state = jax.device_put(init_state[0], setup.state_shardings)
+    frozen = jax.device_put(init_state[1], setup.frozen_shardings)
+  step = train.make_train_step(setup)
+  losses = []
+  for b in batches:
+    state, metrics = step(state, frozen, train.global_batch(b, setup.batch_sharding))
+    losses.append(float(metrics["loss"]))
+  return jax.device_get(state), jax.device_get(frozen), losses, setup
+
+
+def test_mesh_data4_fsdp2_equals_one_device(data_dir):
+  assert jax.device_count() == 8, "conftest.py must give 8 fake CPU devices"
+  config = tiny_config(data_dir, global_batch_size=16)
+  vocab = len(train.load_tokenizer(config))
+  batches = [random_batch(config, vocab, seed=i) for i in range(3)]
+  s1, f1, l1, setup1 = run_steps(config, jax.devices()[:1], {"data": 1, "fsdp": 1, "tensor": 1}, batches)
+  init = jax.device_get(setup1.init(jax.random.PRNGKey(0)))
+  s8, f8, l8, setup8 = run_steps(config, jax.devices(), {"data": 4, "fsdp": 2, "tensor": 1}, batches, init)
+  # The 8-device run really is sharded: some weight is split over fsdp.
+  specs = [s.spec for s in jax.tree.leaves(setup8.state_shardings["params"])]
+  assert any("fsdp" in jax.tree.leaves(tuple(p)) for p in specs)
+  np.testing.assert_allclose(l8, l1, rtol=1e-5)
+  chex.assert_trees_all_close(s8["params"], s1["params"], rtol=1e-5, atol=1e-7)
+  chex.assert_trees_all_equal(f8, f1)
+
+
+def test_frozen_weights_untouched_and_outside_optimizer(data_dir):
+  config = tiny_config(data_dir, global_batch_size=8)
+  vocab = len(train.load_tokenizer(config))
+  tok = train.load_tokenizer(config)
+  setup = train.build(config, tok, devices=jax.devices()[:1])
+  state, frozen = setup.init(jax.random.PRNGKey(0))
+  before = jax.device_get(frozen)
+  params_before = jax.device_get(state["params"])
+  step = train.make_train_step(setup)
+  for i in range(2):
+    state, _ = step(state, frozen, train.global_batch(random_batch(config, vocab, i), setup.batch_sharding))
+  chex.assert_trees_all_equal(jax.device_get(frozen), before)
+  assert set(before) == {"visual_encoder"}
+  # Nothing of the frozen tower in the trainable tree or anywhere in the optimizer state.
+  assert "visual_encoder" not in state["params"]
+  opt_paths = ["/".join(map(str, p)) for p, _ in jax.tree_util.tree_flatten_with_path(state["opt_state"])[0]]
+  assert opt_paths and not any("visual_encoder" in p for p in opt_paths)
+  n_frozen = sum(x.size for x in jax.tree.leaves(before))
+  n_opt = sum(x.size for x in jax.tree.leaves(state["opt_state"]))
+  n_train = sum(x.size for x in jax.tree.leaves(state["params"]))
+  assert n_opt < 2 * n_train + 16 and n_frozen > 0  # adam's mu and nu (+ counters) of trainables only
+  # ...while the trainable ones did move, ln_vision included (trainable in LAVIS).
+  moved = jax.tree.map(lambda a, b: bool(np.any(a != b)), jax.device_get(state["params"]), params_before)
+  assert moved["ln_vision"]["scale"] and moved["qformer"]["word_embeddings"]["embedding"]
+
+
+def _train_cli(workdir, data_dir, *overrides):
+  cmd = [sys.executable, "-m", "blip2_jax.train", "--config=configs/stage1.py:tiny", f"--workdir={workdir}",
+         f"--config.data.data_dir={data_dir}", *overrides]
+  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2")
+  return subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+
+
+def _metrics(workdir):
+  with open(os.path.join(workdir, "metrics.jsonl"), encoding="utf-8") as f:
+    return [json.loads(l) for l in f]
+
+
+def _restore_params(workdir, step, config):
+  tok = train.load_tokenizer(config)
+  setup = train.build(config, tok, devices=jax.devices()[:1])
+  mngr = checkpointing.manager(workdir, 10)
+  abstract = checkpointing.abstract_like(setup.abstract_state, setup.state_shardings)
+  state, data_state = checkpointing.restore(mngr, step, abstract)
+  mngr.close()
+  return jax.device_get(state), data_state
+
+
+def test_resume_after_process_exit_equals_straight_run(data_dir, tmp_path):
+  """2N steps straight == N steps, exit, restart in the same workdir, N more (params within 1e-6)."""
+  n = 4
+  flags = [f"--config.total_steps={2 * n}", f"--config.checkpoint_every={n}", f"--config.log_every={n}",
+           "--config.keep_checkpoints=5"]
+  straight = str(tmp_path / "straight")
+  r = _train_cli(straight, data_dir, *flags)
+  assert r.returncode == 0, r.stderr[-3000:]
+  # A run that stopped after step N: the same workdir as it was then (checkpoint N, metrics up to N).
+  resumed = str(tmp_path / "resumed")
+  shutil.copytree(straight, resumed)
+  shutil.rmtree(os.path.join(resumed, "checkpoints", str(2 * n)))
+  with open(os.path.join(resumed, "metrics.jsonl"), "w", encoding="utf-8") as f:
+    f.writelines(json.dumps(m) + "\n" for m in _metrics(straight) if m["step"] <= n and "loss" in m)
+  r = _train_cli(resumed, data_dir, *flags)
+  assert r.returncode == 0, r.stderr[-3000:]
+
+  config = tiny_config(data_dir)
+  a, data_a = _restore_params(straight, 2 * n, config)
+  b, data_b = _restore_params(resumed, 2 * n, config)
+  assert int(b["step"]) == 2 * n
+  chex.assert_trees_all_close(b["params"], a["params"], rtol=1e-6, atol=1e-7)
+  assert data_a == data_b
+  keys = ("loss", "loss_itc", "loss_itm", "loss_itg", "lr", "grad_norm")
+  last_a = [m for m in _metrics(straight) if m["step"] == 2 * n and "loss" in m][0]
+  last_b = [m for m in _metrics(resumed) if m["step"] == 2 * n and "loss" in m][0]
+  np.testing.assert_allclose([last_b[k] for k in keys], [last_a[k] for k in keys], rtol=1e-6)
+  eval_a = [m for m in _metrics(straight) if "eval/txt2img_r1" in m][-1]
+  eval_b = [m for m in _metrics(resumed) if "eval/txt2img_r1" in m][-1]
+  assert {k: v for k, v in eval_a.items() if k.startswith("eval/")} == \
+      {k: v for k, v in eval_b.items() if k.startswith("eval/")}
+
+
+def test_non_finite_loss_stops_naming_the_step_and_keeps_last_checkpoint(data_dir, tmp_path):
+  workdir = str(tmp_path / "nan")
+  # An absurd learning rate blows the weights up after the first update.
+  config = tiny_config(data_dir, total_steps=8, checkpoint_every=1, log_every=1, **{"optimizer.lr": 1e30,
+                                                                                   "optimizer.warmup_steps": 0})
+  with pytest.raises(train.TrainingError, match=r"Non-finite loss .* at step (\d+)") as e:
+    train.train_and_evaluate(config, workdir)
+  bad_step = int(str(e.value).split(" at step ")[1].split()[0])
+  steps = sorted(int(d) for d in os.listdir(os.path.join(workdir, "checkpoints")) if d.isdigit())
+  assert steps and max(steps) < bad_step
+  # What was saved is finite and restorable.
+  state, _ = _restore_params(workdir, max(steps), config)
+  assert all(np.isfinite(x).all() for x in jax.tree.leaves(state["params"]))
+
+
+def test_misspelt_config_key_is_one_clear_error(tmp_path):
+  r = subprocess.run([sys.executable, "-m", "blip2_jax.train", "--config=configs/stage1.py:tiny",
+                      f"--workdir={tmp_path}", "--config.optimzer.lr=1e-3"],
+                     cwd=REPO, capture_output=True, text=True, timeout=120)
+  assert r.returncode != 0
+  assert "optimzer" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_missing_vision_weights_is_one_clear_error(data_dir, tmp_path):
+  r = _train_cli(str(tmp_path / "w"), data_dir, f"--config.init.vision_weights={tmp_path}/nowhere")
+  assert r.returncode != 0
+  assert "nowhere" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_learning_rate_schedule_and_weight_decay_mask():
+  from blip2_jax import optim
+  c = stage1.get_config()
+  sched = optim.learning_rate_schedule(c.optimizer, c.total_steps)
+  assert float(sched(0)) == pytest.approx(1e-6)
+  assert float(sched(2000)) == pytest.approx(1e-4)
+  assert float(sched(c.total_steps)) == pytest.approx(1e-5, rel=1e-3)
+  params = {"a": {"kernel": np.zeros((2, 2)), "bias": np.zeros(2)}, "ln": {"scale": np.zeros(2)},
+            "temp": np.zeros(()), "query_tokens": np.zeros((1, 2, 2))}
+  mask = traverse_util.flatten_dict(optim.decay_mask(params), sep="/")
+  assert mask == {"a/kernel": True, "a/bias": False, "ln/scale": False, "temp": False, "query_tokens": True}
