@@ -1,6 +1,8 @@
 """Tests for blip2_jax.models: shapes, the three stage-1 attention masks (as arrays and as behaviour of the
 model), the frozen ViT and dropout. Tiny float32 configs on CPU; independent of the device count."""
 
+import functools
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -12,6 +14,10 @@ import chex
 from blip2_jax.models import masks
 from blip2_jax.models.blip2 import Blip2Qformer
 from blip2_jax.models.vit import VisionTransformer, _torch_bicubic_matrix, interpolate_pos_embed
+
+# XLA's backend optimisations buy nothing at this size and double the compile time, which is most of this
+# file's runtime on CPU.
+jit = functools.partial(jax.jit, compiler_options={"xla_backend_optimization_level": 0})
 
 B, S, T, Q = 2, 32, 8, 4
 WIDTH, HIDDEN, HEADS, LAYERS, EMBED, VOCAB, BOS = 32, 32, 4, 2, 16, 40, 39
@@ -37,11 +43,31 @@ def make_inputs(seed=0):
     return jnp.asarray(images), jnp.asarray(ids, jnp.int32), jnp.asarray(mask)
 
 
-def init_params(model, images, ids, mask):
-    # Jitted: an eager init of even this tiny model dispatches (and compiles) op by op, ~10x slower on CPU.
+def random_params(model, images, ids, mask, seed=0):
+    """Parameters far from init, so that every path through the model has a visible effect.
+
+    At BERT's init (std 0.02) the image's influence on the ITG logits is ~1e-6, below float32 noise, so the
+    mask-behaviour tests could not tell "sees the image" from "does not". Shapes come from `jax.eval_shape`
+    of init (no compile: a jitted init of even this tiny model costs ~10 s of XLA time on CPU)."""
     k = jax.random.key(0)
-    init = jax.jit(lambda *a: model.init({"params": k, "itm": k}, *a, train=False)["params"])
-    return nn.unbox(init(images, ids, mask))
+    shapes = jax.eval_shape(
+        lambda: nn.unbox(model.init({"params": k, "itm": k}, images, ids, mask, train=False)["params"]))
+    rng = np.random.default_rng(seed)
+
+    def fill(path, leaf):
+        name = jax.tree_util.keystr(path)
+        if name.endswith("['temp']"):
+            return jnp.float32(0.07)
+        noise = rng.normal(size=leaf.shape)
+        if name.endswith("['kernel']"):  # unit-scale activations: std 1/sqrt(fan_in)
+            return jnp.asarray(noise / np.sqrt(np.prod(leaf.shape[:-1])), leaf.dtype)
+        if leaf.ndim >= 2:  # embeddings, position embeddings, [CLS], query tokens
+            return jnp.asarray(noise, leaf.dtype)
+        if name.endswith("['scale']"):
+            return jnp.asarray(1.0 + 0.2 * noise, leaf.dtype)
+        return jnp.asarray(0.2 * noise, leaf.dtype)
+
+    return jax.tree_util.tree_map_with_path(fill, shapes)
 
 
 def full_itg_pass(m, image_embeds, text_ids, text_mask):
@@ -54,23 +80,39 @@ def full_itg_pass(m, image_embeds, text_ids, text_mask):
     return x[:, :Q], m.qformer.lm_logits(x[:, Q:])
 
 
+def probe_all(m, images, text_ids, text_mask):
+    """Every inference entry point at once: one compile serves all shape and mask-behaviour tests."""
+    out = dict(vit=m.visual_encoder(images), image_embeds=m.encode_image(images))
+    out["query_output"], out["query_kvs"] = m.query_features(out["image_embeds"])
+    out["text_cls"] = m.text_features(text_ids, text_mask)
+    out["image_feats"] = m.image_feats(out["query_output"])
+    out["text_feat"] = m.text_feat(out["text_cls"])
+    out["itm"] = m.itm_logits(out["image_embeds"], text_ids, text_mask)
+    out["itg"] = m.itg_logits(out["query_kvs"], text_ids, text_mask)
+    out["full_queries"], out["full_itg"] = full_itg_pass(m, out["image_embeds"], text_ids, text_mask)
+    return out
+
+
 class Model:
-    """The tiny model, its parameters and jitted entry points (each compiled once per module)."""
+    """The tiny model, random parameters, and jitted entry points (each compiled once per module)."""
 
     def __init__(self):
         self.model = Blip2Qformer(make_cfg())
         self.images, self.ids, self.mask = make_inputs()
-        self.params = init_params(self.model, self.images, self.ids, self.mask)
-        self._jitted = {}
-        self.jit_loss = jax.jit(self.loss)
+        self.params = random_params(self.model, self.images, self.ids, self.mask)
+        self._probe = jit(lambda p, *a: self.model.apply({"params": p}, *a, method=probe_all))
 
-    def __call__(self, method, *args, params=None):
-        if method not in self._jitted:
-            self._jitted[method] = jax.jit(lambda p, *a: self.model.apply({"params": p}, *a, method=method))
-        return self._jitted[method](self.params if params is None else params, *args)
+    def probe(self, images=None, ids=None, mask=None):
+        return self._probe(self.params, self.images if images is None else images,
+                           self.ids if ids is None else ids, self.mask if mask is None else mask)
 
-    def loss(self, params, images, ids, mask, rng):
-        return self.model.apply({"params": params}, images, ids, mask, train=True, rngs={"itm": rng})
+    def loss(self, params, rng, model=None, train=True, dropout_rng=None):
+        rngs = {"itm": rng} if dropout_rng is None else {"itm": rng, "dropout": dropout_rng}
+        return (model or self.model).apply({"params": params}, self.images, self.ids, self.mask, train=train,
+                                           rngs=rngs)
+
+
+ITM_RNG = jax.random.key(2)
 
 
 @pytest.fixture(scope="module")
@@ -79,8 +121,15 @@ def m():
 
 
 @pytest.fixture(scope="module")
-def image_embeds(m):
-    return m("encode_image", m.images)
+def base(m):
+    return m.probe()
+
+
+@pytest.fixture(scope="module")
+def loss_and_grads(m):
+    fn = lambda p: (lambda out: (out["loss"], out))(m.loss(p, ITM_RNG))
+    (_, out), grads = jit(jax.value_and_grad(fn, has_aux=True))(m.params)
+    return out, grads
 
 
 def other_images(m):
@@ -89,35 +138,31 @@ def other_images(m):
 
 # --- shapes --------------------------------------------------------------------------------------------------
 
-def test_vision_transformer_shapes_and_position_interpolation():
-    cfg = make_cfg().vit
-    vit = VisionTransformer(cfg)
-    x32 = jnp.zeros((B, 32, 32, 3))
-    params = jax.jit(vit.init)(jax.random.key(0), x32)
-    apply = jax.jit(vit.apply)
-    chex.assert_shape(apply(params, x32), (B, 1 + (32 // 8) ** 2, WIDTH))
+def test_vision_transformer_shapes_and_position_interpolation(m, base):
+    chex.assert_shape(base["vit"], (B, 1 + (S // 8) ** 2, WIDTH))
     # Another resolution with the same weights: the 4x4 position grid is interpolated to 6x6.
-    out48 = apply(params, jnp.ones((B, 48, 48, 3)))
+    vit = lambda mdl, x: mdl.visual_encoder(x)
+    out48 = jit(lambda p, x: m.model.apply({"params": p}, x, method=vit))(m.params, jnp.ones((B, 48, 48, 3)))
     chex.assert_shape(out48, (B, 1 + 36, WIDTH))
     chex.assert_tree_all_finite(out48)
     with pytest.raises(ValueError, match="patch size"):
-        vit.apply(params, jnp.zeros((B, 36, 36, 3)))
+        jax.eval_shape(lambda p, x: m.model.apply({"params": p}, x, method=vit), m.params, jnp.ones((B, 36, 36, 3)))
 
 
 def test_interpolate_pos_embed_is_identity_on_the_same_grid_and_keeps_cls():
     pos = jnp.asarray(np.random.default_rng(0).normal(size=(1, 17, WIDTH)), jnp.float32)
     chex.assert_trees_all_equal(interpolate_pos_embed(pos, 4), pos)
-    # Also the resampling matrix itself is the identity when the size does not change.
+    # The resampling matrix itself is the identity when the size does not change.
     np.testing.assert_allclose(_torch_bicubic_matrix(4, 4), np.eye(4), atol=1e-12)
     up = interpolate_pos_embed(pos, 6)
     chex.assert_shape(up, (1, 37, WIDTH))
     chex.assert_trees_all_equal(up[:, 0], pos[:, 0])  # [CLS] is not part of the grid
     # Rows sum to one, so a constant embedding stays constant.
-    const = jnp.ones((1, 17, 3))
-    np.testing.assert_allclose(np.asarray(interpolate_pos_embed(const, 6)), 1.0, rtol=1e-6)
+    np.testing.assert_allclose(np.asarray(interpolate_pos_embed(jnp.ones((1, 17, 3)), 6)), 1.0, rtol=1e-6)
 
 
 def test_interpolate_pos_embed_matches_torch_bicubic():
+    # The 364px checkpoints were fine-tuned with torch's bicubic kernel (A=-0.75), not jax.image's.
     torch = pytest.importorskip("torch")
     grid = np.random.default_rng(1).normal(size=(4, 4, 5)).astype(np.float32)
     pos = np.concatenate([np.zeros((1, 1, 5), np.float32), grid.reshape(1, 16, 5)], axis=1)
@@ -127,43 +172,39 @@ def test_interpolate_pos_embed_matches_torch_bicubic():
     np.testing.assert_allclose(got, ref, atol=1e-5)
 
 
-def test_encode_image_shape_and_ln_vision(image_embeds):
-    chex.assert_shape(image_embeds, (B, 1 + 16, WIDTH))
-    chex.assert_type(image_embeds, jnp.float32)
-    # ln_vision at init (scale 1, bias 0): every token normalised (eps 1e-5 shows on the low-variance [CLS]).
-    np.testing.assert_allclose(np.asarray(image_embeds.mean(-1)), 0.0, atol=1e-5)
-    np.testing.assert_allclose(np.asarray(image_embeds.std(-1)), 1.0, atol=2e-2)
+def test_encode_image_is_ln_vision_of_the_vit_output(m, base):
+    emb = base["image_embeds"]
+    chex.assert_shape(emb, (B, 1 + 16, WIDTH))
+    chex.assert_type(emb, jnp.float32)
+    x = np.asarray(base["vit"], np.float64)
+    ln = m.params["ln_vision"]
+    ref = (x - x.mean(-1, keepdims=True)) / np.sqrt(x.var(-1, keepdims=True) + 1e-5)  # eps 1e-5 (LAVIS)
+    ref = ref * np.asarray(ln["scale"]) + np.asarray(ln["bias"])
+    np.testing.assert_allclose(np.asarray(emb), ref, rtol=1e-4, atol=1e-4)
 
 
-def test_query_text_and_head_shapes(m, image_embeds):
-    query_output, kvs = m("query_features", image_embeds)
-    chex.assert_shape(query_output, (B, Q, HIDDEN))
-    assert len(kvs) == LAYERS
-    for k, v in kvs:
+def test_query_text_and_head_shapes(base):
+    chex.assert_shape(base["query_output"], (B, Q, HIDDEN))
+    assert len(base["query_kvs"]) == LAYERS
+    for k, v in base["query_kvs"]:
         chex.assert_shape([k, v], (B, Q, HEADS, HIDDEN // HEADS))
-    text_cls = m("text_features", m.ids, m.mask)
-    chex.assert_shape(text_cls, (B, HIDDEN))
-
-    image_feats = m("image_feats", query_output)
-    chex.assert_shape(image_feats, (B, Q, EMBED))
-    np.testing.assert_allclose(np.linalg.norm(np.asarray(image_feats), axis=-1), 1.0, rtol=1e-5)
-    text_feat = m("text_feat", text_cls)
-    chex.assert_shape(text_feat, (B, EMBED))
-    np.testing.assert_allclose(np.linalg.norm(np.asarray(text_feat), axis=-1), 1.0, rtol=1e-5)
-
-    chex.assert_shape(m("itm_logits", image_embeds, m.ids, m.mask), (B, 2))
-    chex.assert_shape(m("itg_logits", kvs, m.ids, m.mask), (B, T, VOCAB))
+    chex.assert_shape(base["text_cls"], (B, HIDDEN))
+    chex.assert_shape(base["image_feats"], (B, Q, EMBED))
+    np.testing.assert_allclose(np.linalg.norm(np.asarray(base["image_feats"]), axis=-1), 1.0, rtol=1e-5)
+    chex.assert_shape(base["text_feat"], (B, EMBED))
+    np.testing.assert_allclose(np.linalg.norm(np.asarray(base["text_feat"]), axis=-1), 1.0, rtol=1e-5)
+    chex.assert_shape(base["itm"], (B, 2))
+    chex.assert_shape(base["itg"], (B, T, VOCAB))
+    chex.assert_tree_all_finite(base)
 
 
-def test_forward_returns_finite_scalar_losses_that_sum(m):
-    out = m.jit_loss(m.params, m.images, m.ids, m.mask, jax.random.key(1))
+def test_forward_returns_finite_scalar_losses_that_sum(loss_and_grads):
+    out, _ = loss_and_grads
     assert set(out) == {"loss", "loss_itc", "loss_itm", "loss_itg"}
     chex.assert_shape(list(out.values()), ())
     chex.assert_tree_all_finite(out)
     np.testing.assert_allclose(float(out["loss"]), float(out["loss_itc"] + out["loss_itm"] + out["loss_itg"]),
                                rtol=1e-6)
-    # At init the ITG loss is about log(vocab): a sanity check that it is a per-token mean, not a sum.
-    assert 0.5 * np.log(VOCAB) < float(out["loss_itg"]) < 2 * np.log(VOCAB)
 
 
 # --- the masks as arrays -------------------------------------------------------------------------------------
@@ -223,95 +264,87 @@ def replace_token(ids, row, pos, new=None):
     return jnp.asarray(ids)
 
 
-def test_unimodal_passes_itc(m, image_embeds):
-    # Text features take no image; queries take no text; the text pass ignores pad tokens.
-    base = m("text_features", m.ids, m.mask)
-    padded_row, first_pad = 1, TEXT_LENGTHS[1]
-    changed = m("text_features", replace_token(m.ids, padded_row, first_pad, new=7), m.mask)
-    chex.assert_trees_all_close(changed, base, atol=1e-6)
-    changed = m("text_features", replace_token(m.ids, padded_row, 2), m.mask)
-    assert not np.allclose(np.asarray(changed[padded_row]), np.asarray(base[padded_row]), atol=1e-5)
-    # Examples are independent: row 0 is untouched by a change in row 1.
-    chex.assert_trees_all_close(changed[0], base[0], atol=1e-6)
-    # Queries' outputs in a joint pass with text under the ITG mask equal the query-only pass: they see no text.
-    query_only, _ = m("query_features", image_embeds)
-    q_full, _ = m(full_itg_pass, image_embeds, m.ids, m.mask)
-    chex.assert_trees_all_close(q_full, query_only, atol=1e-5)
-    q_full2, _ = m(full_itg_pass, image_embeds, replace_token(m.ids, 0, 3), m.mask)
-    chex.assert_trees_all_close(q_full2, q_full, atol=1e-6)
+def close(a, b, atol=1e-5):
+    return np.allclose(np.asarray(a), np.asarray(b), atol=atol, rtol=0)
 
 
-def test_itg_is_causal_over_text_and_sees_the_image(m, image_embeds):
-    _, kvs = m("query_features", image_embeds)
-    base = np.asarray(m("itg_logits", kvs, m.ids, m.mask))
+def test_itc_passes_are_unimodal(m, base):
+    # Text features take no image, query features take no text (by signature); here: the text pass ignores
+    # pads and examples do not mix, and in a joint pass under the ITG mask the queries still see no text.
+    first_pad = TEXT_LENGTHS[1]
+    out = m.probe(ids=replace_token(m.ids, 1, first_pad, new=7))
+    chex.assert_trees_all_close(out["text_cls"], base["text_cls"], atol=1e-5)
+    out = m.probe(ids=replace_token(m.ids, 1, 2))
+    assert not close(out["text_cls"][1], base["text_cls"][1])
+    chex.assert_trees_all_close(out["text_cls"][0], base["text_cls"][0], atol=1e-5)
+    chex.assert_trees_all_close(base["full_queries"], base["query_output"], atol=1e-5)
+    out = m.probe(ids=replace_token(m.ids, 0, 3))
+    chex.assert_trees_all_close(out["full_queries"], base["query_output"], atol=1e-5)
+
+
+def test_itg_is_causal_over_text_and_sees_the_image(m, base):
+    ref = np.asarray(base["itg"])
     for j in (1, 3, T - 1):
-        logits = np.asarray(m("itg_logits", kvs, replace_token(m.ids, 0, j), m.mask))
-        np.testing.assert_allclose(logits[0, :j], base[0, :j], atol=1e-5)
-        assert np.all(np.abs(logits[0, j:] - base[0, j:]).max(-1) > 1e-4), f"position >= {j} did not change"
-        np.testing.assert_allclose(logits[1], base[1], atol=1e-5)
+        logits = np.asarray(m.probe(ids=replace_token(m.ids, 0, j))["itg"])
+        np.testing.assert_allclose(logits[0, :j], ref[0, :j], atol=1e-5)
+        assert np.all(np.abs(logits[0, j:] - ref[0, j:]).max(-1) > 1e-3), f"positions >= {j} did not all change"
+        np.testing.assert_allclose(logits[1], ref[1], atol=1e-5)
     # Position 0 is replaced by [DEC]: what the caption had there does not matter at all.
-    logits = np.asarray(m("itg_logits", kvs, replace_token(m.ids, 0, 0), m.mask))
-    np.testing.assert_allclose(logits, base, atol=1e-6)
-    # A pad token is seen by nobody (the padded caption's real positions are unchanged).
+    np.testing.assert_allclose(np.asarray(m.probe(ids=replace_token(m.ids, 0, 0))["itg"]), ref, atol=1e-5)
+    # A pad token is seen by nobody: the padded caption's real positions are unchanged.
     n = TEXT_LENGTHS[1]
-    logits = np.asarray(m("itg_logits", kvs, replace_token(m.ids, 1, n, new=7), m.mask))
-    np.testing.assert_allclose(logits[1, :n], base[1, :n], atol=1e-5)
+    logits = np.asarray(m.probe(ids=replace_token(m.ids, 1, n, new=7))["itg"])
+    np.testing.assert_allclose(logits[1, :n], ref[1, :n], atol=1e-5)
     # The text sees the queries: another image changes every text position.
-    _, other_kvs = m("query_features", m("encode_image", other_images(m)))
-    logits = np.asarray(m("itg_logits", other_kvs, m.ids, m.mask))
-    assert np.all(np.abs(logits - base).max(-1) > 1e-4)
+    logits = np.asarray(m.probe(images=other_images(m))["itg"])
+    assert np.all(np.abs(logits - ref).max(-1) > 1e-3)
 
 
-def test_itm_queries_see_the_text_and_not_the_pads(m, image_embeds):
-    base = np.asarray(m("itm_logits", image_embeds, m.ids, m.mask))
-    changed = np.asarray(m("itm_logits", image_embeds, replace_token(m.ids, 0, 2), m.mask))
-    assert np.abs(changed[0] - base[0]).max() > 1e-5
-    np.testing.assert_allclose(changed[1], base[1], atol=1e-6)
+def test_itm_queries_see_the_text_but_not_the_pads(m, base):
+    ref = np.asarray(base["itm"])
+    changed = np.asarray(m.probe(ids=replace_token(m.ids, 0, 2))["itm"])
+    assert np.abs(changed[0] - ref[0]).max() > 1e-3
+    np.testing.assert_allclose(changed[1], ref[1], atol=1e-5)
     n = TEXT_LENGTHS[1]
-    changed = np.asarray(m("itm_logits", image_embeds, replace_token(m.ids, 1, n, new=7), m.mask))
-    np.testing.assert_allclose(changed, base, atol=1e-6)
-    changed = np.asarray(m("itm_logits", m("encode_image", other_images(m)), m.ids, m.mask))
-    assert np.all(np.abs(changed - base).max(-1) > 1e-5)
+    np.testing.assert_allclose(np.asarray(m.probe(ids=replace_token(m.ids, 1, n, new=7))["itm"]), ref, atol=1e-5)
+    changed = np.asarray(m.probe(images=other_images(m))["itm"])
+    assert np.all(np.abs(changed - ref).max(-1) > 1e-3)
 
 
-def test_itg_with_cached_query_kv_equals_full_multimodal_causal_pass(m, image_embeds):
-    _, kvs = m("query_features", image_embeds)
-    cached = m("itg_logits", kvs, m.ids, m.mask)
-    _, full = m(full_itg_pass, image_embeds, m.ids, m.mask)
-    chex.assert_shape(full, (B, T, VOCAB))
-    chex.assert_trees_all_close(cached, full, atol=1e-5)
+def test_itg_with_cached_query_kv_equals_full_multimodal_causal_pass(m, base):
+    chex.assert_shape(base["full_itg"], (B, T, VOCAB))
+    chex.assert_trees_all_close(base["itg"], base["full_itg"], atol=1e-5)
+    out = m.probe(images=other_images(m), ids=replace_token(m.ids, 1, 3))
+    chex.assert_trees_all_close(out["itg"], out["full_itg"], atol=1e-5)
 
 
 # --- training behaviour --------------------------------------------------------------------------------------
 
-def test_frozen_vit_gets_exactly_zero_gradient(m):
-    grads = jax.jit(jax.grad(lambda p: m.loss(p, m.images, m.ids, m.mask, jax.random.key(2))["loss"]))(m.params)
+def test_frozen_vit_gets_exactly_zero_gradient(loss_and_grads):
+    _, grads = loss_and_grads
     vit_leaves = jax.tree.leaves(grads["visual_encoder"])
     assert vit_leaves
     for g in vit_leaves:
         np.testing.assert_array_equal(np.asarray(g), 0.0)
     for name in ("ln_vision", "qformer", "query_tokens", "vision_proj", "text_proj", "itm_head", "temp"):
-        total = sum(float(jnp.abs(g).sum()) for g in jax.tree.leaves(grads[name]))
+        total = sum(np.abs(np.asarray(g)).sum() for g in jax.tree.leaves(grads[name]))
         assert total > 0, f"{name} got no gradient"
     chex.assert_tree_all_finite(grads)
 
 
-def test_dropout_is_random_in_training_and_off_in_eval():
-    model = Blip2Qformer(make_cfg(dropout_rate=0.1))
-    images, ids, mask = make_inputs()
-    params = init_params(model, images, ids, mask)
-    itm = jax.random.key(3)
+def test_dropout_is_random_in_training_and_off_in_eval(m, loss_and_grads):
+    model = Blip2Qformer(make_cfg(dropout_rate=0.1))  # dropout adds no parameters: m.params fit
 
-    @jax.jit
-    def losses(train_dropout_rng, eval_dropout_rng):
-        rngs = lambda d: {"itm": itm, "dropout": d}
-        train = [model.apply({"params": params}, images, ids, mask, train=True, rngs=rngs(k))["loss"]
-                 for k in (train_dropout_rng, eval_dropout_rng)]
-        evals = [model.apply({"params": params}, images, ids, mask, train=False, rngs=rngs(k))["loss"]
-                 for k in (train_dropout_rng, eval_dropout_rng)]
+    @jit
+    @jax.vmap
+    def losses(dropout_rng):
+        train = m.loss(m.params, ITM_RNG, model=model, train=True, dropout_rng=dropout_rng)["loss"]
+        evals = m.loss(m.params, ITM_RNG, model=model, train=False, dropout_rng=dropout_rng)["loss"]
         return train, evals
 
-    train, evals = losses(jax.random.key(4), jax.random.key(5))
-    assert abs(float(train[0]) - float(train[1])) > 1e-5
+    # unsafe_rbg: dropout masks from threefry keys take ~4x longer to compile on CPU; the impl is not under test.
+    train, evals = losses(jax.random.split(jax.random.key(4, impl="unsafe_rbg"), 2))
+    assert abs(float(train[0]) - float(train[1])) > 1e-4
     assert float(evals[0]) == float(evals[1])
-    assert abs(float(train[0]) - float(evals[0])) > 1e-5
+    # train=False is exactly the dropout-free model.
+    np.testing.assert_allclose(float(evals[0]), float(loss_and_grads[0]["loss"]), rtol=1e-5)

@@ -48,6 +48,25 @@ def interpolate_pos_embed(pos_embed, grid: int):
   return jnp.concatenate([pos_embed[:, :1], patches.astype(pos_embed.dtype)], axis=1)
 
 
+def sincos_pos_embed_init(key, shape, dtype=jnp.float32):
+  """[1, 1 + g*g, D] fixed 2-D sin-cos position embeddings (MAE), [CLS] row zero.
+
+  Used only for a randomly initialised ViT (the demo): random N(0, 0.02) rows carry almost no position signal
+  next to the patch content, and a frozen random tower never learns one. Real checkpoints overwrite it."""
+  del key
+  _, n, d = shape
+  g = int(round((n - 1) ** 0.5))
+  omega = 1.0 / 10000 ** (np.arange(d // 4, dtype=np.float64) / (d // 4))
+  ys, xs = np.meshgrid(np.arange(g, dtype=np.float64), np.arange(g, dtype=np.float64), indexing="ij")
+  parts = []
+  for coord in (ys.reshape(-1), xs.reshape(-1)):
+    angles = np.outer(coord, omega)
+    parts += [np.sin(angles), np.cos(angles)]
+  table = np.zeros((n, d), np.float64)
+  table[1:, :4 * (d // 4)] = np.concatenate(parts, axis=1)
+  return jnp.asarray(table[None], dtype)
+
+
 class Attention(nn.Module):
   cfg: ml_collections.ConfigDict
 
@@ -104,7 +123,7 @@ class VisionTransformer(nn.Module):
     cls = self.param("cls_token", layers.logical(layers.default_init, (None, None, "vit_embed")),
                      (1, 1, d), jnp.float32)
     n_pos = (cfg.image_size // p) ** 2 + 1
-    pos = self.param("pos_embed", layers.logical(layers.default_init, (None, None, "vit_embed")),
+    pos = self.param("pos_embed", layers.logical(sincos_pos_embed_init, (None, None, "vit_embed")),
                      (1, n_pos, d), jnp.float32)
     # [CLS] first, then the position embeddings are added to all tokens (EVA / LAVIS order).
     x = jnp.concatenate([jnp.broadcast_to(cls.astype(x.dtype), (b, 1, d)), x], axis=1)
