@@ -16,6 +16,7 @@ from absl import logging as absl_logging
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from jax.experimental import multihost_utils
 import ml_collections
 from ml_collections import config_flags
 import numpy as np
@@ -116,21 +117,33 @@ def build(config, tokenizer, devices=None) -> Setup:
                partitioning.batch_sharding(mesh, rules), abstract_state, abstract_frozen, init_jit)
 
 
-def load_pretrained(config, setup: Setup, state, frozen):
-  """Replaces random init with the weights config.init names (frozen ViT + ln_vision; BERT for the Q-Former)."""
-  if not (config.init.vision_weights or config.init.bert_weights):
+def _host_copy(tree):
+  """Full numpy copies of (possibly multi-host sharded) arrays."""
+  return jax.tree.map(lambda x: np.asarray(multihost_utils.process_allgather(x, tiled=True)), tree)
+
+
+def load_pretrained(config, setup: Setup, state, frozen, *, frozen_only: bool = False):
+  """Replaces random init with the weights config.init names: the frozen ViT (+ ln_vision) from a HF BLIP-2
+  checkpoint, the Q-Former from BERT. With frozen_only (resuming), only the frozen tower is read."""
+  vision = config.init.vision_weights
+  bert = "" if frozen_only else config.init.bert_weights
+  if not (vision or bert):
     return state, frozen
   from blip2_jax import weights  # pylint: disable=g-import-not-at-top
-  params = partitioning.merge(jax.device_get(state["params"]), jax.device_get(frozen))
-  if config.init.vision_weights:
-    params = partitioning.merge(params, weights.load_vision_from_blip2(config.init.vision_weights, params))
-  if config.init.bert_weights:
-    params = partitioning.merge(params, weights.load_qformer_from_bert(config.init.bert_weights, params))
+  params = partitioning.merge(_host_copy(state["params"]), _host_copy(frozen))
+  if vision:
+    params = partitioning.merge(params, weights.load_vision_from_blip2(vision, params))
+  if bert:
+    params = partitioning.merge(params, weights.load_qformer_from_bert(bert, params))
   trainable, new_frozen = partitioning.split_frozen(params, config.frozen_params)
-  place = lambda x, sh, ref: jax.make_array_from_callback(
-      ref.shape, sh, lambda idx: np.asarray(x, dtype=ref.dtype)[idx])
-  state = dict(state, params=jax.tree.map(place, trainable, setup.state_shardings["params"], state["params"]))
-  # The optimizer state of freshly loaded weights is the same zeros as before; only params change.
+
+  def place(x, sharding, ref):
+    x = np.asarray(x, dtype=ref.dtype)
+    return jax.make_array_from_callback(ref.shape, sharding, lambda idx: x[idx])
+
+  if not frozen_only:
+    # Adam's moments start at zero whatever the weights, so only the params change.
+    state = dict(state, params=jax.tree.map(place, trainable, setup.state_shardings["params"], state["params"]))
   frozen = jax.tree.map(place, new_frozen, setup.frozen_shardings, frozen)
   return state, frozen
 
@@ -174,7 +187,7 @@ def restore_or_init(config, setup: Setup, mngr):
     state, frozen = load_pretrained(config, setup, state, frozen)
     return state, frozen, None
   # Frozen weights are not in checkpoints: they come from their source, as at the start.
-  _, frozen = load_pretrained(config, setup, state, frozen)
+  _, frozen = load_pretrained(config, setup, state, frozen, frozen_only=True)
   abstract = checkpointing.abstract_like(setup.abstract_state, setup.state_shardings)
   state, data_state = checkpointing.restore(mngr, latest, abstract)
   log.info("Resumed from %s at step %d.", mngr.directory, latest)

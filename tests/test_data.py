@@ -21,7 +21,7 @@ def make_cfg(data_dir, **overrides):
         name="synthetic_shapes", data_dir=str(data_dir),
         builder_kwargs=dict(num_train=NUM_TRAIN, num_test=NUM_TEST),
         train_split="train", eval_split="test", image_size=48, crop_scale=(0.5, 1.0), flip=True,
-        max_text_len=16, num_threads=2, prefetch=4, eval_max_examples=None)
+        max_text_len=24, num_threads=2, prefetch=4, eval_max_examples=None)
     return ml_collections.ConfigDict({**fields, **overrides})  # replaces builder_kwargs, never merges
 
 
@@ -102,10 +102,12 @@ def test_generation_is_deterministic(data_dir, tmp_path):
     assert [other_seed[i]["caption"] for i in range(10)] != [ex["caption"] for ex in first[:10]]
 
 
-def test_demo_vocab_covers_every_caption_within_16_tokens(data_dir, tok):
+def test_demo_vocab_covers_every_caption_within_the_demo_text_length(data_dir, tok):
+    from configs import stage1
+    max_len = stage1.get_config("demo").data.max_text_len
     for ex in raw_examples(data_dir, "train") + raw_examples(data_dir, "test"):
         ids = tok(ex["caption"].decode()).input_ids
-        assert tok.unk_token_id not in ids and len(ids) <= 16
+        assert tok.unk_token_id not in ids and len(ids) <= max_len
 
 
 # ------------------------------------------------------------------------------------------------ tokenizer
@@ -146,7 +148,7 @@ def test_train_batch_shapes_and_normalisation(data_dir, tok):
     batch = next(pipeline.make_train_iterator(make_cfg(data_dir), tok, global_batch_size=8, seed=0))
     assert set(batch) == {"image", "text_ids", "text_mask"}
     assert batch["image"].shape == (8, 48, 48, 3) and batch["image"].dtype == np.float32
-    assert batch["text_ids"].shape == batch["text_mask"].shape == (8, 16)
+    assert batch["text_ids"].shape == batch["text_mask"].shape == (8, 24)
     assert batch["text_ids"].dtype == batch["text_mask"].dtype == np.int32
     lo, hi = -pipeline.CLIP_MEAN / pipeline.CLIP_STD, (1 - pipeline.CLIP_MEAN) / pipeline.CLIP_STD
     pixels = batch["image"].reshape(-1, 3)
@@ -188,7 +190,7 @@ def test_process_shares_are_disjoint_and_cover_the_data(data_dir, tok):
                                           process_index=process_index, process_count=2)
         shares.append({tuple(row) for row in next(it)["text_ids"]})  # one batch = one epoch of the share
     everything = {tuple(row) for row in tokenizer_lib.tokenize(
-        tok, [ex["caption"].decode() for ex in raw_examples(data_dir, "test")], 16)[0]}
+        tok, [ex["caption"].decode() for ex in raw_examples(data_dir, "test")], 24)[0]}
     assert len(shares[0]) == len(shares[1]) == NUM_TEST // 2
     assert not shares[0] & shares[1]
     assert shares[0] | shares[1] == everything
@@ -256,7 +258,7 @@ def test_undecodable_image_is_skipped_counted_and_logged(tmp_path, tok, caplog):
 
 def test_prepared_dataset_is_read_by_name(data_dir):
     # A name we don't ship is read from data_dir as prepared (here: our own files, named with their config).
-    config = f"size48_train{NUM_TRAIN}_test{NUM_TEST}_seed0"
+    config = f"size48_obj3_train{NUM_TRAIN}_test{NUM_TEST}_seed0"
     source = pipeline.get_source(make_cfg(data_dir, name=f"synthetic_shapes/{config}", builder_kwargs={}), "test")
     assert [source[i]["caption"] for i in range(5)] == [ex["caption"] for ex in raw_examples(data_dir, "test")[:5]]
 
@@ -271,7 +273,7 @@ def test_unprepared_dataset_is_one_clear_error(tmp_path):
 
 def test_eval_set_one_image_per_example_without_shared_ids(data_dir, tok):
     evals = pipeline.load_eval_set(make_cfg(data_dir, eval_max_examples=40), tok)
-    assert evals["images"].shape == (40, 48, 48, 3) and evals["text_ids"].shape == (40, 16)
+    assert evals["images"].shape == (40, 48, 48, 3) and evals["text_ids"].shape == (40, 24)
     assert evals["txt2img"].tolist() == list(range(40)) and evals["img2txt"] == [[i] for i in range(40)]
     first = raw_examples(data_dir, "test")[0]
     assert evals["captions"][0] == first["caption"].decode()

@@ -73,7 +73,20 @@ def test_mesh_data4_fsdp2_equals_one_device(data_dir):
   specs = [s.spec for s in jax.tree.leaves(setup8.state_shardings["params"])]
   assert any("fsdp" in jax.tree.leaves(tuple(p)) for p in specs)
   np.testing.assert_allclose(l8, l1, rtol=1e-5)
-  chex.assert_trees_all_close(s8["params"], s1["params"], rtol=1e-5, atol=1e-7)
+  # Attention key biases have an exactly zero gradient (softmax ignores a shift shared by all keys); Adam
+  # scales their float round-off up to lr-sized steps whose sign depends on summation order, so they are
+  # compared to the init instead: they stay within the few lr-sized steps taken.
+  flat1 = traverse_util.flatten_dict(s1["params"], sep="/")
+  flat8 = traverse_util.flatten_dict(s8["params"], sep="/")
+  flat0 = traverse_util.flatten_dict(jax.device_get(init[0]["params"]), sep="/")
+  worst = {}
+  for k in flat1:
+    if k.endswith("key/bias"):
+      assert np.abs(flat8[k] - flat0[k]).max() <= 3 * config.optimizer.lr * 1.01
+      continue
+    scale = np.abs(flat1[k]).max() + 1e-12
+    worst[k] = float(np.abs(flat8[k] - flat1[k]).max() / scale)
+  assert max(worst.values()) < 1e-5, sorted(worst.items(), key=lambda kv: -kv[1])[:5]
   chex.assert_trees_all_equal(f8, f1)
 
 
@@ -198,3 +211,37 @@ def test_learning_rate_schedule_and_weight_decay_mask():
             "temp": np.zeros(()), "query_tokens": np.zeros((1, 2, 2))}
   mask = traverse_util.flatten_dict(optim.decay_mask(params), sep="/")
   assert mask == {"a/kernel": True, "a/bias": False, "ln/scale": False, "temp": False, "query_tokens": True}
+
+
+def test_trainer_reads_frozen_vit_from_hf_blip2_checkpoint(data_dir, tmp_path):
+  """config.init.vision_weights: the frozen tower (and ln_vision) come from a HF BLIP-2 safetensors dir."""
+  torch = pytest.importorskip("torch")
+  import transformers  # pylint: disable=g-import-not-at-top
+  config = tiny_config(data_dir, global_batch_size=8)
+  v = config.model.vit
+  hf_config = transformers.Blip2Config(
+      vision_config=dict(hidden_size=v.width, intermediate_size=v.mlp_dim, num_hidden_layers=v.depth,
+                         num_attention_heads=v.num_heads, image_size=v.image_size, patch_size=v.patch_size,
+                         layer_norm_eps=v.layer_norm_eps, qkv_bias=True),
+      qformer_config=dict(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64,
+                          encoder_hidden_size=v.width, vocab_size=64),
+      num_query_tokens=4)
+  torch.manual_seed(0)
+  hf = transformers.Blip2Model(hf_config)
+  with torch.no_grad():
+    for p in hf.vision_model.parameters():
+      p.normal_(0, 0.2)
+  hf.save_pretrained(tmp_path / "hf")
+  config.init.vision_weights = str(tmp_path / "hf")
+  tok = train.load_tokenizer(config)
+  setup = train.build(config, tok, devices=jax.devices()[:1])
+  mngr = checkpointing.manager(str(tmp_path / "wd"), 2)
+  state, frozen, _ = train.restore_or_init(config, setup, mngr)
+  sd = {k: t.detach().numpy() for k, t in hf.vision_model.state_dict().items()}
+  np.testing.assert_array_equal(frozen["visual_encoder"]["blocks_0"]["fc1"]["kernel"],
+                                sd["encoder.layers.0.mlp.fc1.weight"].T)
+  np.testing.assert_array_equal(state["params"]["ln_vision"]["scale"], sd["post_layernorm.weight"])
+  before = jax.device_get(frozen)
+  step = train.make_train_step(setup)
+  state, _ = step(state, frozen, train.global_batch(random_batch(config, len(tok)), setup.batch_sharding))
+  chex.assert_trees_all_equal(jax.device_get(frozen), before)

@@ -1,12 +1,14 @@
 """synthetic_shapes: a tiny, generated image-caption dataset for the demo and the tests.
 
-Each image is black with two objects, each in its own quadrant. An object is a (size, colour, shape), and
-the caption names every object and its quadrant in a fixed order, so the caption is a complete, unique
-description of the picture:
+Each image is black with `num_objects` objects (3 by default, 2 to 4), each in its own quadrant. An object
+is a (size, colour, shape), and the caption names every object and its quadrant in a fixed order, so the
+caption is a complete, unique description of the picture:
 
-    "a large red circle top left, a small blue square bottom right"
+    "a large red circle top left, a small blue square top right, a small green triangle bottom right"
 
-There are 6 quadrant pairs x 36 objects x 36 objects = 7,776 distinct captions. The `test` split is
+With 3 objects there are 4 quadrant triples x 36^3 objects = 186,624 distinct captions (2 objects: 7,776). A
+random 1,000 of them rarely contain two captions that differ only in which object sits where, so retrieval
+does not hinge on a model binding every attribute to its position from the first steps. The `test` split is
 `num_test` of them, each used once; `train` samples its images from the other combinations only, so every
 test caption is a combination never seen in training (a check of compositional generalisation, not of
 memorisation).
@@ -44,8 +46,17 @@ SHAPES = ("circle", "square", "triangle")
 QUADRANTS = ("top left", "top right", "bottom left", "bottom right")  # also the caption order
 
 OBJECTS = list(itertools.product(SIZES, COLOURS, SHAPES))  # 36
-QUADRANT_PAIRS = list(itertools.combinations(range(len(QUADRANTS)), 2))  # 6, each in caption order
-NUM_COMBINATIONS = len(QUADRANT_PAIRS) * len(OBJECTS) ** 2  # 7,776
+
+
+def quadrant_sets(num_objects: int) -> list[tuple[int, ...]]:
+    """Which quadrants hold objects, each tuple in caption order."""
+    if not 1 <= num_objects <= len(QUADRANTS):
+        raise ValueError(f"num_objects must be in [1, {len(QUADRANTS)}]; got {num_objects}.")
+    return list(itertools.combinations(range(len(QUADRANTS)), num_objects))
+
+
+def num_combinations(num_objects: int) -> int:
+    return len(quadrant_sets(num_objects)) * len(OBJECTS) ** num_objects
 
 
 def vocabulary() -> list[str]:
@@ -56,11 +67,14 @@ def vocabulary() -> list[str]:
     return words + [","]
 
 
-def combination(index: int) -> list[tuple[int, tuple[str, str, str]]]:
-    """The scene numbered `index` in [0, NUM_COMBINATIONS): [(quadrant, (size, colour, shape)), ...]."""
-    pair, rest = divmod(index, len(OBJECTS) ** 2)
-    first, second = divmod(rest, len(OBJECTS))
-    return list(zip(QUADRANT_PAIRS[pair], (OBJECTS[first], OBJECTS[second])))
+def combination(index: int, num_objects: int) -> list[tuple[int, tuple[str, str, str]]]:
+    """The scene numbered `index` in [0, num_combinations): [(quadrant, (size, colour, shape)), ...]."""
+    where, rest = divmod(index, len(OBJECTS) ** num_objects)
+    objects = []
+    for _ in range(num_objects):
+        rest, o = divmod(rest, len(OBJECTS))
+        objects.append(OBJECTS[o])
+    return list(zip(quadrant_sets(num_objects)[where], objects))
 
 
 def caption(scene) -> str:
@@ -92,12 +106,13 @@ def draw(scene, image_size: int, rng: np.random.Generator) -> np.ndarray:
     return np.asarray(image)
 
 
-def split_combinations(num_test: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+def split_combinations(num_test: int, seed: int, num_objects: int) -> tuple[np.ndarray, np.ndarray]:
     """(test, train) scene numbers: a seeded random `num_test` are held out for test, the rest train."""
-    if not 0 < num_test <= NUM_COMBINATIONS // 2:
-        raise ValueError(f"num_test must be in [1, {NUM_COMBINATIONS // 2}] so that every test caption is "
+    total = num_combinations(num_objects)
+    if not 0 < num_test <= total // 2:
+        raise ValueError(f"num_test must be in [1, {total // 2}] so that every test caption is "
                          f"distinct and enough combinations are left for train; got {num_test}.")
-    order = np.random.default_rng(seed).permutation(NUM_COMBINATIONS)
+    order = np.random.default_rng(seed).permutation(total)
     return order[:num_test], order[num_test:]
 
 
@@ -106,11 +121,12 @@ class SyntheticShapesConfig(tfds.core.BuilderConfig):
     image_size: int = 48
     num_train: int = 20_000
     num_test: int = 1_000
+    num_objects: int = 3
     seed: int = 0
 
 
 class SyntheticShapes(tfds.core.GeneratorBasedBuilder, skip_registration=True):
-    """Two coloured shapes on black, with a caption that describes them exactly."""
+    """Coloured shapes on black, with a caption that describes them exactly."""
 
     name = "synthetic_shapes"
     VERSION = tfds.core.Version("1.0.0")
@@ -120,10 +136,10 @@ class SyntheticShapes(tfds.core.GeneratorBasedBuilder, skip_registration=True):
     code_path = epath.Path(__file__)
 
     def __init__(self, *, image_size: int = 48, num_train: int = 20_000, num_test: int = 1_000,
-                 seed: int = 0, **kwargs):
+                 num_objects: int = 3, seed: int = 0, **kwargs):
         config = SyntheticShapesConfig(
-            name=f"size{image_size}_train{num_train}_test{num_test}_seed{seed}",
-            image_size=image_size, num_train=num_train, num_test=num_test, seed=seed)
+            name=f"size{image_size}_obj{num_objects}_train{num_train}_test{num_test}_seed{seed}",
+            image_size=image_size, num_train=num_train, num_test=num_test, num_objects=num_objects, seed=seed)
         super().__init__(config=config, **kwargs)
 
     def _info(self) -> tfds.core.DatasetInfo:
@@ -142,7 +158,7 @@ class SyntheticShapes(tfds.core.GeneratorBasedBuilder, skip_registration=True):
     def _split_generators(self, dl_manager):
         del dl_manager  # nothing to download
         cfg = self.builder_config
-        test, train = split_combinations(cfg.num_test, cfg.seed)
+        test, train = split_combinations(cfg.num_test, cfg.seed, cfg.num_objects)
         train = np.random.default_rng([cfg.seed, 1]).choice(train, size=cfg.num_train)
         return {
             "train": self._generate_examples(train, first_id=0, stream=0),
@@ -152,7 +168,7 @@ class SyntheticShapes(tfds.core.GeneratorBasedBuilder, skip_registration=True):
     def _generate_examples(self, scenes: np.ndarray, first_id: int, stream: int):
         cfg = self.builder_config
         for i, scene_index in enumerate(scenes):
-            scene = combination(int(scene_index))
+            scene = combination(int(scene_index), cfg.num_objects)
             # One generator per example: example i is the same however many examples are drawn.
             rng = np.random.default_rng([cfg.seed, stream, i])
             png = io.BytesIO()
