@@ -198,8 +198,10 @@ def restore_or_init(config, setup: Setup, mngr):
 # main
 # --------------------------------------------------------------------------------------------------------------
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
-  """Runs training to config.total_steps (resuming from workdir if possible); returns the last metrics."""
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, devices=None) -> dict:
+  """Runs training to config.total_steps (resuming from workdir if possible); returns the last metrics.
+
+  devices: the devices of the mesh (default: all)."""
   from blip2_jax import evaluate  # pylint: disable=g-import-not-at-top
   os.makedirs(workdir, exist_ok=True)
   if jax.process_index() == 0:
@@ -216,7 +218,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
       process_index=jax.process_index(), process_count=jax.process_count())
 
   # 2. Model, optimizer, mesh and shardings; parameters are born sharded.
-  setup = build(config, tokenizer)
+  setup = build(config, tokenizer, devices)
   data_parallel = math.prod(setup.mesh.shape[a] for a in jax.tree.leaves(dict(setup.rules)["batch"]))
   if config.global_batch_size % data_parallel:
     raise ValueError(f"config.global_batch_size={config.global_batch_size} is not divisible by the "
@@ -232,8 +234,21 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   # 3. The loop. Metrics of step s are read back after step s+1 is dispatched, so the host never stalls the
   # device; a checkpoint is written only after its step's loss was seen to be finite.
   step = int(jax.device_get(state["step"]))
-  start_step, t0, last = step, time.time(), {}
   progress = _progress_bar(step, config.total_steps)
+  try:
+    last = _loop(config, setup, state, frozen, step, train_iter, train_step, evaluator, mngr, writer, progress)
+  finally:
+    # Also on an error: let the checkpoints already queued finish writing, so nothing saved is lost.
+    progress.close()
+    mngr.wait_until_finished()
+    mngr.close()
+    writer.close()
+  return last
+
+
+def _loop(config, setup, state, frozen, step, train_iter, train_step, evaluator, mngr, writer, progress):
+  """One batch at a time from the iterator through the update; logging, checkpoints and evaluation."""
+  start_step, t0, last = step, time.time(), {}
   pending = None
   while step < config.total_steps:
     batch = global_batch(next(train_iter), setup.batch_sharding)
@@ -266,10 +281,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
       last.update(eval_metrics)
       log.info("step %d: %s", step, {k: round(v, 4) for k, v in eval_metrics.items()})
       t0 = time.time()  # evaluation time is not training throughput
-  progress.close()
-  mngr.wait_until_finished()
-  mngr.close()
-  writer.close()
   return last
 
 
