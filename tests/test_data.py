@@ -59,7 +59,7 @@ def read_scene(pixels: np.ndarray) -> set[str]:
         fill = on.sum() / box  # square 1, circle ~0.8, triangle ~0.55
         shape = "square" if fill > 0.95 else "circle" if fill > 0.68 else "triangle"
         size = "large" if box > 12 * 12 else "small"
-        clauses.add(f"a {size} {colours[found.pop()]} {shape} {quadrant}")
+        clauses.add(f"{size} {colours[found.pop()]} {shape} {quadrant}")
     return clauses
 
 
@@ -258,7 +258,7 @@ def test_undecodable_image_is_skipped_counted_and_logged(tmp_path, tok, caplog):
 
 def test_prepared_dataset_is_read_by_name(data_dir):
     # A name we don't ship is read from data_dir as prepared (here: our own files, named with their config).
-    config = f"size48_obj3_train{NUM_TRAIN}_test{NUM_TEST}_seed0"
+    config = f"size48_obj4_train{NUM_TRAIN}_test{NUM_TEST}_seed0"
     source = pipeline.get_source(make_cfg(data_dir, name=f"synthetic_shapes/{config}", builder_kwargs={}), "test")
     assert [source[i]["caption"] for i in range(5)] == [ex["caption"] for ex in raw_examples(data_dir, "test")[:5]]
 

@@ -1,14 +1,15 @@
 """synthetic_shapes: a tiny, generated image-caption dataset for the demo and the tests.
 
-Each image is black with `num_objects` objects (3 by default, 2 to 4), each in its own quadrant. An object
-is a (size, colour, shape), and the caption names every object and its quadrant in a fixed order, so the
-caption is a complete, unique description of the picture:
+Each image is black with `num_objects` objects (4 by default: one per quadrant; 1 to 4), each in its own
+quadrant. An object is a (size, colour, shape), and the caption names every object and its quadrant in a
+fixed order, so the caption is a complete, unique description of the picture:
 
-    "a large red circle top left, a small blue square top right, a small green triangle bottom right"
+    "large red circle top left, small blue square top right, small green triangle bottom left,
+     large white circle bottom right"
 
-With 3 objects there are 4 quadrant triples x 36^3 objects = 186,624 distinct captions (2 objects: 7,776). A
-random 1,000 of them rarely contain two captions that differ only in which object sits where, so retrieval
-does not hinge on a model binding every attribute to its position from the first steps. The `test` split is
+With 4 objects there are 36^4 = 1,679,616 distinct captions (3 objects: 186,624; 2 objects: 7,776). Two of a
+random 1,000 rarely differ in only one or two attributes, so retrieval over them asks a model to see every
+object, without hinging on the finest single-attribute differences from the first steps. The `test` split is
 `num_test` of them, each used once; `train` samples its images from the other combinations only, so every
 test caption is a combination never seen in training (a check of compositional generalisation, not of
 memorisation).
@@ -78,7 +79,7 @@ def combination(index: int, num_objects: int) -> list[tuple[int, tuple[str, str,
 
 
 def caption(scene) -> str:
-    return ", ".join(f"a {size} {colour} {shape} {QUADRANTS[q]}" for q, (size, colour, shape) in scene)
+    return ", ".join(f"{size} {colour} {shape} {QUADRANTS[q]}" for q, (size, colour, shape) in scene)
 
 
 def draw(scene, image_size: int, rng: np.random.Generator) -> np.ndarray:
@@ -121,7 +122,7 @@ class SyntheticShapesConfig(tfds.core.BuilderConfig):
     image_size: int = 48
     num_train: int = 20_000
     num_test: int = 1_000
-    num_objects: int = 3
+    num_objects: int = 4
     seed: int = 0
 
 
@@ -136,7 +137,7 @@ class SyntheticShapes(tfds.core.GeneratorBasedBuilder, skip_registration=True):
     code_path = epath.Path(__file__)
 
     def __init__(self, *, image_size: int = 48, num_train: int = 20_000, num_test: int = 1_000,
-                 num_objects: int = 3, seed: int = 0, **kwargs):
+                 num_objects: int = 4, seed: int = 0, **kwargs):
         config = SyntheticShapesConfig(
             name=f"size{image_size}_obj{num_objects}_train{num_train}_test{num_test}_seed{seed}",
             image_size=image_size, num_train=num_train, num_test=num_test, num_objects=num_objects, seed=seed)
