@@ -9,8 +9,9 @@ Paper recipe (default; ViT-g/14 at 224px, global batch 1680, 250k steps; BLIP-2 
       --config.data.data_dir=/data/tfds
 
 Built-in demo (no downloads; synthetic shapes, a small random frozen ViT and a small Q-Former). On a 2-core
-CPU the whole run (dataset generation, compile, training, evaluation) takes under 10 minutes and reaches
-held-out retrieval R@1 >= 0.5 both ways on 1,000 distinct captions (README has the measured figures):
+x86_64 CPU the whole run (dataset generation, compile, 1,000 steps of batch 64, evaluation) took 9 min 47 s
+and reached held-out retrieval R@1 0.564 (text->image) and 0.532 (image->text) on 1,000 distinct captions,
+after the ITM rerank (README has the table):
 
   python -m blip2_jax.train --config=configs/stage1.py:demo --workdir=workdirs/stage1_demo
 
