@@ -15,7 +15,6 @@ from absl import app
 from absl import flags
 from absl import logging as absl_logging
 import jax
-import jax.numpy as jnp
 from ml_collections import config_flags
 import numpy as np
 

@@ -79,7 +79,6 @@ class Setup:
   frozen_shardings: dict
   batch_sharding: jax.sharding.NamedSharding
   abstract_state: dict
-  abstract_frozen: dict
   init: callable  # rng -> (state, frozen), born sharded
 
 
@@ -108,13 +107,13 @@ def build(config, tokenizer, devices=None) -> Setup:
              "rng": jax.random.fold_in(rng, 1)}
     return state, frozen
 
-  abstract_state, abstract_frozen = jax.eval_shape(init, jax.random.PRNGKey(0))
+  abstract_state, _ = jax.eval_shape(init, jax.random.PRNGKey(0))
   opt_sh = optax.tree_map_params(tx, lambda _, sh: sh, abstract_state["opt_state"], param_sh,
                                  transform_non_params=lambda _: repl)
   state_sh = {"step": repl, "params": param_sh, "opt_state": opt_sh, "rng": repl}
   init_jit = jax.jit(init, out_shardings=(state_sh, frozen_sh))
   return Setup(model, mesh, rules, tx, schedule, state_sh, frozen_sh,
-               partitioning.batch_sharding(mesh, rules), abstract_state, abstract_frozen, init_jit)
+               partitioning.batch_sharding(mesh, rules), abstract_state, init_jit)
 
 
 def _host_copy(tree):

@@ -13,7 +13,7 @@ import chex
 
 from blip2_jax.models import masks
 from blip2_jax.models.blip2 import Blip2Qformer
-from blip2_jax.models.vit import VisionTransformer, _torch_bicubic_matrix, interpolate_pos_embed
+from blip2_jax.models.vit import _torch_bicubic_matrix, interpolate_pos_embed
 
 # XLA's backend optimisations buy nothing at this size and double the compile time, which is most of this
 # file's runtime on CPU.
