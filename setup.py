@@ -26,9 +26,13 @@ setuptools.setup(
         "tqdm>=4.66",
         "tensorboardX>=2.6",
         "absl-py>=2.1",
+        # The COCO caption scorers (BLEU, CIDEr-D); only their pure-Python parts are used (no Java).
+        "pycocoevalcap>=1.2",
     ],
     extras_require={
-        # torch is only a numerical reference for the parity tests, never imported by the package.
+        # torch is the numerical reference of the parity tests, and reads LAVIS .pth checkpoints
+        # (blip2_jax.lavis, weights-only); nothing else in the package imports it.
         "test": ["pytest>=8", "torch==2.13.0"],
+        "lavis": ["torch>=2.4"],
     },
 )

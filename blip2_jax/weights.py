@@ -378,3 +378,81 @@ def load_qformer_from_blip2(path, params_template) -> tuple[dict, set[str]]:
   unfilled = {p for p in fill.template if p.split("/")[0] in top and p not in fill.out}
   log.info("Q-Former from BLIP-2 %s: %d parameters not in the checkpoint.", ckpt.root, len(unfilled))
   return fill.subtree(top, require_all=False), unfilled
+
+
+# --- name tables -------------------------------------------------------------------------------------------
+#
+# A weight map is a list of (our '/'-joined parameter path, HF tensor name, kind). A name holding "{i}" belongs to
+# a parameter stacked over layers by nn.scan: the HF tensors of layers 0..L-1 become its leading axis. Kinds:
+# 'linear' (torch Linear [out, in] <-> Flax kernel [in, out]), 'conv' (torch OIHW <-> Flax HWIO), 'copy', and
+# 'qkv_bias_q' / 'qkv_bias_v': the q or v third of a fused qkv bias whose k third is zero (EVA ViT in HF layout).
+
+_TO_OURS = {"linear": lambda w: w.T, "conv": lambda w: w.transpose(2, 3, 1, 0), "copy": lambda w: w,
+            "qkv_bias_q": lambda b: b.reshape(3, -1)[0], "qkv_bias_v": lambda b: b.reshape(3, -1)[2]}
+_TO_HF = {"linear": lambda w: w.T, "conv": lambda w: w.transpose(3, 2, 0, 1), "copy": lambda w: w}
+
+
+def tree_from_hf(get, weight_map, template, *, dtype=np.float32, prefix: str = "", place=None) -> dict:
+  """Builds the nested parameter dict of `template` (boxed, plain or abstract) from the tensors `get(name)`
+  returns (e.g. a SafetensorsCheckpoint), one parameter at a time, checking every shape. `dtype` is a numpy
+  dtype or a function of the parameter path giving one.
+
+  `prefix` is prepended to every HF name (e.g. 'language_model.'). `place(path, array)`, if given, turns each
+  finished numpy parameter into what is stored (e.g. a sharded device array), so the host never holds more
+  than one parameter. Every template parameter must be covered by the map: a parameter the map does not name
+  is a bug in the map, reported as such."""
+  flat = traverse_util.flatten_dict(nn.unbox(template), sep="/")
+  out = {}
+  for path, name, kind in weight_map:
+    if path not in flat:
+      raise ValueError(f"Weight map names `{path}`, which the model does not have.")
+    expected = _shape(flat[path])
+    stacked = "{i}" in name
+    names = [prefix + name.format(i=i) for i in range(expected[0])] if stacked else [prefix + name]
+    target = expected[1:] if stacked else expected
+    is_fn = callable(dtype) and not isinstance(dtype, (type, np.dtype))  # np.float32 itself is callable
+    value = np.empty(expected, dtype(path) if is_fn else dtype)
+    for j, full in enumerate(names):
+      try:
+        tensor = get(full)
+      except KeyError:
+        raise ValueError(f"Checkpoint has no tensor `{full}` (for `{path}`); is the config the right size for "
+                         "the checkpoint?") from None
+      stored = tuple(np.shape(tensor))
+      tensor = _TO_OURS[kind](np.asarray(tensor))
+      if tuple(tensor.shape) != tuple(target):
+        raise ValueError(f"Shape mismatch at `{path}`: checkpoint tensor `{full}` gives {stored} ({kind} -> "
+                         f"{tuple(tensor.shape)}), the model expects {tuple(target)}; make the config match the "
+                         "checkpoint.")
+      if stacked:
+        value[j] = tensor
+      else:
+        value = np.asarray(tensor, value.dtype)
+    out[path] = value if place is None else place(path, value)
+    del value
+  missing = sorted(set(flat) - set(out))
+  if missing:
+    raise ValueError(f"No checkpoint tensor maps to `{missing[0]}` ({len(missing)} in all): the weight map and "
+                     "the model disagree.")
+  return traverse_util.unflatten_dict(out, sep="/")
+
+
+def hf_tensors(params, weight_map, *, prefix: str = ""):
+  """The inverse of tree_from_hf: yields (HF name, numpy array) for every tensor the map names. A fused qkv bias
+  is rebuilt from its q and v parts with a zero k third."""
+  flat = traverse_util.flatten_dict(nn.unbox(params), sep="/")
+  fused = {}
+  for path, name, kind in weight_map:
+    value = np.asarray(flat[path])
+    pieces = [(name.format(i=i), value[i]) for i in range(value.shape[0])] if "{i}" in name else [(name, value)]
+    for hf_name, v in pieces:
+      if kind.startswith("qkv_bias_"):
+        parts = fused.setdefault(hf_name, {})
+        parts[kind[-1]] = v
+        if len(parts) == 2:
+          del fused[hf_name]
+          yield prefix + hf_name, np.concatenate([parts["q"], np.zeros_like(parts["q"]), parts["v"]])
+        continue
+      yield prefix + hf_name, np.ascontiguousarray(_TO_HF[kind](v))
+  if fused:
+    raise ValueError(f"Weight map gives only one half of the fused bias `{next(iter(fused))}`.")

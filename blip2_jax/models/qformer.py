@@ -88,21 +88,24 @@ class QFormer(nn.Module):
 
   def setup(self):
     cfg = self.cfg
-    self.word_embeddings = nn.Embed(
-        cfg.vocab_size, cfg.hidden_size, param_dtype=jnp.float32,
-        embedding_init=layers.logical(layers.default_init, ("vocab", "embed")), name="word_embeddings")
-    self.position_embeddings = self.param(
-        "position_embeddings", layers.logical(layers.default_init, (None, "embed")),
-        (cfg.max_position_embeddings, cfg.hidden_size), jnp.float32)
+    # Stage 2 and HF's captioning checkpoints keep the query side only: no text embeddings, no LM head.
+    if cfg.get("text_input", True):
+      self.word_embeddings = nn.Embed(
+          cfg.vocab_size, cfg.hidden_size, param_dtype=jnp.float32,
+          embedding_init=layers.logical(layers.default_init, ("vocab", "embed")), name="word_embeddings")
+      self.position_embeddings = self.param(
+          "position_embeddings", layers.logical(layers.default_init, (None, "embed")),
+          (cfg.max_position_embeddings, cfg.hidden_size), jnp.float32)
     self.embed_norm = layers.layer_norm(cfg.layer_norm_eps)
     self.embed_dropout = nn.Dropout(cfg.dropout_rate)
     self.layers = [QFormerLayer(cfg, has_cross_attention=(i % cfg.cross_attention_freq == 0))
                    for i in range(cfg.num_layers)]
-    # BERT's MLM head: transform (dense, gelu, LayerNorm) then the decoder tied to the word embeddings.
-    self.lm_transform = layers.dense(cfg.hidden_size, ("embed", "mlp"), dtype=cfg.dtype)
-    self.lm_norm = layers.layer_norm(cfg.layer_norm_eps)
-    self.lm_bias = self.param("lm_bias", layers.logical(nn.initializers.zeros, ("vocab",)),
-                              (cfg.vocab_size,), jnp.float32)
+    if cfg.get("text_input", True) and cfg.get("lm_head", True):
+      # BERT's MLM head: transform (dense, gelu, LayerNorm) then the decoder tied to the word embeddings.
+      self.lm_transform = layers.dense(cfg.hidden_size, ("embed", "mlp"), dtype=cfg.dtype)
+      self.lm_norm = layers.layer_norm(cfg.layer_norm_eps)
+      self.lm_bias = self.param("lm_bias", layers.logical(nn.initializers.zeros, ("vocab",)),
+                                (cfg.vocab_size,), jnp.float32)
 
   def embed(self, query_embeds=None, text_ids=None, *, deterministic=True):
     """[queries; word + position embeddings of text] -> LayerNorm -> dropout. Queries get no position."""
@@ -136,4 +139,4 @@ class QFormer(nn.Module):
     x = self.embed(query_embeds, text_ids, deterministic=deterministic)
     query_len = 0 if query_embeds is None else query_embeds.shape[1]
     x, _ = self.encode(x, query_len, mask, image_embeds, deterministic=deterministic)
-    return x, self.lm_logits(x)
+    return x, self.lm_logits(x) if self.cfg.get("lm_head", True) else None
