@@ -1,16 +1,19 @@
-"""Pretrained weights: Hugging Face safetensors checkpoints -> our Flax parameter trees.
+"""Pretrained weights: Hugging Face safetensors checkpoints <-> our Flax parameter trees.
 
-Three sources, one function each:
+Most mappings are name tables (end of file): lists of (our parameter path, HF tensor name, kind) that
+`tree_from_hf` reads one parameter at a time (optionally straight onto a sharding) and `hf_tensors` writes back:
+the BLIP-2 ViT, Q-Former and heads here, the LLMs' in models/opt.py and models/t5.py. On top of them:
 - `load_vision_from_blip2`: the frozen ViT and `ln_vision` from any HF BLIP-2 checkpoint
-  (`vision_model.*`; HF calls ln_vision `post_layernorm`).
-- `load_qformer_from_bert`: the stage-1 starting point, a BERT checkpoint (bert-base-uncased), mapped the way
-  LAVIS does it: the query FFN is a copy of BERT's FFN, everything BERT lacks keeps its init.
+  (`vision_model.*`; HF calls ln_vision `post_layernorm`);
 - `load_qformer_from_blip2`: a trained Q-Former from an HF BLIP-2 checkpoint; returns what it could not fill.
+One mapping is not a table: `load_qformer_from_bert`, the stage-1 starting point (bert-base-uncased) mapped the
+way LAVIS does it: the query FFN is a copy of BERT's FFN, the [DEC] row is added, everything BERT lacks keeps
+its init.
 
-All loaders take the model's parameter tree as a template (boxed or not; `jax.eval_shape` output is enough for
-the ViT) and return numpy float32 subtrees keyed like it, so `params = {**params, **loaded}` merges them.
-Torch Linear weights are [out, in] and become [in, out] kernels; Conv2d OIHW becomes HWIO. Only safetensors are
-read: a pickle (`.bin`, `.pth`) can run code when loaded.
+Loaders take the model's parameter tree as a template (boxed or not; `jax.eval_shape` output is enough where
+nothing keeps its init) and return numpy float32 subtrees keyed like it, so `params = {**params, **loaded}`
+merges them. Torch Linear weights are [out, in] and become [in, out] kernels; Conv2d OIHW becomes HWIO. Only
+safetensors are read: a pickle (`.bin`, `.pth`) can run code when loaded.
 """
 import json
 import logging
@@ -120,10 +123,6 @@ def _linear_kernel(w):
   return w.T  # torch Linear [out, in] -> Flax kernel [in, out]
 
 
-def _conv_kernel(w):
-  return w.transpose(2, 3, 1, 0)  # torch OIHW -> Flax HWIO
-
-
 def _shape(leaf) -> tuple[int, ...]:
   return tuple(leaf.shape) if hasattr(leaf, "shape") else np.shape(leaf)  # arrays and jax.ShapeDtypeStruct
 
@@ -204,8 +203,6 @@ class _Filler:
         flat[path] = self.template_value(path)
     return traverse_util.unflatten_dict(flat, sep="/")
 
-  def unused(self, prefixes) -> list[str]:
-    return sorted(k for k in self.keys if k.startswith(prefixes) and k not in self.used)
 
 
 def _num_layers(keys, pattern: str) -> int:
@@ -225,34 +222,14 @@ def load_vision_from_blip2(path, params_template) -> dict:
   A checkpoint deeper than the config keeps its first `depth` blocks (BLIP-2 uses 39 of EVA ViT-g's 40).
   """
   ckpt = read_safetensors_dir(path)
-  fill = _Filler(ckpt, params_template)
-  vit_template = nn.unbox(params_template)["visual_encoder"]
-  depth = _num_template_layers(vit_template, "blocks")
+  template = nn.unbox(params_template)
+  depth = _num_template_layers(template["visual_encoder"], "blocks")
   have = _num_layers(ckpt, r"vision_model\.encoder\.layers\.(\d+)\.")
   if have < depth:
     raise ValueError(f"Checkpoint {ckpt.root} has {have} ViT blocks but the config asks for depth={depth}.")
   if have > depth:
     log.info("Checkpoint %s has %d ViT blocks; using the first %d (config vit.depth).", ckpt.root, have, depth)
-
-  emb = "vision_model.embeddings"
-  fill.put("visual_encoder/cls_token", f"{emb}.class_embedding")
-  fill.put("visual_encoder/pos_embed", f"{emb}.position_embedding")
-  fill.put("visual_encoder/patch_embed/kernel", f"{emb}.patch_embedding.weight", _conv_kernel)
-  fill.put("visual_encoder/patch_embed/bias", f"{emb}.patch_embedding.bias")
-  for i in range(depth):
-    src, dst = f"vision_model.encoder.layers.{i}", f"visual_encoder/blocks_{i}"
-    fill.norm(f"{dst}/norm1", f"{src}.layer_norm1")
-    fill.norm(f"{dst}/norm2", f"{src}.layer_norm2")
-    fill.put(f"{dst}/attn/qkv/kernel", f"{src}.self_attn.qkv.weight", _linear_kernel)
-    # The fused bias is cat(q_bias, 0, v_bias). A key bias would not matter anyway: it shifts every logit of a
-    # query row by the same q.b_k, which softmax ignores.
-    fill.put(f"{dst}/attn/q_bias", f"{src}.self_attn.qkv.bias", lambda b: b.reshape(3, -1)[0])
-    fill.put(f"{dst}/attn/v_bias", f"{src}.self_attn.qkv.bias", lambda b: b.reshape(3, -1)[2])
-    fill.dense(f"{dst}/attn/proj", f"{src}.self_attn.projection")
-    fill.dense(f"{dst}/fc1", f"{src}.mlp.fc1")
-    fill.dense(f"{dst}/fc2", f"{src}.mlp.fc2")
-  fill.norm("ln_vision", "vision_model.post_layernorm")
-  return fill.subtree(_VISION_KEYS, require_all=True)
+  return tree_from_hf(ckpt, vision_weight_map(depth), {k: template[k] for k in _VISION_KEYS})
 
 
 # --- the Q-Former -------------------------------------------------------------------------------------------
@@ -339,45 +316,35 @@ def load_qformer_from_blip2(path, params_template) -> tuple[dict, set[str]]:
   those are never filled. A checkpoint tensor with no counterpart in the model (more layers, cross-attention
   where the config has none) is an error: the config does not describe the checkpoint.
   """
+  import ml_collections  # pylint: disable=g-import-not-at-top
   ckpt = read_safetensors_dir(path)
-  fill = _Filler(ckpt, params_template)
   template = nn.unbox(params_template)
-  num_layers = _num_template_layers(template["qformer"], "layers")
-
-  fill.put("query_tokens", "query_tokens")
-  fill.norm("qformer/embed_norm", "qformer.layernorm")
-  for i in range(num_layers):
-    src = f"qformer.encoder.layer.{i}"
-    if not fill.has(f"{src}.attention.attention.query.weight"):
-      raise ValueError(f"Checkpoint {ckpt.root} has no Q-Former layer {i} but the config asks for "
-                       f"num_layers={num_layers}.")
-    text_ffn = ("intermediate", "output") if fill.has(f"{src}.intermediate.dense.weight") else None
-    _fill_qformer_layer(fill, i, src, self_attn="attention.attention", text_ffn=text_ffn,
-                        query_ffn=("intermediate_query", "output_query"))
-    if f"qformer/layers_{i}/crossattention/query/kernel" in fill.template:
-      for name in ("query", "key", "value"):
-        fill.dense(f"qformer/layers_{i}/crossattention/{name}", f"{src}.crossattention.attention.{name}")
-      fill.dense(f"qformer/layers_{i}/crossattention/output", f"{src}.crossattention.output.dense")
-      fill.norm(f"qformer/layers_{i}/crossattention/output_norm", f"{src}.crossattention.output.LayerNorm")
-
-  if fill.has("embeddings.word_embeddings.weight"):
-    fill.put_leading_rows("qformer/word_embeddings/embedding", "embeddings.word_embeddings.weight")
-    fill.put("qformer/position_embeddings", "embeddings.position_embeddings.weight")
-  for ours, theirs in (("vision_proj", "vision_projection"), ("text_proj", "text_projection"),
-                       ("itm_head", "itm_head")):
-    if fill.has(f"{theirs}.weight"):
-      fill.dense(ours, theirs)
-
-  unused = fill.unused(("qformer.", "query_tokens", "embeddings.", "vision_projection.", "text_projection.",
-                        "itm_head."))
+  qformer = template["qformer"]
+  num_layers = _num_template_layers(qformer, "layers")
+  cross = [i for i in range(num_layers) if "crossattention" in qformer[f"layers_{i}"]]
+  freq = cross[1] - cross[0] if len(cross) > 1 else num_layers
+  cfg = ml_collections.ConfigDict(dict(qformer=dict(num_layers=num_layers, cross_attention_freq=freq)))
+  entries = qformer_weight_map(cfg, text="embeddings.word_embeddings.weight" in ckpt)
+  used = {e[1] for e in entries}
+  unused = sorted(k for k in ckpt if k.startswith(("qformer.", "query_tokens", "embeddings.", "vision_projection.",
+                                                     "text_projection.", "itm_head.")) and k not in used)
   if unused:
     raise ValueError(f"Checkpoint {ckpt.root} has Q-Former tensors the model has no place for, first "
                      f"`{unused[0]}` ({len(unused)} in all): make the config (num_layers, "
                      "cross_attention_freq) match the checkpoint.")
-  top = [k for k in template if k not in _VISION_KEYS]
-  unfilled = {p for p in fill.template if p.split("/")[0] in top and p not in fill.out}
+  flat = traverse_util.flatten_dict(template, sep="/")
+  filled = {e[0] for e in entries}
+  loaded = traverse_util.flatten_dict(
+      tree_from_hf(ckpt, entries, traverse_util.unflatten_dict({p: flat[p] for p in filled}, sep="/")), sep="/")
+  top = {k for k in template if k not in _VISION_KEYS}
+  unfilled = {p for p in flat if p.split("/")[0] in top and p not in filled}
+  for p in unfilled:
+    if isinstance(flat[p], jax.ShapeDtypeStruct):
+      raise ValueError(f"`{p}` is not in the checkpoint, so it keeps its init value, but the template is "
+                       "abstract: pass initialised parameters (model.init) as the template.")
+    loaded[p] = np.array(flat[p], np.float32)
   log.info("Q-Former from BLIP-2 %s: %d parameters not in the checkpoint.", ckpt.root, len(unfilled))
-  return fill.subtree(top, require_all=False), unfilled
+  return traverse_util.unflatten_dict(loaded, sep="/"), unfilled
 
 
 # --- name tables -------------------------------------------------------------------------------------------
@@ -393,8 +360,8 @@ _TO_HF = {"linear": lambda w: w.T, "conv": lambda w: w.transpose(3, 2, 0, 1), "c
 
 
 def tree_from_hf(get, weight_map, template, *, dtype=np.float32, prefix: str = "", place=None) -> dict:
-  """Builds the nested parameter dict of `template` (boxed, plain or abstract) from the tensors `get(name)`
-  returns (e.g. a SafetensorsCheckpoint), one parameter at a time, checking every shape. `dtype` is a numpy
+  """Builds the nested parameter dict of `template` (boxed, plain or abstract) from the tensors of `get` (a
+  mapping such as a SafetensorsCheckpoint, or a function of the name), one parameter at a time, checking every shape. `dtype` is a numpy
   dtype or a function of the parameter path giving one.
 
   `prefix` is prepended to every HF name (e.g. 'language_model.'). `place(path, array)`, if given, turns each
@@ -402,6 +369,7 @@ def tree_from_hf(get, weight_map, template, *, dtype=np.float32, prefix: str = "
   than one parameter. Every template parameter must be covered by the map: a parameter the map does not name
   is a bug in the map, reported as such."""
   flat = traverse_util.flatten_dict(nn.unbox(template), sep="/")
+  lookup = get.__getitem__ if isinstance(get, Mapping) else get
   out = {}
   for path, name, kind in weight_map:
     if path not in flat:
@@ -414,14 +382,15 @@ def tree_from_hf(get, weight_map, template, *, dtype=np.float32, prefix: str = "
     value = np.empty(expected, dtype(path) if is_fn else dtype)
     for j, full in enumerate(names):
       try:
-        tensor = get(full)
+        tensor = lookup(full)
       except KeyError:
         raise ValueError(f"Checkpoint has no tensor `{full}` (for `{path}`); is the config the right size for "
                          "the checkpoint?") from None
       stored = tuple(np.shape(tensor))
       tensor = _TO_OURS[kind](np.asarray(tensor))
       if tuple(tensor.shape) != tuple(target):
-        raise ValueError(f"Shape mismatch at `{path}`: checkpoint tensor `{full}` gives {stored} ({kind} -> "
+        where = f" in {get.file_of(full)}" if hasattr(get, "file_of") else ""
+        raise ValueError(f"Shape mismatch at `{path}`: checkpoint tensor `{full}`{where} gives {stored} ({kind} -> "
                          f"{tuple(tensor.shape)}), the model expects {tuple(target)}; make the config match the "
                          "checkpoint.")
       if stacked:
@@ -456,3 +425,62 @@ def hf_tensors(params, weight_map, *, prefix: str = ""):
       yield prefix + hf_name, np.ascontiguousarray(_TO_HF[kind](v))
   if fused:
     raise ValueError(f"Weight map gives only one half of the fused bias `{next(iter(fused))}`.")
+
+
+# --- the BLIP-2 tables (HF layout) ---------------------------------------------------------------------------
+
+def dense_entries(ours, theirs):
+  return [(f"{ours}/kernel", f"{theirs}.weight", "linear"), (f"{ours}/bias", f"{theirs}.bias", "copy")]
+
+
+def norm_entries(ours, theirs):
+  return [(f"{ours}/scale", f"{theirs}.weight", "copy"), (f"{ours}/bias", f"{theirs}.bias", "copy")]
+
+
+def vision_weight_map(depth: int) -> list:
+  """The frozen ViT's first `depth` blocks and ln_vision in HF BLIP-2 naming (`vision_model.*`)."""
+  emb = "vision_model.embeddings"
+  out = [("visual_encoder/cls_token", f"{emb}.class_embedding", "copy"),
+         ("visual_encoder/pos_embed", f"{emb}.position_embedding", "copy"),
+         ("visual_encoder/patch_embed/kernel", f"{emb}.patch_embedding.weight", "conv"),
+         ("visual_encoder/patch_embed/bias", f"{emb}.patch_embedding.bias", "copy")]
+  for i in range(depth):
+    src, dst = f"vision_model.encoder.layers.{i}", f"visual_encoder/blocks_{i}"
+    out += norm_entries(f"{dst}/norm1", f"{src}.layer_norm1") + norm_entries(f"{dst}/norm2", f"{src}.layer_norm2")
+    # HF fuses the biases as cat(q_bias, 0, v_bias): EVA's key has no bias.
+    out += [(f"{dst}/attn/qkv/kernel", f"{src}.self_attn.qkv.weight", "linear"),
+            (f"{dst}/attn/q_bias", f"{src}.self_attn.qkv.bias", "qkv_bias_q"),
+            (f"{dst}/attn/v_bias", f"{src}.self_attn.qkv.bias", "qkv_bias_v")]
+    out += dense_entries(f"{dst}/attn/proj", f"{src}.self_attn.projection")
+    out += dense_entries(f"{dst}/fc1", f"{src}.mlp.fc1") + dense_entries(f"{dst}/fc2", f"{src}.mlp.fc2")
+  return out + norm_entries("ln_vision", "vision_model.post_layernorm")
+
+
+def qformer_weight_map(cfg, *, text: bool) -> list:
+  """query_tokens and the Q-Former in HF naming; with `text`, also the text side and the ITC/ITM heads of
+  retrieval checkpoints (`embeddings.*`, the text FFN, `vision_projection`, `text_projection`, `itm_head`)."""
+  qf = cfg.qformer
+  out = [("query_tokens", "query_tokens", "copy")] + norm_entries("qformer/embed_norm", "qformer.layernorm")
+  for i in range(qf.num_layers):
+    src, dst = f"qformer.encoder.layer.{i}", f"qformer/layers_{i}"
+    for name in ("query", "key", "value"):
+      out += dense_entries(f"{dst}/attention/{name}", f"{src}.attention.attention.{name}")
+    out += dense_entries(f"{dst}/attention/output", f"{src}.attention.output.dense")
+    out += norm_entries(f"{dst}/attention/output_norm", f"{src}.attention.output.LayerNorm")
+    if i % qf.cross_attention_freq == 0:
+      for name in ("query", "key", "value"):
+        out += dense_entries(f"{dst}/crossattention/{name}", f"{src}.crossattention.attention.{name}")
+      out += dense_entries(f"{dst}/crossattention/output", f"{src}.crossattention.output.dense")
+      out += norm_entries(f"{dst}/crossattention/output_norm", f"{src}.crossattention.output.LayerNorm")
+    ffns = [("ffn_query", "intermediate_query", "output_query")] + ([("ffn", "intermediate", "output")] if text
+                                                                   else [])
+    for ours, intermediate, output in ffns:
+      out += dense_entries(f"{dst}/{ours}/intermediate", f"{src}.{intermediate}.dense")
+      out += dense_entries(f"{dst}/{ours}/output", f"{src}.{output}.dense")
+      out += norm_entries(f"{dst}/{ours}/output_norm", f"{src}.{output}.LayerNorm")
+  if text:
+    out += [("qformer/word_embeddings/embedding", "embeddings.word_embeddings.weight", "copy"),
+            ("qformer/position_embeddings", "embeddings.position_embeddings.weight", "copy")]
+    out += dense_entries("vision_proj", "vision_projection") + dense_entries("text_proj", "text_projection")
+    out += dense_entries("itm_head", "itm_head")
+  return out

@@ -19,6 +19,20 @@ def _normalize(x):
   return x / jnp.maximum(jnp.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
 
 
+def _encode_image(model, images):
+  """Frozen ViT (no gradient) -> ln_vision (trainable). [B, S, S, 3] -> [B, N, vit width] float32."""
+  feats = jax.lax.stop_gradient(model.visual_encoder(images))
+  return model.ln_vision(feats.astype(jnp.float32))
+
+
+def _query_features(model, image_embeds, deterministic):
+  """Queries alone, cross-attending to the image. -> (query outputs [B, Q, D], per-layer (k, v))."""
+  b = image_embeds.shape[0]
+  queries = jnp.broadcast_to(model.query_tokens, (b,) + model.query_tokens.shape[1:])
+  x = model.qformer.embed(queries, deterministic=deterministic)
+  return model.qformer.encode(x, queries.shape[1], None, image_embeds, deterministic=deterministic)
+
+
 class Blip2Qformer(nn.Module):
   """cfg: vit (ViT config), qformer (Q-Former config), num_query_tokens, embed_dim, ln_vision_eps,
   itc_label_smoothing, itg_label_smoothing, and bos_token_id (the tokenizer's [DEC])."""
@@ -41,16 +55,10 @@ class Blip2Qformer(nn.Module):
   # --- the three ways of reading -------------------------------------------------------------------------
 
   def encode_image(self, images):
-    """Frozen ViT (no gradient) -> ln_vision (trainable). [B, S, S, 3] -> [B, N, vit width] float32."""
-    feats = jax.lax.stop_gradient(self.visual_encoder(images))
-    return self.ln_vision(feats.astype(jnp.float32))
+    return _encode_image(self, images)
 
   def query_features(self, image_embeds, *, deterministic=True):
-    """Queries alone, cross-attending to the image. -> (query outputs [B, Q, D], per-layer (k, v))."""
-    b = image_embeds.shape[0]
-    queries = jnp.broadcast_to(self.query_tokens, (b,) + self.query_tokens.shape[1:])
-    x = self.qformer.embed(queries, deterministic=deterministic)
-    return self.qformer.encode(x, queries.shape[1], None, image_embeds, deterministic=deterministic)
+    return _query_features(self, image_embeds, deterministic)
 
   def text_features(self, text_ids, text_mask, *, deterministic=True):
     """Text alone (unimodal mask). -> [CLS] output [B, D]."""
@@ -83,7 +91,19 @@ class Blip2Qformer(nn.Module):
     x, _ = self.qformer.encode(x, 0, mask, prefix_kvs=query_kvs, deterministic=deterministic)
     return self.qformer.lm_logits(x)
 
+  def retrieval_outputs(self, images, text_ids, text_mask):
+    """Everything a retrieval checkpoint has (no ITG): (ITC image feats, ITC text feat, ITM logits). Also the
+    init function of HF retrieval checkpoints, which carry no Q-Former LM head."""
+    image_embeds = self.encode_image(images)
+    image_feats = self.image_feats(self.query_features(image_embeds)[0])
+    text_feat = self.text_feat(self.text_features(text_ids, text_mask))
+    return image_feats, text_feat, self.itm_logits(image_embeds, text_ids, text_mask)
+
   # --- stage-1 training forward ------------------------------------------------------------------------
+
+  def losses(self, batch, *, train: bool = True):
+    """The trainer's entry point: batch {'image', 'text_ids', 'text_mask'} -> stage1_losses."""
+    return self(batch["image"], batch["text_ids"], batch["text_mask"], train=train)
 
   def __call__(self, images, text_ids, text_mask, *, train: bool = True):
     """Returns a dict with `loss` (the unweighted sum) and `loss_itc`, `loss_itm`, `loss_itg`.
@@ -118,3 +138,91 @@ class Blip2Qformer(nn.Module):
 
     return {"loss": loss_itc + loss_itm + loss_itg,
             "loss_itc": loss_itc, "loss_itm": loss_itm, "loss_itg": loss_itg}
+
+
+class Blip2LLM(nn.Module):
+  """BLIP-2 stage 2 and its inference model (LAVIS `Blip2OPT` / `Blip2T5`, HF `Blip2ForConditionalGeneration`):
+  frozen ViT -> ln_vision -> the query side of the Q-Former -> `language_projection` -> soft prompts in front of
+  the frozen LLM's input (OPT) or encoder input (T5).
+
+  cfg: vit, qformer (text_input False), num_query_tokens, ln_vision_eps, llm (the LLM's config, with `kind`
+  'opt' or 't5'). The LLM's weights are frozen (config `frozen_params`); gradients reach only its inputs.
+  """
+  cfg: ml_collections.ConfigDict
+
+  def setup(self):
+    cfg = self.cfg
+    self.visual_encoder = VisionTransformer(cfg.vit)
+    self.ln_vision = layers.layer_norm(cfg.ln_vision_eps)
+    d = cfg.qformer.hidden_size
+    self.query_tokens = self.param("query_tokens", layers.logical(layers.default_init, (None, None, "embed")),
+                                   (1, cfg.num_query_tokens, d), jnp.float32)
+    self.qformer = QFormer(cfg.qformer)
+    self.language_projection = layers.dense(_llm_width(cfg.llm), ("embed", None))
+    if cfg.llm.kind == "opt":
+      from blip2_jax.models import opt  # pylint: disable=g-import-not-at-top
+      self.language_model = opt.OPTForCausalLM(cfg.llm)
+    else:
+      from blip2_jax.models import t5  # pylint: disable=g-import-not-at-top
+      self.language_model = t5.T5ForConditionalGeneration(cfg.llm)
+
+  def encode_image(self, images):
+    return _encode_image(self, images)
+
+  def query_features(self, image_embeds, *, deterministic=True):
+    return _query_features(self, image_embeds, deterministic)
+
+  def image_prompt(self, images, *, deterministic=True):
+    """[B, S, S, 3] -> the projected query outputs [B, Q, LLM width] (float32), the LLM's soft prompt."""
+    query_output, _ = self.query_features(self.encode_image(images), deterministic=deterministic)
+    return self.language_projection(query_output)
+
+  def llm_inputs(self, image_prompt, input_ids, attention_mask):
+    """Soft prompt first, then the text's token embeddings; the mask gains ones for the queries."""
+    text = self.language_model.embed(input_ids)
+    embeds = jnp.concatenate([image_prompt.astype(text.dtype), text], axis=1)
+    mask = jnp.concatenate([jnp.ones(image_prompt.shape[:2], attention_mask.dtype), attention_mask], axis=1)
+    return embeds, mask
+
+  def __call__(self, images, input_ids, attention_mask, decoder_input_ids=None, decoder_attention_mask=None, *,
+               deterministic=True):
+    """LLM logits as HF's Blip2ForConditionalGeneration computes them: OPT, over [queries; text] positions
+    [B, Q + T, V]; T5, over the decoder positions [B, T_dec, V]. float32."""
+    embeds, mask = self.llm_inputs(self.image_prompt(images, deterministic=deterministic), input_ids,
+                                   attention_mask)
+    if self.cfg.llm.kind == "opt":
+      return self.language_model(embeds, mask)[0]
+    if decoder_input_ids is None:
+      raise ValueError("A T5 BLIP-2 needs decoder_input_ids (the decoder's input, starting with "
+                       "decoder_start_token_id).")
+    encoder_out = self.language_model.encode(embeds, mask)
+    return self.language_model.decode(decoder_input_ids, encoder_out, mask, decoder_mask=decoder_attention_mask)[0]
+
+
+  def losses(self, batch, *, train: bool = True):
+    """Stage-2 loss (the trainer's entry point); {'loss', 'loss_lm'}.
+
+    OPT: batch {'image', 'text_ids', 'text_mask', 'label_mask'}: text = "</s>" + prompt + caption + "\n",
+    label_mask marks the caption and "\n" (not "</s>", the prompt or pads). Position Q - 1 + t predicts text
+    token t. T5 (prefix-LM): {'image', 'text_ids', 'text_mask'} (the prefix, for the encoder), 'target_ids',
+    'target_mask' (the suffix + "</s>"); the decoder reads the targets shifted right behind
+    decoder_start_token_id."""
+    det = not train
+    prompt = self.image_prompt(batch["image"], deterministic=det)
+    embeds, mask = self.llm_inputs(prompt, batch["text_ids"], batch["text_mask"])
+    q = prompt.shape[1]
+    if self.cfg.llm.kind == "opt":
+      logits = self.language_model(embeds, mask)[0]
+      loss = losses.lm_loss(logits[:, q - 1:-1], batch["text_ids"], batch["label_mask"])
+    else:
+      targets = batch["target_ids"]
+      start = jnp.full((targets.shape[0], 1), self.cfg.llm.decoder_start_token_id, targets.dtype)
+      decoder_ids = jnp.concatenate([start, targets[:, :-1]], axis=1)
+      encoder_out = self.language_model.encode(embeds, mask)
+      logits = self.language_model.decode(decoder_ids, encoder_out, mask)[0]
+      loss = losses.lm_loss(logits, targets, batch["target_mask"])
+    return {"loss": loss, "loss_lm": loss}
+
+
+def _llm_width(llm_cfg) -> int:
+  return llm_cfg.hidden_size if llm_cfg.kind == "opt" else llm_cfg.d_model
