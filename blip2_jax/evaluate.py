@@ -115,8 +115,48 @@ class RetrievalEvaluator:
     return out
 
 
+class CaptionEvaluator:
+  """Stage 2: captions every image of the eval split (config.eval: prompt, beams, new-token limits) and scores
+  the captions against the split's references: exact match (the caption equals one of them after LAVIS's
+  cleaning), BLEU-4 and CIDEr-D (pycocoevalcap's scorers, see metrics.py)."""
+
+  def __init__(self, config, setup, tokenizer):
+    self.config, self.setup, self.tokenizer = config, setup, tokenizer
+    self.data = pipeline.load_eval_set(config.data, tokenizer)
+    self.predictions: list[str] = []
+
+  def run(self, params) -> dict:
+    from blip2_jax import metrics, tasks  # pylint: disable=g-import-not-at-top
+    from blip2_jax.data import tokenizer as tokenizer_lib  # pylint: disable=g-import-not-at-top
+    e, images = self.config.eval, self.data["images"]
+    bs = e.batch_size
+    preds = []
+    for start in range(0, len(images), bs):
+      chunk = images[start:start + bs]
+      n = len(chunk)
+      if n < bs:  # one compiled program for every batch: pad the last one
+        chunk = np.concatenate([chunk, np.repeat(chunk[-1:], bs - n, axis=0)])
+      preds += tasks.generate_text(self.setup.model, params, self.tokenizer, chunk, e.prompt,
+                                   max_new_tokens=e.max_new_tokens, min_new_tokens=e.min_new_tokens,
+                                   num_beams=e.num_beams, length_penalty=e.length_penalty)[:n]
+    self.predictions = preds
+    refs = {i: [self.data["captions"][t] for t in texts] for i, texts in enumerate(self.data["img2txt"])}
+    exact = np.mean([tokenizer_lib.clean_caption(p) in refs[i] for i, p in enumerate(preds)])
+    scores = metrics.caption_scores(dict(enumerate(preds)), refs)
+    return {"eval/exact_match": float(exact), "eval/bleu4": scores["bleu4"], "eval/cider": scores["cider"],
+            "eval/num_images": float(len(preds))}
+
+
+def make_evaluator(config, setup, tokenizer):
+  """Retrieval for stage 1, captioning for stage 2."""
+  from blip2_jax import train  # pylint: disable=g-import-not-at-top
+  cls = CaptionEvaluator if train.is_stage2(config) else RetrievalEvaluator
+  return cls(config, setup, tokenizer)
+
+
 def evaluate_workdir(config, workdir: str) -> dict:
   from blip2_jax import train  # pylint: disable=g-import-not-at-top
+  config = train.resolve_demo_llm(config, workdir)
   tokenizer = train.load_tokenizer(config)
   setup = train.build(config, tokenizer)
   mngr = checkpointing.manager(workdir, config.keep_checkpoints)
@@ -125,10 +165,15 @@ def evaluate_workdir(config, workdir: str) -> dict:
                             f"python -m blip2_jax.train --config=... --workdir={workdir}.")
   state, frozen, _ = train.restore_or_init(config, setup, mngr)
   step = int(jax.device_get(state["step"]))
-  metrics = RetrievalEvaluator(config, setup, tokenizer).run(partitioning.merge(state["params"], frozen))
+  evaluator = make_evaluator(config, setup, tokenizer)
+  metrics = evaluator.run(partitioning.merge(state["params"], frozen))
   if jax.process_index() == 0:
+    report = {"step": step, **metrics}
+    if isinstance(evaluator, CaptionEvaluator):
+      report["captions"] = [{"image": i, "prediction": p, "references": [evaluator.data["captions"][t] for t in ts]}
+                            for i, (p, ts) in enumerate(zip(evaluator.predictions, evaluator.data["img2txt"]))]
     with open(os.path.join(workdir, f"eval_step_{step}.json"), "w", encoding="utf-8") as f:
-      json.dump({"step": step, **metrics}, f, indent=2)
+      json.dump(report, f, indent=2)
   return {"step": step, **metrics}
 
 

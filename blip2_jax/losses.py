@@ -70,3 +70,13 @@ def itg_loss(lm_logits, text_ids, text_mask, label_smoothing: float = 0.1):
 
   lm_logits: [B, T, V] at the text positions; text_ids/text_mask: [B, T]."""
   return smoothed_cross_entropy(lm_logits[:, :-1], text_ids[:, 1:], label_smoothing, weights=text_mask[:, 1:])
+
+
+def lm_loss(logits, targets, weights):
+  """Stage 2's language-modelling loss: cross-entropy of `targets` under `logits`, averaged over the tokens with
+  weight 1 in the global batch (HF/LAVIS: labels -100 elsewhere), no label smoothing.
+
+  logits: [B, T, V] already aligned with targets [B, T] (the caller shifts); weights: [B, T] 0/1."""
+  losses = optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), targets)
+  weights = weights.astype(jnp.float32)
+  return (losses * weights).sum() / jnp.maximum(weights.sum(), 1.0)

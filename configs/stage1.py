@@ -63,6 +63,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.init = ml_collections.ConfigDict(dict(
       vision_weights="",   # local HF BLIP-2 checkpoint dir (vision_model.* in safetensors)
       bert_weights="",     # local bert-base-uncased dir (HF layout, safetensors) for the Q-Former
+      lavis_weights="",    # or a LAVIS stage-1 checkpoint (blip2_pretrained.pth) to continue stage 1 from
   ))
   c.tokenizer = ""         # local bert-base-uncased dir, or a WordPiece vocab .txt
 

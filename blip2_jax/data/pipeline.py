@@ -137,7 +137,18 @@ def train_preprocess(example: dict, rng: np.random.Generator, data_cfg) -> dict:
         # the words instead, so the caption stays true (skipping the flip would lose the augmentation).
         image = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
         caption = swap_left_right(caption)
-    return {"image": normalize(image), "caption": caption}
+    out = {"image": normalize(image), "caption": caption}
+    if data_cfg.get("text_format", "qformer") == "t5":
+        out["prefix"], out["suffix"] = split_prefix_lm(caption, rng)
+    return out
+
+
+def split_prefix_lm(caption: str, rng: np.random.Generator) -> tuple[str, str]:
+    """BLIP-2's prefix-LM for FlanT5: the caption cut at a random word boundary into an encoder prefix and a
+    decoder suffix of at least one word (the prefix may be empty)."""
+    words = caption.split()
+    cut = int(rng.integers(0, max(len(words), 1)))
+    return " ".join(words[:cut]), " ".join(words[cut:])
 
 
 def eval_preprocess(image: Image.Image, image_size: int) -> np.ndarray:
@@ -175,14 +186,44 @@ def make_train_iterator(data_cfg, tokenizer, *, global_batch_size: int, seed: in
         .batch(global_batch_size // process_count, drop_remainder=True)
         # Tokenise whole batches in the consuming thread: one call per batch is fast, and a HF fast
         # tokenizer shared by grain's worker threads can fail with "Already borrowed".
-        .map(lambda batch: _tokenize_batch(batch, tokenizer, data_cfg.max_text_len))
+        .map(lambda batch: _tokenize_batch(batch, tokenizer, data_cfg))
     )
     return iter(ds)
 
 
-def _tokenize_batch(batch: dict, tokenizer, max_len: int) -> dict:
-    ids, mask = tokenizer_lib.tokenize(tokenizer, [str(c) for c in batch["caption"]], max_len)
-    return {"image": batch["image"], "text_ids": ids, "text_mask": mask}
+def _tokenize_batch(batch: dict, tokenizer, data_cfg) -> dict:
+    """The text side of a batch, as the model of `data_cfg.text_format` reads it:
+    - 'qformer' (stage 1): text_ids, text_mask ([CLS] caption [SEP], BERT);
+    - 'opt' (stage 2): text_ids, text_mask of "</s>" + prompt + caption + "\n", and label_mask (caption and
+      "\n" only);
+    - 't5' (stage 2, prefix-LM): text_ids, text_mask of the prefix + "</s>"; target_ids, target_mask of the
+      suffix + "</s>"."""
+    fmt, max_len = data_cfg.get("text_format", "qformer"), data_cfg.max_text_len
+    out = {"image": batch["image"]}
+    if fmt == "qformer":
+        out["text_ids"], out["text_mask"] = tokenizer_lib.tokenize(tokenizer, [str(c) for c in batch["caption"]],
+                                                                   max_len)
+    elif fmt == "opt":
+        out.update(tokenize_opt(tokenizer, [str(c) for c in batch["caption"]], data_cfg.prompt, max_len))
+    elif fmt == "t5":
+        out["text_ids"], out["text_mask"] = tokenizer_lib.tokenize(tokenizer, [str(c) for c in batch["prefix"]],
+                                                                   max_len)
+        out["target_ids"], out["target_mask"] = tokenizer_lib.tokenize(
+            tokenizer, [str(c) for c in batch["suffix"]], max_len)
+    else:
+        raise ValueError(f"config.data.text_format={fmt!r} is not one of 'qformer', 'opt', 't5'.")
+    return out
+
+
+def tokenize_opt(tokenizer, captions: list[str], prompt: str, max_len: int) -> dict:
+    """BLIP-2's OPT text: "</s>" (the tokenizer's bos) + prompt + caption + "\n"; label_mask is 1 on the caption
+    and the "\n" (EOS) tokens, 0 on bos, prompt and pads (LAVIS Blip2OPT)."""
+    prompt = prompt.rstrip()
+    texts = [f"{prompt} {c}\n" if prompt else f"{c}\n" for c in captions]
+    ids, mask = tokenizer_lib.tokenize(tokenizer, texts, max_len)
+    prompt_len = len(tokenizer(prompt).input_ids)  # bos + prompt tokens
+    label_mask = mask * (np.arange(max_len)[None] >= prompt_len)
+    return {"text_ids": ids, "text_mask": mask, "label_mask": label_mask.astype(np.int32)}
 
 
 # --------------------------------------------------------------------------------------------- eval

@@ -1,0 +1,118 @@
+"""What a trained BLIP-2 does: captioning, zero-shot VQA and prompted generation (stage-2 models).
+
+All three are `generate_text`: the image's soft prompt (the projected query outputs) followed by a text prompt,
+then the frozen LLM generates. For OPT the prompt is "</s>" + prompt, left-padded behind the queries (positions
+skip the padding, as HF counts them), and "\\n" is the end of a caption (BLIP-2/LAVIS); for T5 the prompt +
+"</s>" is the encoder input behind the queries and the decoder generates from decoder_start_token_id to "</s>".
+
+Compilation: prompts are padded to a multiple of PROMPT_BUCKET tokens and batches to the batch size given, so a
+folder of images with prompts of different lengths compiles a handful of programs, not one per call.
+"""
+import functools
+
+import jax
+import ml_collections
+import numpy as np
+
+from blip2_jax import generation
+from blip2_jax.models.blip2 import Blip2LLM
+
+PROMPT_BUCKET = 8
+CAPTION_PROMPT = "a photo of"
+# Zero-shot VQA prompts of the paper / LAVIS.
+VQA_PROMPTS = {"opt": "Question: {} Answer:", "t5": "Question: {} Short answer:"}
+# Paper / LAVIS inference settings.
+CAPTION_SETTINGS = dict(num_beams=5, max_new_tokens=30, min_new_tokens=8)
+VQA_SETTINGS = dict(num_beams=5, max_new_tokens=10, min_new_tokens=1, length_penalty=-1.0)
+
+
+def eos_token_id(tokenizer, kind: str) -> int:
+  """OPT: the "\\n" token (BLIP-2 ends captions with it); T5: the tokenizer's </s>."""
+  if kind == "opt":
+    ids = tokenizer("\n", add_special_tokens=False).input_ids
+    if len(ids) != 1:
+      raise ValueError(f"The OPT tokenizer splits '\\n' into {ids}; BLIP-2 needs it as one token (its EOS).")
+    return ids[0]
+  return tokenizer.eos_token_id
+
+
+def _prefix(module: Blip2LLM, params, images, ids, mask):
+  """Soft prompt + prompt embeddings, and their mask."""
+  prompt = module.apply({"params": params}, images, method=Blip2LLM.image_prompt)
+  return module.apply({"params": params}, prompt, ids, mask, method=Blip2LLM.llm_inputs)
+
+
+@functools.partial(jax.jit, static_argnums=(0, 5))
+def _generate(module: Blip2LLM, params, images, ids, mask, options, rng):
+  """One program per (module, shapes, options): the image's soft prompt, the prompt, and the whole search."""
+  from blip2_jax.models import opt, t5  # pylint: disable=g-import-not-at-top
+  embeds, prefix_mask = _prefix(module, params, images, ids, mask)
+  llm_cfg = module.cfg.llm
+  if llm_cfg.kind == "opt":
+    adapter = generation.OPTDecoder.create(opt.OPTForCausalLM(llm_cfg), params["language_model"])
+  else:
+    adapter = generation.T5Decoder.create(t5.T5ForConditionalGeneration(llm_cfg), params["language_model"])
+  return generation.generate(adapter, embeds, prefix_mask, rng=rng, **dict(options)).tokens
+
+
+def tokenize_prompts(tokenizer, prompts: list[str], kind: str) -> tuple[np.ndarray, np.ndarray]:
+  """Prompt ids and mask, [B, L] with L a multiple of PROMPT_BUCKET: OPT left-padded ("</s>" + prompt), T5
+  right-padded (prompt + "</s>")."""
+  out = tokenizer(list(prompts), add_special_tokens=True)
+  ids = out["input_ids"]
+  length = max(len(x) for x in ids)
+  length = -(-length // PROMPT_BUCKET) * PROMPT_BUCKET
+  pad = tokenizer.pad_token_id
+  arr = np.full((len(ids), length), pad, np.int32)
+  mask = np.zeros((len(ids), length), np.int32)
+  for i, x in enumerate(ids):
+    if kind == "opt":
+      arr[i, length - len(x):], mask[i, length - len(x):] = x, 1
+    else:
+      arr[i, :len(x)], mask[i, :len(x)] = x, 1
+  return arr, mask
+
+
+def generate_text(module: Blip2LLM, params, tokenizer, images, prompts, *, max_new_tokens: int = 30,
+                  min_new_tokens: int = 0, num_beams: int = 1, length_penalty: float = 1.0,
+                  repetition_penalty: float = 1.0, do_sample: bool = False, top_p: float = 1.0,
+                  temperature: float = 1.0, seed: int = 0) -> list[str]:
+  """images [B, S, S, 3] (CLIP-normalised); prompts: one string, or one per image. -> B generated strings."""
+  cfg = module.cfg
+  images = np.asarray(images, np.float32)
+  if images.ndim != 4 or images.shape[1:] != (cfg.vit.image_size, cfg.vit.image_size, 3):
+    raise ValueError(f"Images must be [B, {cfg.vit.image_size}, {cfg.vit.image_size}, 3]; got {images.shape}.")
+  prompts = [prompts] * len(images) if isinstance(prompts, str) else list(prompts)
+  if len(prompts) != len(images):
+    raise ValueError(f"{len(prompts)} prompts for {len(images)} images: give one prompt, or one per image.")
+  kind = cfg.llm.kind
+  ids, mask = tokenize_prompts(tokenizer, prompts, kind)
+  if kind == "opt":
+    needed = cfg.num_query_tokens + ids.shape[1] + max_new_tokens
+    if needed > cfg.llm.max_position_embeddings:
+      raise ValueError(f"Prompt too long: {cfg.num_query_tokens} queries + {ids.shape[1]} prompt tokens (padded) + "
+                       f"{max_new_tokens} new tokens exceed the LLM's {cfg.llm.max_position_embeddings} positions.")
+  options = dict(max_new_tokens=max_new_tokens, min_new_tokens=min_new_tokens, num_beams=num_beams,
+                 length_penalty=length_penalty, repetition_penalty=repetition_penalty, do_sample=do_sample,
+                 top_p=top_p, temperature=temperature, eos_token_id=eos_token_id(tokenizer, kind),
+                 pad_token_id=tokenizer.pad_token_id)
+  module = module.clone(cfg=ml_collections.FrozenConfigDict(module.cfg))  # hashable: jit's static argument
+  rng = jax.random.PRNGKey(seed) if do_sample else None
+  tokens = _generate(module, params, images, ids, mask, tuple(sorted(options.items())), rng)
+  texts = tokenizer.batch_decode(np.asarray(tokens), skip_special_tokens=True)
+  return [t.strip() for t in texts]
+
+
+def caption(module, params, tokenizer, images, *, prompt: str = CAPTION_PROMPT, **settings) -> list[str]:
+  """Captions (paper: prompt "a photo of", beams 5, 8-30 new tokens); the prompt is not repeated in the output."""
+  return generate_text(module, params, tokenizer, images, prompt, **{**CAPTION_SETTINGS, **settings})
+
+
+def answer(module, params, tokenizer, images, questions, **settings) -> list[str]:
+  """Zero-shot VQA with the paper's prompt template (OPT "Question: {} Answer:", T5 "... Short answer:")."""
+  questions = [questions] * len(images) if isinstance(questions, str) else list(questions)
+  if any(not q.strip() for q in questions):
+    raise ValueError("An empty question: VQA needs a question per image.")
+  template = VQA_PROMPTS[module.cfg.llm.kind]
+  return generate_text(module, params, tokenizer, images, [template.format(q.strip()) for q in questions],
+                       **{**VQA_SETTINGS, **settings})

@@ -1,0 +1,133 @@
+r"""BLIP-2 stage 2 with a frozen OPT: the Q-Former's query outputs become soft prompts of the LLM (LM loss).
+
+Paper recipe (default; ViT-g/14 at 224px + OPT-2.7B, global batch 1920, 80k steps; BLIP-2 reports < 3 days on
+16 x A100-40G for stage 2). Needs real weights and data, given by config:
+
+  python -m blip2_jax.train --config=configs/stage2_opt.py --workdir=gs://bucket/blip2_stage2_opt \
+      --config.init.vision_weights=/ckpt/blip2-opt-2.7b --config.init.llm_weights=/ckpt/opt-2.7b \
+      --config.init.qformer_weights=gs://bucket/blip2_stage1 --config.data.name=coco_captions \
+      --config.data.data_dir=/data/tfds
+
+(`llm_weights` may also be a BLIP-2 directory: its language_model.* is used; `qformer_weights` a stage-1 workdir
+or a HF BLIP-2 directory.)
+
+Built-in demo (no downloads): synthetic shapes, the stage-1 demo's small random ViT and Q-Former, and a tiny OPT
+first trained on the training captions' text (blip2_jax.demo_llm; text only, so the image must come through the
+Q-Former). README has the measured time and held-out caption scores:
+
+  python -m blip2_jax.train --config=configs/stage2_opt.py:demo --workdir=workdirs/stage2_opt_demo
+
+Variants: `demo`, `tiny` (tests). Add `--config.init.qformer_weights=workdirs/stage1_demo` to start the demo from
+the stage-1 demo's Q-Former, as the paper does.
+"""
+import ml_collections
+
+# OPT-2.7B (facebook/opt-2.7b config.json), used for random-weight runs (benchmarks) when no llm_weights given.
+OPT_2_7B = dict(vocab_size=50272, hidden_size=2560, num_hidden_layers=32, ffn_dim=10240, num_attention_heads=32,
+                max_position_embeddings=2048, word_embed_proj_dim=2560, do_layer_norm_before=True,
+                activation_function="relu", enable_bias=True, pad_token_id=1, bos_token_id=2, eos_token_id=2)
+# google/flan-t5-xl, with the exact GELU BLIP-2 uses.
+FLAN_T5_XL = dict(vocab_size=32128, d_model=2048, d_kv=64, d_ff=5120, num_layers=24, num_decoder_layers=24,
+                  num_heads=32, relative_attention_num_buckets=32, relative_attention_max_distance=128,
+                  feed_forward_proj="gated-gelu", dense_act_fn="gelu", tie_word_embeddings=False,
+                  layer_norm_epsilon=1e-6, decoder_start_token_id=0, pad_token_id=0, eos_token_id=1)
+
+
+def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+  return stage2_config("opt", arg or "paper")
+
+
+def stage2_config(kind: str, variant: str) -> ml_collections.ConfigDict:
+  """The stage-2 config of either LLM kind ('opt', 't5'); configs/stage2_t5.py calls this too."""
+  if variant not in ("paper", "demo", "tiny"):
+    raise ValueError(f"Unknown variant {variant!r} of configs/stage2_{kind}.py; choose paper, demo or tiny.")
+  c = ml_collections.ConfigDict()
+  c.variant = variant
+  c.seed = 0
+
+  # --- schedule and logging -------------------------------------------------------------------------------
+  c.total_steps = 80_000
+  c.global_batch_size = 1920 if kind == "opt" else 1520  # paper
+  c.log_every = 50
+  c.eval_every = 10_000                      # 0 = only at the end
+  c.checkpoint_every = 5_000
+  c.keep_checkpoints = 3
+
+  # --- optimizer (paper: as stage 1, min lr 5e-5) -------------------------------------------------------
+  c.optimizer = ml_collections.ConfigDict(dict(
+      lr=1e-4, warmup_steps=2_000, warmup_lr=1e-6, min_lr=5e-5,
+      b1=0.9, b2=0.98, weight_decay=0.05, grad_clip=0.0))
+
+  # --- model ------------------------------------------------------------------------------------------------
+  c.model = ml_collections.ConfigDict(dict(
+      vit=dict(image_size=224, patch_size=14, width=1408, depth=39, num_heads=16, mlp_dim=6144,
+               layer_norm_eps=1e-6, act="gelu", dtype="bfloat16"),
+      # The query side of the stage-1 Q-Former (its text parts are dropped).
+      qformer=dict(vocab_size=30523, hidden_size=768, num_layers=12, num_heads=12, intermediate_size=3072,
+                   cross_attention_freq=2, max_position_embeddings=512, layer_norm_eps=1e-12,
+                   dropout_rate=0.1, dtype="bfloat16"),
+      num_query_tokens=32, ln_vision_eps=1e-5,
+      # The frozen LLM. With init.llm_weights its sizes come from that directory's config.json; the fields
+      # here are used only without weights (random init, e.g. benchmarks). dtype: compute dtype.
+      llm=dict(kind=kind, dtype="bfloat16", remat_policy="none", **(OPT_2_7B if kind == "opt" else FLAN_T5_XL)),
+  ))
+  c.frozen_params = ("visual_encoder/.*", "language_model/.*")
+  c.frozen_dtype = "bfloat16"
+
+  c.init = ml_collections.ConfigDict(dict(
+      vision_weights="",   # HF BLIP-2 dir (vision_model.*)
+      llm_weights="",      # HF OPT / T5 dir, or a BLIP-2 dir (language_model.*); "demo" = blip2_jax.demo_llm
+      qformer_weights="",  # stage-1 workdir, or HF BLIP-2 dir (query side)
+  ))
+  c.tokenizer = ""         # the LLM's tokenizer dir; '' = init.llm_weights
+
+  # --- data -------------------------------------------------------------------------------------------------
+  c.data = ml_collections.ConfigDict(dict(
+      name="coco_captions", data_dir=ml_collections.config_dict.placeholder(str), builder_kwargs={},
+      train_split="train", eval_split="test", image_size=224, crop_scale=(0.5, 1.0), flip=True, max_text_len=32,
+      num_threads=16, prefetch=4, eval_max_examples=ml_collections.config_dict.placeholder(int),
+      text_format=kind, prompt=""))
+
+  # --- captioning evaluation (paper: beams 5, max 30, min 8 new tokens, prompt "a photo of") ---------------
+  c.eval = ml_collections.ConfigDict(dict(batch_size=64, prompt="a photo of", num_beams=5, max_new_tokens=30,
+                                          min_new_tokens=8, length_penalty=1.0))
+
+  c.sharding = ml_collections.ConfigDict(dict(
+      mesh={"data": -1, "fsdp": 1, "tensor": 1},
+      rules=(("batch", ("data", "fsdp")),
+             ("embed", "fsdp"), ("vit_embed", "fsdp"),
+             ("mlp", "tensor"), ("heads", "tensor"), ("vocab", "tensor"),
+             ("layers", None), ("norm", None))))
+
+  if variant in ("demo", "tiny"):
+    _demo(c, kind, tiny=variant == "tiny")
+  return c
+
+
+def _demo(c, kind: str, tiny: bool):
+  """Sized for a 2-core CPU: the stage-1 demo's ViT and Q-Former, a tiny caption-trained LLM."""
+  c.total_steps = 12 if tiny else 1000
+  c.global_batch_size = 16 if tiny else 64
+  c.log_every = 4 if tiny else 25
+  c.eval_every = 0
+  c.checkpoint_every = 6 if tiny else 250
+  c.keep_checkpoints = 2
+  c.optimizer.update(dict(lr=1e-3, warmup_steps=2 if tiny else 50, min_lr=1e-5))
+  c.model.vit.update(dict(image_size=48, patch_size=8, width=96, depth=1, num_heads=4, mlp_dim=192,
+                          dtype="float32"))
+  c.model.qformer.update(dict(vocab_size=0, hidden_size=96, num_layers=2, num_heads=4, intermediate_size=192,
+                              cross_attention_freq=1, max_position_embeddings=32, dropout_rate=0.0,
+                              dtype="float32"))
+  c.model.num_query_tokens = 8
+  c.model.llm.dtype = "float32"
+  c.frozen_dtype = "float32"
+  c.init.llm_weights = "demo"
+  c.data.update(dict(name="synthetic_shapes", image_size=48, max_text_len=32, num_threads=2, prefetch=2,
+                     crop_scale=(0.8, 1.0), prompt="a photo of"))
+  c.eval.update(dict(batch_size=250, num_beams=1, max_new_tokens=30, min_new_tokens=0))
+  if tiny:
+    c.model.vit.update(dict(width=32, depth=1, num_heads=2, mlp_dim=64))
+    c.model.qformer.update(dict(hidden_size=32, num_heads=2, intermediate_size=64))
+    c.model.num_query_tokens = 4
+    c.data.builder_kwargs = {"num_train": 256, "num_test": 64}
+    c.eval.batch_size = 32
