@@ -1,20 +1,59 @@
-r"""Throughput of the stage-1 train step: compile time, step time, samples/s and MFU.
+r"""Throughput of training (stage 1 or 2) and of generation (stage 2), optionally against transformers' BLIP-2.
 
   python -m blip2_jax.benchmark --config=configs/stage1.py:demo --steps=20
   python -m blip2_jax.benchmark --config=configs/stage1.py --config.global_batch_size=128 --steps=20
+  XLA_PYTHON_CLIENT_PREALLOCATE=false python -m blip2_jax.benchmark --config=configs/stage2_opt.py \
+      --config.global_batch_size=64 --config.data.max_text_len=32 --mode=train --steps=10 --compare=transformers
+  XLA_PYTHON_CLIENT_PREALLOCATE=false python -m blip2_jax.benchmark --config=configs/stage2_opt.py \
+      --config.global_batch_size=32 --mode=generate --new_tokens=30 --steps=3 --compare=transformers
 
-Runs the trainer's own jitted update (same shardings, donation and dtypes) on random weights and a random
-batch, so it needs no data or checkpoint. Model FLOPs, counted by XLA on the forward graphs, are the frozen ViT
-forward once plus the Q-Former forward and backward (3 x its forward); MFU divides the achieved model FLOP/s by
-the devices' dense bf16 peak where it is known.
+Everything runs on random weights and random inputs of the config's shapes, so it needs no data or checkpoint
+(stage 2: the frozen LLM has the sizes of config.model.llm, or of config.init.llm_weights' config.json when that
+names a directory; its weights are never read).
+
+--mode=train (default): the trainer's own jitted update (same shardings, donation and dtypes) on a random batch
+with train.dummy_batch's structure (random token ids, all-ones masks; OPT's label_mask is ones after the first
+token). Reports compile time, step time, samples/s, model FLOPs and MFU. Model FLOPs are counted by XLA on the
+forward graphs (before partitioning, so they are the global batch's FLOPs on any mesh):
+- stage 1: the frozen ViT forward once + the Q-Former forward and backward (3 x its forward);
+- stage 2: the frozen ViT forward once + the Q-Former and language projection forward and backward (3 x) + the
+  frozen LLM forward and backward (2 x its forward: the LLM has no weight gradients, its backward only carries
+  the gradient to its input, the soft prompt, which costs about one more forward).
+  The LLM's forward is the whole stage-2 loss graph minus the ViT and Q-Former graphs.
+MFU divides the achieved model FLOP/s by the devices' dense bf16 peak where it is known.
+
+--mode=generate (stage 2): greedy captioning through the jitted BLIP-2 generation path of tasks.py (soft prompt +
+prompt -> the whole search in one program) at config.global_batch_size images, `--new_tokens` new tokens with
+min_new_tokens = max_new_tokens so that every sequence generates exactly that many (the comparison is like for
+like). Without a tokenizer for random weights, the prompt is PROMPT_LENGTH random token ids (OPT: "</s>" first,
+as "</s>a photo of" is 4 tokens; T5: "</s>" last). Reports compile time, time per batch, images/s and tokens/s.
+
+--compare=transformers (stage 2): builds transformers' PyTorch `Blip2ForConditionalGeneration` at the same sizes
+(pretrained.hf_config_from_ours; random init) on the same accelerator (cuda if torch sees one, else CPU), with the
+ViT and the LLM in config.frozen_dtype and the Q-Former, query tokens and language projection in float32 (fp32
+master weights) run under torch.autocast in config.model.qformer.dtype, as our config computes them. It times
+- train: the forward and LM loss on the same batch (num_query_tokens image placeholder tokens first in input_ids,
+  as transformers >= 4.47 wants; no KV cache), backward, and an AdamW step (config.optimizer's lr, betas, weight
+  decay) over the Q-Former, query tokens and language_projection (the ViT and the LLM have requires_grad=False
+  and run in eval mode: no dropout, as ours; ours also trains ln_vision, HF's frozen post_layernorm);
+- generate: `generate(max_new_tokens=N, min_new_tokens=N, do_sample=False, num_beams=1)` on the same images and
+  prompt,
+after 2 warm-up calls, with torch.cuda.synchronize(). It runs first and frees its model and torch's cached memory
+before JAX starts; the JAX side then prints both and ours / theirs. When JAX and torch share a GPU, JAX must not
+preallocate 75% of it: --compare sets XLA_PYTHON_CLIENT_PREALLOCATE=false unless the environment already sets it
+(it must happen before JAX first touches the GPU; exporting it yourself, as in the commands above, is safest).
 """
+import contextlib
+import gc
 import json
+import os
 import time
 
 from absl import app
 from absl import flags
 from absl import logging as absl_logging
 import jax
+import ml_collections
 from ml_collections import config_flags
 import numpy as np
 
@@ -31,50 +70,129 @@ PEAK_FLOPS = {
     "TPU v4": 275e12, "TPU v5 lite": 197e12, "TPU v5e": 197e12, "TPU v5p": 459e12, "TPU v5": 459e12,
     "TPU v6 lite": 918e12, "TPU v6e": 918e12,
 }
+PROMPT_LENGTH = 4  # "</s>a photo of" in OPT's tokenizer
+WARMUP = 2
 
 
 def peak_flops(device) -> float | None:
-  kind = device.device_kind
+  return _peak(device.device_kind)
+
+
+def _peak(kind: str) -> float | None:
   for name in sorted(PEAK_FLOPS, key=len, reverse=True):
     if name.lower() in kind.lower():
       return PEAK_FLOPS[name]
   return None
 
 
-def _flops(jitted, *args) -> float:
-  cost = jitted.lower(*args).compile().cost_analysis()
+def _sig(x: float, digits: int = 4) -> float:
+  return float(f"{x:.{digits}g}")
+
+
+def _abstract(tree):
+  """Shapes and dtypes only, without shardings: what XLA counts is then the whole (global) computation."""
+  return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), tree)
+
+
+@contextlib.contextmanager
+def _unrolled_scans():
+  """Every lax.scan traced inside is fully unrolled. XLA's cost analysis counts a loop body once, whatever its trip
+  count, and the LLMs stack their layers with nn.scan (flax calls jax.lax.scan); unrolled, each layer is counted.
+  The computation is the same; only its loop structure differs."""
+  scan = jax.lax.scan
+
+  def unrolled(*args, **kwargs):
+    return scan(*args, **dict(kwargs, unroll=True))
+
+  jax.lax.scan = unrolled
+  try:
+    yield
+  finally:
+    jax.lax.scan = scan
+
+
+def _flops(fn, *args) -> float:
+  """FLOPs of fn(*args) (abstract args) counted by XLA on the graph before compilation and partitioning, with
+  scans unrolled, lowered for the CPU: its cost analysis needs no compile (GPU plugins only analyse compiled
+  programs, which would cost minutes of compilation on the accelerator)."""
+  cost = None
+  try:
+    cpu = jax.sharding.SingleDeviceSharding(jax.devices("cpu")[0])
+  except RuntimeError:  # JAX_PLATFORMS without cpu
+    cpu = None
+  with _unrolled_scans():
+    if cpu is not None:
+      on_cpu = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=cpu), args)
+      cost = jax.jit(fn).lower(*on_cpu).cost_analysis()
+    if not cost or "flops" not in cost:
+      cost = jax.jit(fn).lower(*args).compile().cost_analysis()
   cost = cost[0] if isinstance(cost, (list, tuple)) else cost
   return float(cost.get("flops", 0.0))
 
 
-def run(config, steps: int) -> dict:
-  tokenizer = train.load_tokenizer(config)
-  setup = train.build(config, tokenizer)
-  state, frozen = setup.init(jax.random.PRNGKey(0))
-  b, s, L = config.global_batch_size, config.data.image_size, config.data.max_text_len
-  rng = np.random.default_rng(0)
-  local = {"image": rng.standard_normal((b // jax.process_count(), s, s, 3), np.float32),
-           "text_ids": rng.integers(0, len(tokenizer), (b // jax.process_count(), L), dtype=np.int32),
-           "text_mask": np.ones((b // jax.process_count(), L), np.int32)}
-  batch = train.global_batch(local, setup.batch_sharding)
+def _check_config(config, mode: str, compare: str):
+  if mode not in ("train", "generate"):
+    raise ValueError(f"--mode={mode!r}: choose train or generate.")
+  stage2 = train.is_stage2(config)
+  if not stage2 and (mode == "generate" or compare):
+    what = "--mode=generate" if mode == "generate" else f"--compare={compare}"
+    raise ValueError(f"{what} needs a stage-2 config (configs/stage2_opt.py or stage2_t5.py); stage 1 has "
+                     "--mode=train only, without --compare.")
+  if stage2 and config.init.llm_weights == "demo":
+    raise ValueError("config.init.llm_weights='demo' is made by training; the benchmark uses random weights: "
+                     "add --config.init.llm_weights= (sizes from config.model.llm).")
 
-  # Model FLOPs per step, from the forward graphs.
-  model = setup.model
-  params = partitioning.merge(state["params"], frozen)
-  vit_fwd = jax.jit(lambda p, x: model.apply({"params": p}, x, method="encode_image"))
-  qformer_fwd = jax.jit(lambda p, e, i, m: model.apply({"params": p}, e, i, m, train=False,
-                                                       rngs={"itm": jax.random.PRNGKey(0)},
-                                                       method="stage1_losses")["loss"])
-  image_embeds = vit_fwd(params, batch["image"])
-  flops_vit = _flops(vit_fwd, params, batch["image"])
-  flops_qformer = 3 * _flops(qformer_fwd, params, image_embeds, batch["text_ids"], batch["text_mask"])
-  del params, image_embeds
+
+def random_batch(config, batch_size: int, vocab_size: int, seed: int = 0) -> dict:
+  """Host arrays with train.dummy_batch's keys and shapes: normal images, token ids in [4, vocab_size - 1) (clear of
+  special ids, and of the last id, which the transformers comparison uses as its image placeholder), all-ones
+  masks, label_mask ones after the first token ("</s>" is never a label)."""
+  rng = np.random.default_rng(seed)
+  out = {}
+  for key, x in jax.eval_shape(lambda: train.dummy_batch(config)).items():
+    shape = (batch_size,) + x.shape[1:]
+    if key == "image":
+      out[key] = rng.standard_normal(shape, np.float32)
+    elif key.endswith("_ids"):
+      out[key] = rng.integers(4, vocab_size - 1, shape, dtype=np.int32)
+    else:
+      out[key] = np.ones(shape, np.int32)
+      if key == "label_mask":
+        out[key][:, 0] = 0
+  return out
+
+
+def _local(batch: dict) -> dict:
+  """This process's rows of a global host batch."""
+  n, i = jax.process_count(), jax.process_index()
+  return {k: np.split(v, n)[i] for k, v in batch.items()}
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Training
+# --------------------------------------------------------------------------------------------------------------
+
+def run(config, steps: int, devices=None) -> dict:
+  """The train-step benchmark (stage 1 or 2): compile time, step time, samples/s, model FLOPs, MFU.
+
+  devices: the devices of the mesh (default: all)."""
+  _check_config(config, "train", "")
+  stage2 = train.is_stage2(config)
+  tokenizer = None if stage2 else train.load_tokenizer(config)  # stage 2 on random weights needs none
+  setup = train.build(config, tokenizer, devices)
+  vocab = setup.model.cfg.llm.vocab_size if stage2 else len(tokenizer)
+  b = config.global_batch_size
+  host = random_batch(config, b, vocab)
+  batch = train.global_batch(_local(host), setup.batch_sharding)
+  state, frozen = setup.init(jax.random.PRNGKey(0))
+  forward = _forward_flops(setup, partitioning.merge(state["params"], frozen), batch, stage2)
+  model_flops = forward["vit"] + 3 * forward["qformer"] + 2 * forward.get("llm", 0.0)
 
   step_fn = train.make_train_step(setup)
   t0 = time.perf_counter()
   compiled = step_fn.lower(state, frozen, batch).compile()
   compile_s = time.perf_counter() - t0
-  for _ in range(2):  # warm-up
+  for _ in range(WARMUP):
     state, metrics = compiled(state, frozen, batch)
   jax.block_until_ready(metrics)
   t0 = time.perf_counter()
@@ -82,27 +200,273 @@ def run(config, steps: int) -> dict:
     state, metrics = compiled(state, frozen, batch)
   jax.block_until_ready((state, metrics))
   step_s = (time.perf_counter() - t0) / steps
+  loss = float(jax.device_get(metrics["loss"]))
 
-  devices = setup.mesh.devices.flat
-  peak = peak_flops(next(iter(devices)))
-  model_flops = flops_vit + flops_qformer
-  out = {
-      "device": f"{jax.device_count()} x {jax.devices()[0].device_kind}",
+  n, device = setup.mesh.devices.size, setup.mesh.devices.flat[0]
+  peak = peak_flops(device)
+  return {
+      "mode": "train", "stage": 2 if stage2 else 1, "device": f"{n} x {device.device_kind}",
       "mesh": dict(setup.mesh.shape), "global_batch_size": b, "steps_timed": steps,
       "compile_s": round(compile_s, 2), "step_s": round(step_s, 4), "samples_per_s": round(b / step_s, 1),
-      "model_tflop_per_step": round(model_flops / 1e12, 4),
-      "model_gflop_per_sample": round(model_flops / b / 1e9, 3),
-      "achieved_tflop_per_s": round(model_flops / step_s / 1e12, 3),
-      "mfu": None if peak is None else round(model_flops / step_s / (peak * jax.device_count()), 4),
+      "loss": round(loss, 4), "trainable_params": sum(x.size for x in jax.tree.leaves(state["params"])),
+      "model_tflop_per_step": _sig(model_flops / 1e12),
+      "model_gflop_per_sample": _sig(model_flops / b / 1e9),
+      "forward_gflop_per_sample": {k: _sig(v / b / 1e9) for k, v in forward.items()},
+      "achieved_tflop_per_s": _sig(model_flops / step_s / 1e12),
+      "mfu": None if peak is None else round(model_flops / step_s / (peak * n), 4),
       "peak_tflop_per_s_per_device": None if peak is None else peak / 1e12,
   }
+
+
+def _forward_flops(setup, params, batch, stage2: bool) -> dict:
+  """Forward FLOPs of the global batch: {'vit', 'qformer'} (+ 'llm' in stage 2)."""
+  model = setup.model
+  params, batch = _abstract(params), _abstract(batch)
+
+  def vit(p, x):
+    return model.apply({"params": p}, x, method="encode_image")
+
+  flops = {"vit": _flops(vit, params, batch["image"])}
+  image_embeds = jax.eval_shape(vit, params, batch["image"])
+  if not stage2:
+    def qformer(p, e, ids, mask):
+      return model.apply({"params": p}, e, ids, mask, train=False, rngs={"itm": jax.random.PRNGKey(0)},
+                         method="stage1_losses")["loss"]
+    flops["qformer"] = _flops(qformer, params, image_embeds, batch["text_ids"], batch["text_mask"])
+    return flops
+
+  def soft_prompt(p, e):  # Q-Former (query side) + language projection
+    return model.apply({"params": p}, e,
+                       method=lambda m, e: m.language_projection(m.query_features(e)[0]))
+
+  def whole(p, b):
+    return model.apply({"params": p}, b, train=False, method="losses")["loss"]
+
+  flops["qformer"] = _flops(soft_prompt, params, image_embeds)
+  flops["llm"] = max(_flops(whole, params, batch) - flops["vit"] - flops["qformer"], 0.0)
+  return flops
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Generation
+# --------------------------------------------------------------------------------------------------------------
+
+def _llm_special_ids(config) -> dict:
+  """The frozen LLM's bos (OPT) / eos / pad ids (transformers' defaults where its config leaves them out)."""
+  import transformers  # pylint: disable=g-import-not-at-top
+  from blip2_jax import pretrained  # pylint: disable=g-import-not-at-top
+  hf = transformers.AutoConfig.for_model(**pretrained._llm_hf_config(config))  # pylint: disable=protected-access
+  return {"bos": getattr(hf, "bos_token_id", None), "eos": hf.eos_token_id, "pad": hf.pad_token_id,
+          "vocab_size": hf.vocab_size, "kind": hf.model_type}
+
+
+def prompt_ids(config, batch_size: int, seed: int = 1) -> tuple[np.ndarray, np.ndarray]:
+  """A tokenizer-free stand-in for "a photo of": PROMPT_LENGTH ids, the same for every image (OPT: "</s>" + 3
+  random ids; T5: 3 random ids + "</s>"), and an all-ones mask."""
+  ids = _llm_special_ids(config)
+  body = list(np.random.default_rng(seed).integers(4, ids["vocab_size"] - 1, PROMPT_LENGTH - 1))
+  row = [ids["bos"]] + body if ids["kind"] == "opt" else body + [ids["eos"]]
+  out = np.tile(np.asarray(row, np.int32), (batch_size, 1))
+  return out, np.ones_like(out)
+
+
+def greedy_options(config, new_tokens: int) -> tuple:
+  """tasks._generate's options: greedy, exactly new_tokens tokens (EOS is blocked until the last one)."""
+  ids = _llm_special_ids(config)
+  return tuple(sorted(dict(max_new_tokens=new_tokens, min_new_tokens=new_tokens, num_beams=1,
+                           eos_token_id=ids["eos"], pad_token_id=ids["pad"]).items()))
+
+
+def run_generate(config, steps: int, new_tokens: int, devices=None) -> dict:
+  """Greedy captioning of exactly new_tokens tokens per image at config.global_batch_size, through tasks._generate
+  (soft prompt + prompt + the whole search, one jitted program)."""
+  from blip2_jax import tasks  # pylint: disable=g-import-not-at-top
+  _check_config(config, "generate", "")
+  setup = train.build(config, None, devices)
+  state, frozen = setup.init(jax.random.PRNGKey(0))
+  params = partitioning.merge(state["params"], frozen)
+  del state  # the optimizer state
+  module = setup.model.clone(cfg=ml_collections.FrozenConfigDict(setup.model.cfg))  # jit's static argument
+  b = config.global_batch_size
+  images = random_batch(config, b, _llm_special_ids(config)["vocab_size"])["image"]  # the same as transformers'
+  ids, mask = prompt_ids(config, b)
+  inputs = train.global_batch(_local({"image": images, "ids": ids, "mask": mask}), setup.batch_sharding)
+  args = (params, inputs["image"], inputs["ids"], inputs["mask"])
+  options = greedy_options(config, new_tokens)
+
+  t0 = time.perf_counter()
+  compiled = tasks._generate.lower(module, *args, options, None).compile()  # pylint: disable=protected-access
+  compile_s = time.perf_counter() - t0
+  for _ in range(WARMUP):
+    tokens = compiled(*args, None)
+  jax.block_until_ready(tokens)
+  t0 = time.perf_counter()
+  for _ in range(steps):
+    tokens = compiled(*args, None)
+  jax.block_until_ready(tokens)
+  batch_s = (time.perf_counter() - t0) / steps
+  if tokens.shape != (b, new_tokens):
+    raise AssertionError(f"Generated tokens {tokens.shape}, expected {(b, new_tokens)}.")
+  return {
+      "mode": "generate", "stage": 2,
+      "device": f"{setup.mesh.devices.size} x {setup.mesh.devices.flat[0].device_kind}",
+      "mesh": dict(setup.mesh.shape), "global_batch_size": b, "prompt_tokens": ids.shape[1],
+      "new_tokens": new_tokens, "steps_timed": steps,
+      "compile_s": round(compile_s, 2), "batch_s": round(batch_s, 4), "images_per_s": round(b / batch_s, 1),
+      "tokens_per_s": round(b * new_tokens / batch_s, 1),
+  }
+
+
+# --------------------------------------------------------------------------------------------------------------
+# transformers' PyTorch BLIP-2 at the same configuration
+# --------------------------------------------------------------------------------------------------------------
+
+def compare_transformers(config, mode: str, steps: int, new_tokens: int = 30) -> dict:
+  """transformers' Blip2ForConditionalGeneration at this config's sizes (random init), timed like ours: a training
+  step (mode 'train') or greedy generation of exactly new_tokens tokens (mode 'generate'); see the module
+  docstring. Frees the model and torch's cached GPU memory before returning."""
+  import torch  # pylint: disable=g-import-not-at-top
+  _check_config(config, mode, "transformers")
+  device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+  try:
+    return _time_transformers(config, mode, steps, new_tokens, device)
+  finally:  # the model, optimizer and batch died with _time_transformers' frame
+    gc.collect()
+    if device.type == "cuda":
+      torch.cuda.empty_cache()
+
+
+def _time_transformers(config, mode, steps, new_tokens, device) -> dict:
+  import torch  # pylint: disable=g-import-not-at-top
+  import transformers  # pylint: disable=g-import-not-at-top
+  from blip2_jax import pretrained  # pylint: disable=g-import-not-at-top
+  cfg = train.model_config(config, None)
+  if not cfg.qformer.vocab_size:  # 0 = "the tokenizer's"; unused in stage 2 (no Q-Former text side)
+    cfg.qformer.vocab_size = 30523
+  special = _llm_special_ids(config)
+  image_token = special["vocab_size"] - 1  # a valid id that random_batch and prompt_ids never produce
+  hf_config = transformers.Blip2Config.from_dict(pretrained.hf_config_from_ours(
+      cfg, cfg.llm.kind, pretrained._llm_hf_config(config), image_token))  # pylint: disable=protected-access
+  frozen_dtype = getattr(torch, config.frozen_dtype)
+  compute_dtype = getattr(torch, config.model.qformer.dtype)
+
+  # Built in float32 on the device; the frozen towers then go to config.frozen_dtype, while the Q-Former, query
+  # tokens and projection keep fp32 master weights and compute in the config's Q-Former dtype (autocast).
+  with torch.device(device):
+    model = transformers.Blip2ForConditionalGeneration(hf_config)
+  model.vision_model.to(frozen_dtype).requires_grad_(False).eval()
+  model.language_model.to(frozen_dtype).requires_grad_(False).eval()
+  model.qformer.train(mode == "train")
+  model.language_projection.train(mode == "train")
+  if compute_dtype != torch.float32:
+    for m in (model.qformer, model.language_projection):
+      m.forward = torch.autocast(device.type, dtype=compute_dtype)(m.forward)
+  else:  # HF casts the query output to the ViT's dtype before the projection
+    model.language_projection.register_forward_pre_hook(lambda m, args: tuple(a.float() for a in args))
+
+  b, q = config.global_batch_size, cfg.num_query_tokens
+  host = random_batch(config, b, special["vocab_size"])
+  pixels = torch.from_numpy(host["image"]).permute(0, 3, 1, 2).to(device, frozen_dtype)
+  placeholders = torch.full((b, q), image_token, dtype=torch.long, device=device)
+
+  def with_queries(ids, mask):  # transformers >= 4.47: one image placeholder per query, first
+    ids = torch.cat([placeholders, torch.from_numpy(ids).long().to(device)], dim=1)
+    return ids, torch.cat([torch.ones_like(placeholders), torch.from_numpy(mask).long().to(device)], dim=1)
+
+  if mode == "train":
+    input_ids, attention_mask = with_queries(host["text_ids"], host["text_mask"])
+    targets, target_mask = ((host["target_ids"], host["target_mask"]) if cfg.llm.kind == "t5" else
+                            (host["text_ids"], host["label_mask"]))
+    labels = torch.from_numpy(np.where(target_mask > 0, targets, -100)).long().to(device)
+    opt = config.optimizer
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=opt.lr,
+                                  betas=(opt.b1, opt.b2), weight_decay=opt.weight_decay)
+
+    def loss_fn():
+      inputs = dict(pixel_values=pixels, input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+      if cfg.llm.kind == "t5":
+        return model(**inputs, labels=labels).loss
+      # HF's own OPT loss, written out: transformers 5.24's ForCausalLMLoss .view()s the text positions' logits,
+      # which fails when they are a non-contiguous slice (an fp32 LLM; bf16 ones are copied by its .float()).
+      logits = model(**inputs).logits
+      logits = logits[:, -labels.shape[1]:-1].float()
+      return torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1),
+                                               ignore_index=-100)
+
+    def call():
+      loss = loss_fn()
+      loss.backward()
+      optimizer.step()
+      optimizer.zero_grad(set_to_none=True)
+      return loss.detach()
+  else:
+    input_ids, attention_mask = with_queries(*prompt_ids(config, b))
+
+    def call():
+      with torch.inference_mode():
+        return model.generate(pixel_values=pixels, input_ids=input_ids, attention_mask=attention_mask,
+                              max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False, num_beams=1,
+                              pad_token_id=special["pad"], eos_token_id=special["eos"])
+
+  sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+  for _ in range(WARMUP):
+    out = call()
+  sync()
+  t0 = time.perf_counter()
+  for _ in range(steps):
+    out = call()
+  sync()
+  seconds = (time.perf_counter() - t0) / steps
+
+  attention = model.language_model.config._attn_implementation  # pylint: disable=protected-access
+  result = {"transformers_device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+            "transformers_version": f"transformers {transformers.__version__}, torch {torch.__version__}",
+            "transformers_attention": attention}
+  if mode == "train":
+    return dict(result, transformers_step_s=round(seconds, 4), transformers_samples_per_s=round(b / seconds, 1),
+                transformers_loss=round(float(out), 4),
+                transformers_trainable_params=sum(p.numel() for p in model.parameters() if p.requires_grad))
+  generated = out.shape[1] - (1 if cfg.llm.kind == "t5" else input_ids.shape[1])  # T5: + decoder start token
+  if generated != new_tokens:
+    raise AssertionError(f"transformers generated {generated} tokens, expected {new_tokens}.")
+  return dict(result, transformers_batch_s=round(seconds, 4), transformers_images_per_s=round(b / seconds, 1),
+              transformers_tokens_per_s=round(b * new_tokens / seconds, 1))
+
+
+def benchmark(config, mode: str = "train", steps: int = 20, new_tokens: int = 30, compare: str = "",
+              devices=None) -> dict:
+  """Ours (with compare='transformers', theirs first, then ours) -> one dict, with ours / theirs.
+
+  devices: the devices of our mesh (default: all)."""
+  _check_config(config, mode, compare)
+  theirs = compare_transformers(config, mode, steps, new_tokens) if compare else {}
+  if mode == "train":
+    ours = run(config, steps, devices)
+  else:
+    ours = run_generate(config, steps, new_tokens, devices)
+  if not compare:
+    return ours
+  out = dict(ours, **theirs)
+  if mode == "train":
+    out["speedup_vs_transformers"] = round(ours["samples_per_s"] / theirs["transformers_samples_per_s"], 3)
+    peak = _peak(theirs["transformers_device"])  # the same model FLOPs per step, at their step time
+    out["transformers_mfu"] = (None if peak is None else
+                               round(ours["model_tflop_per_step"] * 1e12 / theirs["transformers_step_s"] / peak, 4))
+  else:
+    out["speedup_vs_transformers"] = round(ours["images_per_s"] / theirs["transformers_images_per_s"], 3)
   return out
 
 
 def main(argv):
   del argv
+  if FLAGS.compare:
+    # Before JAX's backend starts (nothing above has touched it): JAX must leave torch room on a shared GPU.
+    os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
   absl_logging.set_verbosity(absl_logging.WARNING)
-  out = run(FLAGS.config, FLAGS.steps)
+  try:
+    out = benchmark(FLAGS.config, FLAGS.mode, FLAGS.steps, FLAGS.new_tokens, FLAGS.compare)
+  except (FileNotFoundError, ValueError) as e:
+    raise SystemExit(f"error: {e}") from None
   if jax.process_index() == 0:
     width = max(map(len, out))
     for k, v in out.items():
@@ -112,5 +476,10 @@ def main(argv):
 
 if __name__ == "__main__":
   config_flags.DEFINE_config_file("config", None, "Config to benchmark.", lock_config=True)
-  flags.DEFINE_integer("steps", 20, "Timed steps (after compilation and 2 warm-up steps).")
+  flags.DEFINE_enum("mode", "train", ["train", "generate"],
+                    "train: the trainer's update step (stage 1 or 2); generate: greedy captioning (stage 2).")
+  flags.DEFINE_integer("steps", 20, "Timed steps or batches (after compilation and 2 warm-up calls).")
+  flags.DEFINE_integer("new_tokens", 30, "--mode=generate: tokens generated per image (min = max).")
+  flags.DEFINE_enum("compare", "", ["", "transformers"],
+                    "transformers: also time transformers' PyTorch BLIP-2 at the same configuration (stage 2).")
   app.run(main, flags_parser=cli.parse_flags)
