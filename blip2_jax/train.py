@@ -103,7 +103,7 @@ def resolve_demo_llm(config, workdir: str):
     return config
   from blip2_jax import demo_llm  # pylint: disable=g-import-not-at-top
   path = demo_llm.make_demo_llm(config.model.llm.kind, os.path.join(os.path.abspath(workdir), "demo_llm"),
-                                config.data, seed=config.seed)
+                                config.data, steps=config.init.demo_llm_steps, seed=config.seed)
   config = config.copy_and_resolve_references()
   with config.unlocked():
     config.init.llm_weights = str(path)

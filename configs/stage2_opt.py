@@ -78,6 +78,7 @@ def stage2_config(kind: str, variant: str) -> ml_collections.ConfigDict:
       vision_weights="",   # HF BLIP-2 dir (vision_model.*)
       llm_weights="",      # HF OPT / T5 dir, or a BLIP-2 dir (language_model.*); "demo" = blip2_jax.demo_llm
       qformer_weights="",  # stage-1 workdir, or HF BLIP-2 dir (query side)
+      demo_llm_steps=300,  # llm_weights="demo": pretraining steps of the tiny caption LLM
   ))
   c.tokenizer = ""         # the LLM's tokenizer dir; '' = init.llm_weights
 
@@ -131,3 +132,4 @@ def _demo(c, kind: str, tiny: bool):
     c.model.num_query_tokens = 4
     c.data.builder_kwargs = {"num_train": 256, "num_test": 64}
     c.eval.batch_size = 32
+    c.init.demo_llm_steps = 30

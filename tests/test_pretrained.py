@@ -6,6 +6,7 @@ max |theirs| <= 1e-5. Exports are reloaded by transformers and compared the same
 """
 import json
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -13,6 +14,7 @@ import safetensors.numpy
 import torch
 import transformers
 
+from blip2_jax import partitioning
 from blip2_jax.pretrained import Blip2
 
 TOL = 1e-5
@@ -109,7 +111,13 @@ def saved(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def loaded(saved):
-  return _Lazy(lambda kind: Blip2.from_pretrained(saved[kind][1]))
+  # One device: compiling for conftest's 8 fake devices costs several times more; the sharded test below loads
+  # onto all 8 and checks the outputs are the same.
+  return _Lazy(lambda kind: Blip2.from_pretrained(saved[kind][1], mesh=_one_device_mesh()))
+
+
+def _one_device_mesh():
+  return partitioning.make_mesh({"data": 1, "fsdp": 1, "tensor": 1}, jax.devices()[:1])
 
 
 # --- parity ------------------------------------------------------------------------------------------------
@@ -170,7 +178,8 @@ def test_t5_llm_logits_match_hf(saved, loaded):
 
 
 def test_sharded_and_bf16_checkpoints(saved, loaded, tmp_path):
-  """Several safetensors files + index load identically; a bf16 checkpoint loaded with dtype=bfloat16 keeps the
+  """Several safetensors files + index, loaded onto 8 devices (weights split over 'fsdp'), give the same outputs
+  as one file on one device; a bf16 checkpoint loaded with dtype=bfloat16 keeps the
   frozen towers in bf16 and the Q-Former in float32, and stays within 2e-2 of the float32 outputs (bf16 has an
   8-bit mantissa: ~4e-3 per rounding, through two ViT blocks)."""
   hf, ours = saved["retrieval"][0], loaded["retrieval"]
@@ -179,10 +188,12 @@ def test_sharded_and_bf16_checkpoints(saved, loaded, tmp_path):
   sharded = Blip2.from_pretrained(tmp_path / "sharded")
   x, _ = _images()
   ids, mask = _texts(VOCAB_QF)
-  np.testing.assert_array_equal(np.asarray(sharded.itm_logits(x, ids, mask)), np.asarray(ours.itm_logits(x, ids, mask)))
+  assert sharded.mesh.devices.size == 8
+  np.testing.assert_allclose(np.asarray(sharded.itm_logits(x, ids, mask)), np.asarray(ours.itm_logits(x, ids, mask)),
+                             rtol=1e-6, atol=1e-6)
 
   _hf_model("retrieval").to(torch.bfloat16).save_pretrained(tmp_path / "bf16", max_shard_size="20KB")
-  low = Blip2.from_pretrained(tmp_path / "bf16", dtype="bfloat16")
+  low = Blip2.from_pretrained(tmp_path / "bf16", dtype="bfloat16", mesh=_one_device_mesh())
   assert low.params["visual_encoder"]["blocks_0"]["fc1"]["kernel"].dtype == jnp.bfloat16
   assert low.params["qformer"]["layers_0"]["attention"]["query"]["kernel"].dtype == jnp.float32
   assert _rel(low.itm_logits(x, ids, mask), ours.itm_logits(x, ids, mask)) < 2e-2

@@ -1,0 +1,323 @@
+"""Tiny pretrained LLMs for the stage-2 demo, made here because nothing can be downloaded.
+
+BLIP-2's stage 2 feeds the Q-Former's output to a *frozen, pretrained* LLM: the LLM already knows the language and
+the Q-Former only has to say what the image shows. A random LLM would make the demo test something else (the
+Q-Former teaching a language model from scratch), so `make_demo_llm` pretrains one, text only, on the training
+captions of the demo data: a tiny OPT as a causal LM, or a tiny Flan-T5-like encoder-decoder as a prefix LM (the
+two LLM families of BLIP-2). It learns the caption grammar ("large red circle top left, small blue square top
+right, ..."), and nothing about any image. The result is a Hugging Face directory (config.json, model.safetensors,
+tokenizer), so it is loaded exactly as a real OPT or Flan-T5 would be, by us and by transformers.
+
+The tokenizer is word level: one token per caption word, "," its own token, plus the captioning prompt's words
+("a photo of") and, for OPT, "\n", BLIP-2's end of caption for OPT. Special tokens and their ids are those of OPT
+(`<s>` 0, `<pad>` 1, `</s>` 2 as bos, put in front of every text, `<unk>` 3) or of T5 (`<pad>` 0, `</s>` 1 appended,
+`<unk>` 2), so code written for the real tokenizers needs no exceptions.
+"""
+import json
+import logging
+import os
+import shutil
+import time
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import safetensors.numpy
+import tokenizers
+import transformers
+from tokenizers import decoders, normalizers, pre_tokenizers, processors
+
+from blip2_jax import weights
+from blip2_jax.data import pipeline
+from blip2_jax.data import synthetic_shapes
+from blip2_jax.data import tokenizer as tokenizer_lib
+from blip2_jax.models import opt
+from blip2_jax.models import t5
+
+log = logging.getLogger(__name__)
+
+KINDS = ("opt", "t5")
+PROMPT = "a photo of"  # BLIP-2's captioning prompt
+NEWLINE = "\n"  # BLIP-2's end of caption for OPT (id 50118 in the real vocabulary)
+WORD_START = "\u2581"  # marks a token that follows a space, as in SentencePiece, so decoding restores the spaces
+SPECIAL_TOKENS = {"opt": ("<s>", "<pad>", "</s>", "<unk>"), "t5": ("<pad>", "</s>", "<unk>")}
+# What a finished directory holds; the tokenizer files and demo_llm.json (how it was made) are written with it.
+FILES = ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json", "demo_llm.json")
+
+# Sizes: tiny, so that pretraining takes seconds on a CPU. OPT's positions are learned, and stage 2 puts the
+# text after the query tokens, so every one of the 128 positions is trained (see `_opt_batches`).
+OPT_SIZES = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, ffn_dim=256,
+                 max_position_embeddings=128)
+# Flan-T5 as BLIP-2 runs it: gated FFN with the exact GELU, an lm_head of its own.
+T5_SIZES = dict(d_model=64, d_kv=16, num_heads=4, d_ff=128, num_layers=2, num_decoder_layers=2,
+                relative_attention_num_buckets=32, relative_attention_max_distance=128)
+DEFAULT_STEPS = {"opt": 300, "t5": 300}
+BATCH_SIZE = {"opt": 8, "t5": 32}  # OPT rows are 128 tokens of packed text, T5 rows one caption each
+# The fraction of examples that put the prompt before the caption: enough to make the prompt familiar. More leaves
+# too few for continuing a caption from inside it. Measured (256 training captions, 300 steps): greedy completions of
+# 65 test captions cut at random words that follow the grammar, OPT 88% at 0.5 -> 100% at 0.25; T5 98% -> 100%
+# (and at batch 16, 45% -> 82%).
+PROMPT_FRACTION = 0.25
+LR, WARMUP_FRACTION, WEIGHT_DECAY = 3e-3, 0.1, 0.01
+
+
+# --- tokenizer ---------------------------------------------------------------------------------------------------
+
+def make_tokenizer(kind: str) -> transformers.PreTrainedTokenizerFast:
+  """The word-level tokenizer of the demo LLM `kind` ('opt' or 't5'); `len()` of it is the model's vocab size."""
+  _check_kind(kind)
+  specials = SPECIAL_TOKENS[kind]
+  words = synthetic_shapes.vocabulary()
+  words += [w for w in PROMPT.split() if w not in words]
+  vocab = {token: i for i, token in enumerate(specials)}
+  if kind == "opt":
+    vocab[NEWLINE] = len(vocab)
+  for word in words:
+    vocab[word if word == "," else WORD_START + word] = len(vocab)
+
+  tok = tokenizers.Tokenizer(tokenizers.models.WordLevel(vocab, unk_token="<unk>"))
+  # Canonical spacing first ("a ,b" -> "a, b"), so every word starts with a space and gets its WORD_START form.
+  tok.normalizer = normalizers.Sequence([
+      normalizers.Lowercase(), normalizers.Replace(tokenizers.Regex(r"\s+"), " "),
+      normalizers.Replace(tokenizers.Regex(r" ?, ?"), ", "), normalizers.Strip()])
+  tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Metaspace(WORD_START, prepend_scheme="always"),
+                                               pre_tokenizers.Punctuation()])
+  tok.decoder = decoders.Metaspace(WORD_START, prepend_scheme="always")
+  tok.add_special_tokens([tokenizers.AddedToken(s, special=True, normalized=False) for s in specials])
+  if kind == "opt":
+    # Not normalized, so it is cut out of the text before the normalizer would turn it into a space.
+    tok.add_tokens([tokenizers.AddedToken(NEWLINE, special=False, normalized=False)])
+    eos = bos = "</s>"
+    tok.post_processor = processors.TemplateProcessing(  # OPT's tokenizer puts "</s>" in front of each text
+        single=f"{bos} $A", pair=f"{bos} $A {bos} $B:1", special_tokens=[(bos, vocab[bos])])
+  else:
+    eos, bos = "</s>", None
+    tok.post_processor = processors.TemplateProcessing(  # T5's appends it
+        single=f"$A {eos}", pair=f"$A {eos} $B:1 {eos}:1", special_tokens=[(eos, vocab[eos])])
+  return transformers.PreTrainedTokenizerFast(
+      tokenizer_object=tok, bos_token=bos, eos_token=eos, unk_token="<unk>", pad_token="<pad>",
+      model_max_length=OPT_SIZES["max_position_embeddings"] if kind == "opt" else 512)
+
+
+# --- the demo LLM ------------------------------------------------------------------------------------------------
+
+def make_demo_llm(kind: str, out_dir, data_cfg, *, steps: int | None = None, seed: int = 0) -> str:
+  """Pretrains the tiny LLM `kind` ('opt' or 't5') on the captions of `data_cfg`'s training split and writes it to
+  `out_dir` in the Hugging Face layout; returns out_dir. A complete directory already there is reused as it is.
+
+  `data_cfg` is a config's `data` section (name, data_dir, builder_kwargs, train_split), `steps` defaults to
+  DEFAULT_STEPS[kind]. The same arguments give the same weights.
+  """
+  _check_kind(kind)
+  out_dir = os.fspath(out_dir)
+  present = [f for f in FILES if os.path.exists(os.path.join(out_dir, f))]
+  if len(present) == len(FILES):
+    with open(os.path.join(out_dir, "demo_llm.json")) as f:
+      made = json.load(f)
+    if made["kind"] != kind:
+      raise ValueError(f"{out_dir} holds a demo {made['kind']} LLM, not a {kind} one; give another out_dir.")
+    log.info("Reusing the demo %s LLM in %s (%d steps, seed %d, final loss %.3f).", kind, out_dir, made["steps"],
+             made["seed"], made["final_loss"])
+    return out_dir
+  if os.path.isdir(out_dir) and os.listdir(out_dir):
+    missing = [f for f in FILES if f not in present]
+    raise ValueError(f"{out_dir} is not empty but not a complete demo LLM (no {', '.join(missing)}); delete it or "
+                     "give another out_dir.")
+
+  steps = DEFAULT_STEPS[kind] if steps is None else steps
+  if steps < 1:
+    raise ValueError(f"make_demo_llm needs steps >= 1; got {steps}.")
+  tok = make_tokenizer(kind)
+  captions = _training_captions(data_cfg, tok)
+  start = time.time()
+  train = _train_opt if kind == "opt" else _train_t5
+  hf_config, cfg, params, losses = train(tok, captions, steps, seed)
+  final_loss = float(np.mean(losses[-max(1, steps // 10):]))  # of the last 10% of the steps: one step's is noisy
+  log.info("Pretrained the demo %s LLM on %d captions: %d steps in %.1f s, loss %.3f -> %.3f.", kind, len(captions),
+           steps, time.time() - start, losses[0], final_loss)
+
+  # Written next to out_dir and renamed into place, so an interrupted run never leaves a directory to reuse.
+  tmp = f"{os.path.abspath(out_dir)}.incomplete"
+  shutil.rmtree(tmp, ignore_errors=True)  # what an interrupted run left
+  os.makedirs(tmp)
+  hf_config.save_pretrained(tmp)
+  if kind == "t5":
+    _write_flan_t5_tying(os.path.join(tmp, "config.json"))
+  weight_map = (opt if kind == "opt" else t5).weight_map(cfg)
+  tensors = {name: np.asarray(value, np.float32) for name, value in weights.hf_tensors(params, weight_map)}
+  safetensors.numpy.save_file(tensors, os.path.join(tmp, "model.safetensors"), metadata={"format": "pt"})
+  tok.save_pretrained(tmp)
+  with open(os.path.join(tmp, "demo_llm.json"), "w") as f:
+    json.dump(dict(kind=kind, data=data_cfg.name, num_captions=len(captions), steps=steps, seed=seed,
+                   final_loss=final_loss), f, indent=2)
+  if os.path.isdir(out_dir):
+    os.rmdir(out_dir)  # empty (checked above)
+  os.replace(tmp, out_dir)
+  log.info("Wrote the demo %s LLM to %s.", kind, out_dir)
+  return out_dir
+
+
+def _check_kind(kind):
+  if kind not in KINDS:
+    raise ValueError(f"Unknown demo LLM kind {kind!r}; choose one of {', '.join(KINDS)}.")
+
+
+def _training_captions(data_cfg, tok) -> list[str]:
+  """The cleaned captions of the training split, each checked to be covered by the tokenizer."""
+  source = pipeline.get_source(data_cfg, data_cfg.train_split)
+  captions = []
+  for i in range(len(source)):
+    text = source[i]["caption"]
+    captions.append(tokenizer_lib.clean_caption(text.decode("utf-8") if isinstance(text, bytes) else text))
+  if not captions:
+    raise ValueError(f"The {data_cfg.train_split!r} split of {data_cfg.name!r} has no examples to pretrain on.")
+  ids = tok(captions).input_ids
+  for caption, row in zip(captions, ids):
+    if tok.unk_token_id in row:
+      raise ValueError(f"Caption {caption!r} of {data_cfg.name!r} has words outside the demo vocabulary: the demo "
+                       "LLM is made for synthetic_shapes captions only.")
+  return captions
+
+
+def _optimizer(steps: int):
+  schedule = optax.warmup_cosine_decay_schedule(0.0, LR, int(WARMUP_FRACTION * steps), steps, LR / 10)
+  # No weight decay on biases and norm scales, as in BLIP-2's recipe.
+  decay_mask = lambda params: jax.tree.map(lambda p: p.ndim > 1, params)
+  return optax.chain(optax.clip_by_global_norm(1.0),
+                     optax.adamw(schedule, b1=0.9, b2=0.98, weight_decay=WEIGHT_DECAY, mask=decay_mask))
+
+
+def _fit(loss_fn, params, next_batch, steps: int) -> tuple[dict, list[float]]:
+  """`steps` AdamW steps of loss_fn(params, *batch), each on a new batch from `next_batch()`; returns the trained
+  parameters and the loss of every step."""
+  tx = _optimizer(steps)
+
+  @jax.jit
+  def step(params, opt_state, *batch):
+    loss, grads = jax.value_and_grad(loss_fn)(params, *batch)
+    updates, opt_state = tx.update(grads, opt_state, params)
+    return optax.apply_updates(params, updates), opt_state, loss
+
+  opt_state = tx.init(params)
+  losses = []
+  for _ in range(steps):
+    params, opt_state, loss = step(params, opt_state, *next_batch())
+    losses.append(loss)
+  return params, [float(x) for x in losses]
+
+
+def _cross_entropy(logits, labels, mask):
+  losses = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
+  return jnp.sum(losses * mask) / jnp.maximum(jnp.sum(mask), 1)
+
+
+# --- OPT: causal LM on packed text -------------------------------------------------------------------------------
+
+def _train_opt(tok, captions, steps, seed):
+  hf_config = transformers.OPTConfig(
+      vocab_size=len(tok), word_embed_proj_dim=OPT_SIZES["hidden_size"], dropout=0.0, attention_dropout=0.0,
+      activation_dropout=0.0, layerdrop=0.0, pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id,
+      eos_token_id=tok.eos_token_id, architectures=["OPTForCausalLM"], **OPT_SIZES)
+  cfg = opt.config_from_hf(hf_config)
+  model = opt.OPTForCausalLM(cfg)
+  length = cfg.max_position_embeddings
+  params = nn.unbox(jax.jit(model.init)(jax.random.PRNGKey(seed), jnp.zeros((1, length, cfg.hidden_size)),
+                                        jnp.ones((1, length), jnp.int32))["params"])
+
+  def loss_fn(params, tokens):
+    inputs, labels = tokens[:, :-1], tokens[:, 1:]
+    logits, _ = model.apply({"params": params}, model.apply({"params": params}, inputs, method="embed"),
+                            jnp.ones_like(inputs))
+    return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
+
+  batches = _opt_batches(tok, captions, length, BATCH_SIZE["opt"], np.random.default_rng([seed, 1]))
+  params, losses = _fit(loss_fn, params, batches, steps)
+  return hf_config, cfg, params, losses
+
+
+def _opt_batches(tok, captions, length, batch_size, rng):
+  """Rows of length + 1 tokens cut from one stream of "</s>" [prompt] caption "\n" texts, in a random order.
+
+  As in real LM pretraining, a row starts anywhere in the stream, so captions start at every position: in stage 2
+  the caption comes after the query tokens and must be as familiar there as at position 0. A quarter of the rows
+  start at the beginning of a text instead, where a caption is prompted from "</s>" alone.
+  """
+  texts = [f"{PROMPT} {c}" if rng.random() < PROMPT_FRACTION else c for c in captions]
+  docs = [row + [tok.convert_tokens_to_ids(NEWLINE)] for row in tok(texts).input_ids]  # "</s>" in front already
+  docs = [docs[i] for i in rng.permutation(len(docs))]
+  starts = np.cumsum([0] + [len(d) for d in docs[:-1]])
+  total = sum(len(d) for d in docs)
+  stream = np.tile(np.concatenate(docs).astype(np.int32), 2 + length // total)  # so rows can wrap around the end
+  span = np.arange(length + 1)
+
+  def next_batch():
+    at_text = rng.random(batch_size) < 0.25
+    first = np.where(at_text, rng.choice(starts, size=batch_size), rng.integers(total, size=batch_size))
+    return (jnp.asarray(stream[first[:, None] + span]),)
+
+  return next_batch
+
+
+# --- T5: prefix LM -----------------------------------------------------------------------------------------------
+
+def _train_t5(tok, captions, steps, seed):
+  hf_config = transformers.T5Config(
+      vocab_size=len(tok), feed_forward_proj="gated-gelu", dense_act_fn="gelu", tie_word_embeddings=False,
+      dropout_rate=0.0, pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id,
+      decoder_start_token_id=tok.pad_token_id, architectures=["T5ForConditionalGeneration"], **T5_SIZES)
+  cfg = t5.config_from_hf(hf_config, has_lm_head=True)
+  model = t5.T5ForConditionalGeneration(cfg)
+  # The longest text either side can get: a whole caption (or the prompt) with its "</s>", rounded up.
+  length = -(-max(len(row) for row in tok([*captions, PROMPT]).input_ids) // 8) * 8
+  zeros = jnp.zeros((1, length), jnp.int32)
+  params = nn.unbox(jax.jit(model.init)(jax.random.PRNGKey(seed), jnp.zeros((1, length, cfg.d_model)), zeros + 1,
+                                        zeros)["params"])
+
+  def loss_fn(params, enc_ids, enc_mask, labels, label_mask):
+    embeds = model.apply({"params": params}, enc_ids, method="embed")
+    decoder_ids = jnp.pad(labels[:, :-1], ((0, 0), (1, 0)), constant_values=cfg.decoder_start_token_id)
+    logits = model.apply({"params": params}, embeds, enc_mask, decoder_ids)
+    return _cross_entropy(logits, labels, label_mask)
+
+  batches = _t5_batches(tok, captions, length, BATCH_SIZE["t5"], np.random.default_rng([seed, 1]))
+  params, losses = _fit(loss_fn, params, batches, steps)
+  return hf_config, cfg, params, losses
+
+
+def _t5_batches(tok, captions, length, batch_size, rng):
+  """Prefix-LM pairs as BLIP-2 pretrains Flan-T5: a caption cut at a random word boundary, the first part to the
+  encoder, the rest (with "</s>") to be predicted; for PROMPT_FRACTION of them the prompt, then the whole caption."""
+  encode = lambda texts: tok(texts, padding="max_length", max_length=length, return_tensors="np")
+
+  def next_batch():
+    prefixes, suffixes = [], []
+    for i in rng.integers(len(captions), size=batch_size):
+      words = captions[i].split(" ")
+      if rng.random() < PROMPT_FRACTION:
+        prefixes.append(PROMPT)
+        suffixes.append(captions[i])
+      else:
+        cut = int(rng.integers(len(words)))  # the suffix keeps at least one word
+        prefixes.append(" ".join(words[:cut]))
+        suffixes.append(" ".join(words[cut:]))
+    enc, dec = encode(prefixes), encode(suffixes)
+    return tuple(jnp.asarray(a, jnp.int32) for a in (enc.input_ids, enc.attention_mask, dec.input_ids,
+                                                     dec.attention_mask))
+
+  return next_batch
+
+
+
+def _write_flan_t5_tying(path):
+  """Sets tie_word_embeddings=False in a T5 config.json, as released Flan-T5 configs say it.
+
+  transformers >= 5 writes True for every T5 (it unties when the checkpoint stores its own `lm_head.weight`, as
+  ours does), but a reader of the file alone, `t5.config_from_hf` of a dict included, takes True for T5 1.0's tied
+  and scaled head and would silently use the wrong one."""
+  with open(path) as f:
+    config = json.load(f)
+  config["tie_word_embeddings"] = False
+  with open(path, "w") as f:
+    json.dump(config, f, indent=2, sort_keys=True)
