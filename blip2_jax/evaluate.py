@@ -1,4 +1,6 @@
-r"""Image-text retrieval as in the reference: ITC similarities pick the top-k candidates, ITM reranks them.
+r"""Evaluation of a training workdir: image-text retrieval (stage 1) or captioning (stage 2, `CaptionEvaluator`).
+
+Retrieval as in the reference: ITC similarities pick the top-k candidates, ITM reranks them.
 
   python -m blip2_jax.evaluate --config=configs/stage1.py:demo --workdir=workdirs/stage1_demo
 

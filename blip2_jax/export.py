@@ -1,7 +1,7 @@
 r"""Export to the Hugging Face layout: `python -m blip2_jax.export --workdir=DIR --out=PATH`.
 
 Writes a directory that transformers loads with `Blip2ForImageTextRetrieval.from_pretrained(PATH)` (a stage-1
-workdir), with the same outputs: config.json, model.safetensors (sharded past 5 GB) and the tokenizer. `temp` and
+workdir) or `Blip2ForConditionalGeneration.from_pretrained(PATH)` (a stage-2 workdir), with the same outputs: config.json, model.safetensors (sharded past 5 GB) and the tokenizer. `temp` and
 the Q-Former's LM head are not written: transformers' BLIP-2 has no place for them.
 """
 import logging

@@ -39,8 +39,6 @@ def run(model, images: np.ndarray, prompt: str | None, question: str | None, set
   if question is not None:
     return model.answer(images, question, **settings)
   if prompt is not None:
-    if not prompt.strip():
-      raise ValueError("--prompt is empty: leave it out to caption, or give the text the answer should follow.")
     return model.generate(images, prompt, **settings)
   return model.caption(images, **settings)
 
@@ -56,6 +54,11 @@ def main(argv):
   settings = {k: getattr(FLAGS, k) for k in ("num_beams", "max_new_tokens", "min_new_tokens")
               if getattr(FLAGS, k) is not None}
   try:
+    # Input errors first, before the model is read.
+    if FLAGS.prompt is not None and not FLAGS.prompt.strip():
+      raise ValueError("--prompt is empty: leave it out to caption, or give the text the answer should follow.")
+    if FLAGS.image:
+      load_image(FLAGS.image, 8)
     from blip2_jax.pretrained import Blip2  # pylint: disable=g-import-not-at-top
     model = Blip2.load(FLAGS.model, dtype=FLAGS.dtype)
     size = model.cfg.vit.image_size

@@ -361,8 +361,8 @@ _TO_HF = {"linear": lambda w: w.T, "conv": lambda w: w.transpose(3, 2, 0, 1), "c
 
 def tree_from_hf(get, weight_map, template, *, dtype=np.float32, prefix: str = "", place=None) -> dict:
   """Builds the nested parameter dict of `template` (boxed, plain or abstract) from the tensors of `get` (a
-  mapping such as a SafetensorsCheckpoint, or a function of the name), one parameter at a time, checking every shape. `dtype` is a numpy
-  dtype or a function of the parameter path giving one.
+  mapping such as a SafetensorsCheckpoint, or a function of the name), one parameter at a time, checking every
+  shape. `dtype` is a numpy dtype or a function of the parameter path giving one.
 
   `prefix` is prepended to every HF name (e.g. 'language_model.'). `place(path, array)`, if given, turns each
   finished numpy parameter into what is stored (e.g. a sharded device array), so the host never holds more

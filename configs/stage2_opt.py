@@ -133,3 +133,4 @@ def _demo(c, kind: str, tiny: bool):
     c.data.builder_kwargs = {"num_train": 256, "num_test": 64}
     c.eval.batch_size = 32
     c.init.demo_llm_steps = 30
+    c.data.eval_max_examples = 32

@@ -241,7 +241,7 @@ def test_stage1_workdir_exports_to_hf_retrieval(tmp_path):
   r = subprocess.run([sys.executable, "-m", "blip2_jax.export", f"--workdir={workdir}", f"--out={out}"],
                      cwd=repo, capture_output=True, text=True, timeout=600, env=env)
   assert r.returncode == 0, r.stderr[-3000:]
-  ours = Blip2.from_workdir(workdir)
+  ours = Blip2.from_workdir(workdir, devices=jax.devices()[:1])
   hf = transformers.Blip2ForImageTextRetrieval.from_pretrained(out).eval()
   tok = transformers.AutoTokenizer.from_pretrained(out)
   enc = tok(["large red circle top left", "small blue square"], padding="max_length", max_length=12,
@@ -281,7 +281,7 @@ def test_missing_tensor_is_one_error_naming_it(saved, tmp_path):
 def test_wrong_shape_is_one_error_naming_it(saved, tmp_path):
   name = "qformer.encoder.layer.0.crossattention.attention.key.weight"
   bad = _copy_with(saved["opt"][1], tmp_path / "bad", lambda t: t.update({name: t[name][:, :8]}))
-  with pytest.raises(ValueError, match=rf"Shape mismatch .*`{name}` gives \(32, 8\)"):
+  with pytest.raises(ValueError, match=rf"Shape mismatch .*`{name}` in .*model.safetensors gives \(32, 8\)"):
     Blip2.from_pretrained(bad)
 
 
