@@ -19,6 +19,16 @@ def _normalize(x):
   return x / jnp.maximum(jnp.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
 
 
+def _setup_image_side(model):
+  """What both BLIP-2 models hold before their heads: the frozen ViT, ln_vision, the query tokens, the Q-Former."""
+  cfg = model.cfg
+  model.visual_encoder = VisionTransformer(cfg.vit)
+  model.ln_vision = layers.layer_norm(cfg.ln_vision_eps)
+  model.query_tokens = model.param("query_tokens", layers.logical(layers.default_init, (None, None, "embed")),
+                                   (1, cfg.num_query_tokens, cfg.qformer.hidden_size), jnp.float32)
+  model.qformer = QFormer(cfg.qformer)
+
+
 def _encode_image(model, images):
   """Frozen ViT (no gradient) -> ln_vision (trainable). [B, S, S, 3] -> [B, N, vit width] float32."""
   feats = jax.lax.stop_gradient(model.visual_encoder(images))
@@ -40,12 +50,7 @@ class Blip2Qformer(nn.Module):
 
   def setup(self):
     cfg = self.cfg
-    self.visual_encoder = VisionTransformer(cfg.vit)
-    self.ln_vision = layers.layer_norm(cfg.ln_vision_eps)
-    d = cfg.qformer.hidden_size
-    self.query_tokens = self.param("query_tokens", layers.logical(layers.default_init, (None, None, "embed")),
-                                   (1, cfg.num_query_tokens, d), jnp.float32)
-    self.qformer = QFormer(cfg.qformer)
+    _setup_image_side(self)
     self.vision_proj = layers.dense(cfg.embed_dim, ("embed", None))
     self.text_proj = layers.dense(cfg.embed_dim, ("embed", None))
     self.itm_head = layers.dense(2, ("embed", None))
@@ -152,12 +157,7 @@ class Blip2LLM(nn.Module):
 
   def setup(self):
     cfg = self.cfg
-    self.visual_encoder = VisionTransformer(cfg.vit)
-    self.ln_vision = layers.layer_norm(cfg.ln_vision_eps)
-    d = cfg.qformer.hidden_size
-    self.query_tokens = self.param("query_tokens", layers.logical(layers.default_init, (None, None, "embed")),
-                                   (1, cfg.num_query_tokens, d), jnp.float32)
-    self.qformer = QFormer(cfg.qformer)
+    _setup_image_side(self)
     self.language_projection = layers.dense(_llm_width(cfg.llm), ("embed", None))
     if cfg.llm.kind == "opt":
       from blip2_jax.models import opt  # pylint: disable=g-import-not-at-top
