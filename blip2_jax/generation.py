@@ -70,12 +70,15 @@ def _frozen(module):
 class OPTDecoder:
   """OPTForCausalLM decoding from a prefix of embeddings (queries + left-padded prompt).
 
-  state: {"cache": KV cache, "mask": [N, S] valid cache slots, "position": [N] next position, "index": [N] next
-  cache slot (the same in every row)}. Positions count real tokens only (HF: cumsum(mask) - 1), so left padding
-  shifts nothing.
+  state: {"cache": one KV cache per layer, "mask": [N, S] valid cache slots, "position": [N] next position,
+  "index": [N] next cache slot (the same in every row)}. Positions count real tokens only (HF: cumsum(mask) - 1),
+  so left padding shifts nothing. The prefill runs the scanned layers; each step runs them unrolled
+  (`opt.decode_step`) on `layer_params`, the layers' weights split once per generate call (this holds a second
+  copy of the LLM's layer weights while generating).
   """
   module: opt.OPTForCausalLM = struct.field(pytree_node=False)
   params: Any
+  layer_params: Any = None
 
   @property
   def start_ids(self) -> tuple[int, ...]:
@@ -83,7 +86,7 @@ class OPTDecoder:
 
   @classmethod
   def create(cls, module: opt.OPTForCausalLM, params) -> "OPTDecoder":
-    return cls(_frozen(module), params)
+    return cls(_frozen(module), params, opt.split_layers(params))
 
   def prefill(self, prefix_embeds, prefix_mask, max_new_tokens: int):
     b, p, _ = prefix_embeds.shape
@@ -95,20 +98,18 @@ class OPTDecoder:
     positions = jnp.cumsum(real, axis=1) * real - 1
     logits, cache = self.module.apply({"params": self.params}, prefix_embeds, mask, positions=positions,
                                       cache=cache, cache_index=0)
-    state = {"cache": cache, "mask": mask, "position": real.sum(axis=1), "index": jnp.full((b,), p, jnp.int32)}
+    state = {"cache": opt.split_cache(cache), "mask": mask, "position": real.sum(axis=1),
+             "index": jnp.full((b,), p, jnp.int32)}
     return logits[:, -1], state
 
   def step(self, tokens, state):
     index = state["index"][0]
     mask = lax.dynamic_update_slice(state["mask"], jnp.ones((tokens.shape[0], 1), jnp.int32), (0, index))
-    logits, cache = self.module.apply({"params": self.params}, tokens[:, None], mask, state["position"][:, None],
-                                      state["cache"], index, method=_opt_step)
+    embeds = self.module.apply({"params": self.params}, tokens[:, None], method="embed")
+    logits, cache = opt.decode_step(self.module, self.params, self.layer_params, embeds, mask,
+                                    state["position"][:, None], state["cache"], index)
     state = {"cache": cache, "mask": mask, "position": state["position"] + 1, "index": state["index"] + 1}
     return logits[:, 0], state
-
-
-def _opt_step(m: opt.OPTForCausalLM, ids, mask, positions, cache, index):
-  return m(m.embed(ids), mask, positions=positions, cache=cache, cache_index=index)
 
 
 @struct.dataclass

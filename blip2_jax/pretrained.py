@@ -20,6 +20,7 @@ pixel_values are the same numbers as [B, 3, H, W].
 import functools
 import json
 import logging
+import os
 from pathlib import Path
 
 import flax.linen as nn
@@ -244,18 +245,59 @@ class Blip2:
   def _call(self, method, *args):
     return self._jitted(method, self.params, *(jnp.asarray(a) for a in args))
 
+  def pixels(self, images) -> np.ndarray:
+    """The model's input, float32 [B, S, S, 3], from images as a user has them.
+
+    `images`: one image or a list of them, each a PIL image, a file path, or an array [H, W, 3] (uint8 pixels, or
+    float already preprocessed at S x S), of any sizes: each is converted to RGB, resized to S x S (bicubic) and
+    CLIP-normalised, as BLIP-2's processors do. A float array [B, S, S, 3] is taken as already preprocessed.
+    Every method that takes images accepts all of these."""
+    from PIL import Image  # pylint: disable=g-import-not-at-top
+    from blip2_jax import generate  # pylint: disable=g-import-not-at-top
+    from blip2_jax.data import pipeline  # pylint: disable=g-import-not-at-top
+    size = self.cfg.vit.image_size
+    if isinstance(images, (np.ndarray, jax.Array)) and images.ndim == 4:
+      if not jnp.issubdtype(images.dtype, jnp.floating):
+        images = list(images)  # a batch of pixel arrays
+      else:
+        return np.asarray(images, np.float32)
+    if not isinstance(images, (list, tuple)):
+      images = [images]
+    if not images:
+      raise ValueError("No images given.")
+    out = []
+    for i, image in enumerate(images):
+      if isinstance(image, (str, os.PathLike)):
+        out.append(generate.load_image(os.fspath(image), size))
+      elif isinstance(image, Image.Image):
+        out.append(pipeline.eval_preprocess(image.convert("RGB"), size))
+      elif isinstance(image, (np.ndarray, jax.Array)) and image.ndim == 3 and image.shape[-1] == 3:
+        image = np.asarray(image)
+        if np.issubdtype(image.dtype, np.floating):
+          if image.shape != (size, size, 3):
+            raise ValueError(f"Image {i} is a float array of shape {image.shape}: float arrays must be "
+                             f"preprocessed already, [{size}, {size}, 3]; give uint8 pixels to have it resized.")
+          out.append(image.astype(np.float32))
+        else:
+          out.append(pipeline.eval_preprocess(Image.fromarray(image.astype(np.uint8)), size))
+      else:
+        shape = getattr(image, "shape", None)
+        raise ValueError(f"Image {i} is a {type(image).__name__}{f' of shape {shape}' if shape else ''}: give a "
+                         "PIL image, a file path or an [H, W, 3] array.")
+    return np.stack(out)
+
   def vision_features(self, images):
     """[B, H, W, 3] -> the ViT's output after ln_vision [B, 1 + patches, width] (HF's vision last_hidden_state)."""
-    return self._call(_vision_features, images)
+    return self._call(_vision_features, self.pixels(images))
 
   def query_output(self, images):
     """[B, H, W, 3] -> the Q-Former's query outputs [B, num_query_tokens, hidden] (HF's qformer last_hidden_state)."""
-    return self._call(_query_output, images)
+    return self._call(_query_output, self.pixels(images))
 
   def image_prompt(self, images):
     """Captioning/VQA models: the projected query outputs, the LLM's soft prompt [B, Q, LLM width]."""
     self._need("opt", "t5", what="image_prompt")
-    return self._call(Blip2LLM.image_prompt, images)
+    return self._call(Blip2LLM.image_prompt, self.pixels(images))
 
   def lm_logits(self, images, input_ids, attention_mask=None, decoder_input_ids=None, decoder_attention_mask=None):
     """LLM logits for (images, prompt ids), float32: OPT over the [queries; text] positions, T5 over the decoder
@@ -264,24 +306,24 @@ class Blip2:
     input_ids = np.asarray(input_ids)
     attention_mask = np.ones_like(input_ids) if attention_mask is None else attention_mask
     if self.kind == "opt":
-      return self._call(Blip2LLM.__call__, images, input_ids, attention_mask)
+      return self._call(Blip2LLM.__call__, self.pixels(images), input_ids, attention_mask)
     if decoder_input_ids is None:
       raise ValueError("A T5 BLIP-2 needs decoder_input_ids for lm_logits.")
     decoder_attention_mask = (np.ones_like(decoder_input_ids) if decoder_attention_mask is None
                               else decoder_attention_mask)
-    return self._call(Blip2LLM.__call__, images, input_ids, attention_mask, decoder_input_ids,
+    return self._call(Blip2LLM.__call__, self.pixels(images), input_ids, attention_mask, decoder_input_ids,
                       decoder_attention_mask)
 
   def itm_logits(self, images, input_ids, attention_mask):
     """Retrieval models: image-text matching logits [B, 2] (index 1 = match) for the pairs (image i, text i)."""
     self._need("retrieval", what="itm_logits")
-    return self._call(_itm_logits, images, input_ids, attention_mask)
+    return self._call(_itm_logits, self.pixels(images), input_ids, attention_mask)
 
   def itc_scores(self, images, input_ids, attention_mask):
     """Retrieval models: contrastive scores [B_img, B_txt], the cosine similarity maxed over queries (no
     temperature), as HF's `logits_per_image`."""
     self._need("retrieval", what="itc_scores")
-    return self._call(_itc_scores, images, input_ids, attention_mask)
+    return self._call(_itc_scores, self.pixels(images), input_ids, attention_mask)
 
   def generate(self, images, prompts="", **settings) -> list[str]:
     """Captioning/VQA models: text for each image after its prompt (one string, or one per image); settings as
@@ -289,19 +331,21 @@ class Blip2:
     do_sample, top_p, temperature, seed)."""
     self._need("opt", "t5", what="generate")
     from blip2_jax import tasks  # pylint: disable=g-import-not-at-top
-    return tasks.generate_text(self.module, self.params, self._tokenizer(), images, prompts, **settings)
+    return tasks.generate_text(self.module, self.params, self._tokenizer(), self.pixels(images), prompts,
+                                **settings)
 
   def caption(self, images, **settings) -> list[str]:
     """Captions with the paper's settings (prompt "a photo of", beams 5, 8-30 new tokens) unless overridden."""
     self._need("opt", "t5", what="caption")
     from blip2_jax import tasks  # pylint: disable=g-import-not-at-top
-    return tasks.caption(self.module, self.params, self._tokenizer(), images, **settings)
+    return tasks.caption(self.module, self.params, self._tokenizer(), self.pixels(images), **settings)
 
   def answer(self, images, questions, **settings) -> list[str]:
     """Zero-shot VQA with the paper's prompt and settings (beams 5, at most 10 new tokens, length penalty -1)."""
     self._need("opt", "t5", what="answer")
     from blip2_jax import tasks  # pylint: disable=g-import-not-at-top
-    return tasks.answer(self.module, self.params, self._tokenizer(), images, questions, **settings)
+    return tasks.answer(self.module, self.params, self._tokenizer(), self.pixels(images), questions,
+                        **settings)
 
   def _tokenizer(self):
     if self.tokenizer is None:

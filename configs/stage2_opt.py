@@ -11,14 +11,14 @@ Paper recipe (default; ViT-g/14 at 224px + OPT-2.7B, global batch 1920, 80k step
 (`llm_weights` may also be a BLIP-2 directory: its language_model.* is used; `qformer_weights` a stage-1 workdir
 or a HF BLIP-2 directory.)
 
-Built-in demo (no downloads): synthetic shapes, the stage-1 demo's small random ViT and Q-Former, and a tiny OPT
-first trained on the training captions' text (blip2_jax.demo_llm; text only, so the image must come through the
-Q-Former). README has the measured time and held-out caption scores:
+Built-in demo (no downloads): synthetic shapes, a small random ViT and Q-Former of the stage-1 demo's sizes with
+the paper's 32 queries, and a tiny OPT first trained on the training captions' text (blip2_jax.demo_llm; text
+only, so the image must come through the Q-Former). README has the measured time and held-out caption scores:
 
   python -m blip2_jax.train --config=configs/stage2_opt.py:demo --workdir=workdirs/stage2_opt_demo
 
-Variants: `demo`, `tiny` (tests). Add `--config.init.qformer_weights=workdirs/stage1_demo` to start the demo from
-the stage-1 demo's Q-Former, as the paper does.
+Variants: `demo`, `tiny` (tests). The demo starts from a random Q-Former: the stage-1 demo's has 8 queries, and
+the demo LLM reads a context of 32.
 """
 import ml_collections
 
@@ -78,8 +78,9 @@ def stage2_config(kind: str, variant: str) -> ml_collections.ConfigDict:
       vision_weights="",   # HF BLIP-2 dir (vision_model.*)
       llm_weights="",      # HF OPT / T5 dir, or a BLIP-2 dir (language_model.*); "demo" = blip2_jax.demo_llm
       qformer_weights="",  # stage-1 workdir, or HF BLIP-2 dir (query side)
-      demo_llm_steps=300,  # llm_weights="demo": pretraining steps of the tiny caption LLM
   ))
+  # llm_weights="demo": pretraining steps of the tiny caption LLM (None: blip2_jax.demo_llm.DEFAULT_STEPS).
+  c.init.demo_llm_steps = ml_collections.config_dict.placeholder(int)
   c.tokenizer = ""         # the LLM's tokenizer dir; '' = init.llm_weights
 
   # --- data -------------------------------------------------------------------------------------------------
@@ -119,7 +120,9 @@ def _demo(c, kind: str, tiny: bool):
   c.model.qformer.update(dict(vocab_size=0, hidden_size=96, num_layers=2, num_heads=4, intermediate_size=192,
                               cross_attention_freq=1, max_position_embeddings=32, dropout_rate=0.0,
                               dtype="float32"))
-  c.model.num_query_tokens = 8
+  # The paper's 32 queries: the demo LLM reads a context of 32 positions (blip2_jax.demo_llm). The stage-1 demo
+  # has 8, so its Q-Former does not fit here.
+  c.model.num_query_tokens = 32
   c.model.llm.dtype = "float32"
   c.frozen_dtype = "float32"
   c.init.llm_weights = "demo"

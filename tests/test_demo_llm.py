@@ -1,5 +1,5 @@
 """The demo LLMs: word-level tokenizers, export that transformers loads with our logits, what pretraining teaches
-(the caption grammar) and the reuse of a finished directory.
+(to write the caption its context describes) and the reuse of a finished directory.
 
 One small synthetic_shapes split (256 training captions) and one short pretraining of each LLM serve every test.
 """
@@ -17,14 +17,15 @@ import transformers
 
 from blip2_jax import demo_llm
 from blip2_jax import weights
+from blip2_jax.data import pipeline
 from blip2_jax.data import synthetic_shapes
 from blip2_jax.models import opt
 from blip2_jax.models import t5
 from configs import stage1
 
-# OPT: enough for greedy decoding to follow the grammar from every context tried below (100 is not). T5: enough to
-# see it learn; its grammar needs the default 300 steps of batch 32, which take too long for a test.
-OPT_STEPS, T5_STEPS = 200, 40
+# OPT: enough to read its context (it learns that after ~200). T5: enough to see it learn; reading its context
+# needs the default steps, which take too long for a test.
+OPT_STEPS, T5_STEPS = 300, 40
 TOL = 1e-5
 
 CLAUSE = (f"({'|'.join(synthetic_shapes.SIZES)}) ({'|'.join(synthetic_shapes.COLOURS)}) "
@@ -134,25 +135,31 @@ def test_t5_directory_loads_in_transformers_as_flan_t5_with_our_logits(t5_dir):
 
 # --- what pretraining teaches ------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("context, continuation", [
-    ("", f"(a photo of )?{CAPTION}\n"),  # from "</s>" alone, at position 0
-    ("a photo of", f"{CAPTION}\n"),  # BLIP-2's captioning prompt
-    ("small blue", f"({'|'.join(synthetic_shapes.SHAPES)}) top left, {', '.join(QUADRANT[1:])}\n"),
-    (EXAMPLE + "\n</s>", f"(a photo of )?{CAPTION}\n"),  # a caption that starts later, as after the queries
-])
-def test_pretrained_opt_continues_with_the_caption_grammar(opt_dir, context, continuation):
+def test_pretrained_opt_writes_the_caption_its_context_describes(opt_dir, data_cfg):
+  """The layout of a stage-2 example, with the words of a held-out caption where the queries go: greedy decoding
+  (transformers', on the exported directory) writes that caption, and the window's filler changes nothing."""
   tok = transformers.AutoTokenizer.from_pretrained(opt_dir)
   hf = transformers.OPTForCausalLM.from_pretrained(opt_dir).eval()
-  ids = tok(context, return_tensors="pt").input_ids
+  source = pipeline.get_source(data_cfg, "test")
+  captions = [source[i]["caption"] for i in range(16)]
+  captions = [c.decode() if isinstance(c, bytes) else c for c in captions]
+  rng = np.random.default_rng(0)
+  fillers = demo_llm._word_ids(tok)
+  prompt = tok(demo_llm.PROMPT, add_special_tokens=False).input_ids
+  rows = [np.concatenate([demo_llm._context_window(rng, tok(c, add_special_tokens=False).input_ids, fillers),
+                          [tok.bos_token_id], prompt]) for c in captions]
+  ids = torch.from_numpy(np.stack(rows).astype(np.int64))
   out = hf.generate(ids, do_sample=False, max_new_tokens=30, eos_token_id=tok.convert_tokens_to_ids("\n"),
                     pad_token_id=tok.pad_token_id)
-  assert re.fullmatch(continuation, tok.decode(out[0, ids.shape[1]:]))
+  written = [tok.decode(row[ids.shape[1]:], skip_special_tokens=True) for row in out]
+  assert np.mean([w == c + "\n" for w, c in zip(written, captions)]) >= 0.9, list(zip(written, captions))
+  assert all(re.fullmatch(CAPTION + "\n", w) for w in written)  # the grammar, where a word is wrong
 
 
 def test_pretraining_lowers_the_loss(opt_dir, t5_dir):
-  """From log(vocab) ~ 3.1 at init; ~0.55 nats/token is what a caption leaves open. T5's few dozen steps show that
-  its prefix-LM targets are learnable, not that it has the grammar (that needs the default steps, too slow here)."""
-  for root, bound in ((opt_dir, 0.7), (t5_dir, 1.5)):
+  """From log(vocab) ~ 3.1 at init; ~0.6 nats/token is the grammar alone, ~0 reading the context. T5's few dozen
+  steps show that its targets are learnable, not that it reads its context (that needs the default steps)."""
+  for root, bound in ((opt_dir, 0.1), (t5_dir, 1.5)):
     with open(f"{root}/demo_llm.json") as f:
       assert json.load(f)["final_loss"] < bound, root
 

@@ -14,6 +14,7 @@ import transformers
 from flax import traverse_util
 
 from blip2_jax import train
+from blip2_jax.data import pipeline
 from blip2_jax.pretrained import Blip2
 from configs import stage2_opt, stage2_t5
 
@@ -148,3 +149,16 @@ def test_generate_bad_input_is_one_line(workdirs, tmp_path):
     model.generate(np.zeros((1, size, size, 3), np.float32), "large " * 200)
   with pytest.raises(ValueError, match=r"Images must be \[B, 48, 48, 3\]"):
     model.generate(np.zeros((1, 32, 32, 3), np.float32), "a photo of")
+
+  # Images as users have them, of mixed sizes: PIL images, paths, uint8 arrays, preprocessed like the data.
+  pil, pixels = Image.new("RGB", (100, 64), (0, 0, 255)), np.full((30, 20, 3), 200, np.uint8)
+  batch = model.pixels([pil, tmp_path / "x.png", pixels])
+  assert batch.shape == (3, size, size, 3) and batch.dtype == np.float32
+  np.testing.assert_array_equal(batch[0], pipeline.eval_preprocess(pil, size))
+  np.testing.assert_array_equal(batch[2], pipeline.eval_preprocess(Image.fromarray(pixels), size))
+  assert model.generate([pil, tmp_path / "x.png", pixels], "a photo of", max_new_tokens=4) == \
+      model.generate(batch, "a photo of", max_new_tokens=4)
+  with pytest.raises(ValueError, match=r"^Image 1 is a float array of shape \(10, 10, 3\): float arrays must be "):
+    model.pixels([pixels, np.zeros((10, 10, 3), np.float32)])
+  with pytest.raises(ValueError, match=r"^Image 0 is a dict: give a PIL image, a file path or an \[H, W, 3\] array"):
+    model.caption({"image": 1})

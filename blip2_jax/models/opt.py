@@ -185,12 +185,50 @@ class OPTForCausalLM(nn.Module):
       raise ValueError(f"OPT attention_mask has shape {attention_mask.shape}; with a cache it must be "
                        f"[batch, cache slots] = {cache['k'].shape[:1] + cache['k'].shape[2:3]}.")
     mask = _attention_mask(attention_mask, t, cache_index)
-    x = embeds.astype(cfg.dtype) + self.embed_positions(positions + POSITION_OFFSET)
-    x, cache = self.layers(x, mask, cache_index, cache)
-    h = self.final_layer_norm(x).astype(cfg.dtype)
-    table = self.embed_tokens.embedding.astype(cfg.dtype)  # the tied lm_head
-    logits = jnp.einsum("btd,vd->btv", h, table, preferred_element_type=jnp.float32)
-    return logits, cache
+    x, cache = self.layers(self.inputs(embeds, positions), mask, cache_index, cache)
+    return self.head(x), cache
+
+  def inputs(self, embeds, positions):
+    """The first layer's input: embeddings [B, T, D] plus the positions' [B, T] rows, in the compute dtype."""
+    return embeds.astype(self.cfg.dtype) + self.embed_positions(positions + POSITION_OFFSET)
+
+  def head(self, x):
+    """The last layer's output [B, T, D] -> float32 logits [B, T, vocab]: final LayerNorm, the tied lm_head."""
+    h = self.final_layer_norm(x).astype(self.cfg.dtype)
+    table = self.embed_tokens.embedding.astype(self.cfg.dtype)
+    return jnp.einsum("btd,vd->btv", h, table, preferred_element_type=jnp.float32)
+
+
+def split_layers(params) -> list:
+  """The scanned layers' parameters [layers, ...] as one tree per layer, for `decode_step`."""
+  stacked = params["layers"]
+  return [jax.tree.map(lambda a, i=i: a[i], stacked) for i in range(jax.tree.leaves(stacked)[0].shape[0])]
+
+
+def split_cache(cache) -> list:
+  """A KV cache {"k", "v"} [B, layers, S, H, Dh] as one {"k", "v"} [B, S, H, Dh] per layer."""
+  return [{"k": cache["k"][:, i], "v": cache["v"][:, i]} for i in range(cache["k"].shape[1])]
+
+
+def decode_step(model: OPTForCausalLM, params, layer_params: list, embeds, attention_mask, positions,
+                caches: list, cache_index):
+  """`model(embeds, attention_mask, positions=..., cache=..., cache_index=...)` with the layers unrolled: the same
+  function, faster for decoding one token at a time.
+
+  layer_params (`split_layers(params)`) and caches (`split_cache`) hold one tree per layer. In a decoding loop
+  each layer's cache is then its own loop-carried buffer, updated in place at cache_index, and each layer reads
+  its own weights; the scanned layers would instead slice the stacked weights and caches into copies and stack
+  the caches again, every layer of every token (MaxText decodes with unscanned layers for the same reason).
+  Returns (logits [B, T, vocab] float32, the updated caches).
+  """
+  x = model.apply({"params": params}, embeds, positions, method="inputs")
+  mask = _attention_mask(attention_mask, embeds.shape[1], cache_index)
+  layer = DecoderLayer(model.cfg)
+  new_caches = []
+  for lp, cache in zip(layer_params, caches):
+    x, cache = layer.apply({"params": lp}, x, mask, cache_index, cache)
+    new_caches.append(cache)
+  return model.apply({"params": params}, x, method="head"), new_caches
 
 
 def weight_map(cfg) -> list[tuple[str, str, str]]:
