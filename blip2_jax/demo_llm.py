@@ -222,6 +222,20 @@ def _cross_entropy(logits, labels, mask):
   return jnp.sum(losses * mask) / jnp.maximum(jnp.sum(mask), 1)
 
 
+# --- the context window ------------------------------------------------------------------------------------------
+
+def _context_window(rng, caption_ids, fillers):
+  """CONTEXT_SLOTS token ids: the caption's ids, then random ids from `fillers`."""
+  fill = rng.choice(fillers, size=CONTEXT_SLOTS - len(caption_ids))
+  return np.concatenate([caption_ids, fill]).astype(np.int32)
+
+
+def _word_ids(tok) -> np.ndarray:
+  """The ids of the caption and prompt words (no special tokens, no "\n"): the context window's filler."""
+  specials = set(tok.all_special_ids) | {tok.convert_tokens_to_ids(NEWLINE)}
+  return np.array(sorted(i for i in tok.get_vocab().values() if i not in specials), np.int32)
+
+
 # --- OPT: causal LM after a context window ------------------------------------------------------------------------
 
 def _train_opt(tok, captions, steps, seed):
@@ -244,18 +258,6 @@ def _train_opt(tok, captions, steps, seed):
   batches = _opt_batches(tok, captions, BATCH_SIZE["opt"], np.random.default_rng([seed, 1]))
   params, losses = _fit(loss_fn, params, batches, steps)
   return hf_config, cfg, params, losses
-
-
-def _context_window(rng, caption_ids, fillers):
-  """CONTEXT_SLOTS token ids: the caption's ids, then random ids from `fillers`."""
-  fill = rng.choice(fillers, size=CONTEXT_SLOTS - len(caption_ids))
-  return np.concatenate([caption_ids, fill]).astype(np.int32)
-
-
-def _word_ids(tok) -> np.ndarray:
-  """The ids of the caption and prompt words (no special tokens, no "\n"): the context window's filler."""
-  specials = set(tok.all_special_ids) | {tok.convert_tokens_to_ids(NEWLINE)}
-  return np.array(sorted(i for i in tok.get_vocab().values() if i not in specials), np.int32)
 
 
 def _opt_batches(tok, captions, batch_size, rng):

@@ -114,7 +114,7 @@ def _demo(c, kind: str, tiny: bool):
   c.eval_every = 0
   c.checkpoint_every = 6 if tiny else 250
   c.keep_checkpoints = 2
-  c.optimizer.update(dict(lr=1e-3, warmup_steps=2 if tiny else 50, min_lr=1e-5))
+  c.optimizer.update(dict(lr=3e-3, warmup_steps=2 if tiny else 50, min_lr=1e-5))
   c.model.vit.update(dict(image_size=48, patch_size=8, width=96, depth=1, num_heads=4, mlp_dim=192,
                           dtype="float32"))
   c.model.qformer.update(dict(vocab_size=0, hidden_size=96, num_layers=2, num_heads=4, intermediate_size=192,
