@@ -78,7 +78,7 @@ class OPTDecoder:
   """
   module: opt.OPTForCausalLM = struct.field(pytree_node=False)
   params: Any
-  layer_params: Any = None
+  layer_params: Any
 
   @property
   def start_ids(self) -> tuple[int, ...]:

@@ -245,8 +245,8 @@ class Blip2:
   def _call(self, method, *args):
     return self._jitted(method, self.params, *(jnp.asarray(a) for a in args))
 
-  def pixels(self, images) -> np.ndarray:
-    """The model's input, float32 [B, S, S, 3], from images as a user has them.
+  def pixels(self, images):
+    """The model's input, float [B, S, S, 3], from images as a user has them.
 
     `images`: one image or a list of them, each a PIL image, a file path, or an array [H, W, 3] (uint8 pixels, or
     float already preprocessed at S x S), of any sizes: each is converted to RGB, resized to S x S (bicubic) and
@@ -257,10 +257,9 @@ class Blip2:
     from blip2_jax.data import pipeline  # pylint: disable=g-import-not-at-top
     size = self.cfg.vit.image_size
     if isinstance(images, (np.ndarray, jax.Array)) and images.ndim == 4:
-      if not jnp.issubdtype(images.dtype, jnp.floating):
-        images = list(images)  # a batch of pixel arrays
-      else:
-        return np.asarray(images, np.float32)
+      if jnp.issubdtype(images.dtype, jnp.floating):
+        return images  # preprocessed already; a device array stays on its device
+      images = list(images)  # a batch of pixel arrays
     if not isinstance(images, (list, tuple)):
       images = [images]
     if not images:
