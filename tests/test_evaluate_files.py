@@ -27,6 +27,7 @@ from blip2_jax import metrics
 from blip2_jax import partitioning
 from blip2_jax.data import tokenizer as tokenizer_lib
 from blip2_jax.pretrained import Blip2
+from conftest import one_device_env
 from test_pretrained import IMAGE, OPT_TEXT, QUERIES, VISION, _qformer, _randomise
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -324,7 +325,7 @@ def test_cli_refuses_a_stage1_model_for_captioning_in_one_line(models, tmp_path)
                       "--task=caption", f"--annotations={annotations}", f"--images={folder}",
                       f"--out={tmp_path / 'report.json'}"],
                      cwd=REPO, capture_output=True, text=True, timeout=300,
-                     env=dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1"))
+                     env=one_device_env())
   assert r.returncode != 0 and "Traceback" not in r.stderr
   assert r.stderr.strip().splitlines()[-1].startswith("error: --task=caption needs a stage-2 model")
   assert not (tmp_path / "report.json").exists()

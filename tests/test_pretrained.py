@@ -16,6 +16,7 @@ import transformers
 
 from blip2_jax import partitioning
 from blip2_jax.pretrained import Blip2
+from conftest import one_device_env
 
 TOL = 1e-5
 WIDTH, QUERIES, VOCAB_QF, IMAGE = 32, 4, 40, 32
@@ -224,22 +225,16 @@ def test_export_reloads_in_transformers_with_the_same_outputs(saved, loaded, kin
     assert _rel(_hf_t5_logits(again, px, ids, mask, dec), _hf_t5_logits(hf, px, ids, mask, dec)) < TOL
 
 
-def test_stage1_workdir_exports_to_hf_retrieval(tmp_path):
+def test_stage1_workdir_exports_to_hf_retrieval(stage1_workdir, tmp_path):
   """A (tiny) stage-1 run's workdir -> `python -m blip2_jax.export` -> transformers' Blip2ForImageTextRetrieval
   gives our ITM logits and ITC scores."""
   import subprocess
   import sys
   import os
   repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1")
-  workdir, out = tmp_path / "wd", tmp_path / "hf"
-  r = subprocess.run([sys.executable, "-m", "blip2_jax.train", "--config=configs/stage1.py:tiny",
-                      f"--workdir={workdir}", "--config.total_steps=2", "--config.checkpoint_every=2",
-                      f"--config.data.data_dir={tmp_path / 'tfds'}", "--config.data.eval_max_examples=16"],
-                     cwd=repo, capture_output=True, text=True, timeout=600, env=env)
-  assert r.returncode == 0, r.stderr[-3000:]
+  workdir, out = stage1_workdir, tmp_path / "hf"
   r = subprocess.run([sys.executable, "-m", "blip2_jax.export", f"--workdir={workdir}", f"--out={out}"],
-                     cwd=repo, capture_output=True, text=True, timeout=600, env=env)
+                     cwd=repo, capture_output=True, text=True, timeout=600, env=one_device_env())
   assert r.returncode == 0, r.stderr[-3000:]
   ours = Blip2.from_workdir(workdir, devices=jax.devices()[:1])
   hf = transformers.Blip2ForImageTextRetrieval.from_pretrained(out).eval()

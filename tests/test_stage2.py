@@ -17,28 +17,23 @@ from blip2_jax import train
 from blip2_jax.data import pipeline
 from blip2_jax.pretrained import Blip2
 from configs import stage2_opt, stage2_t5
+from conftest import one_device_env
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIGS = {"opt": stage2_opt, "t5": stage2_t5}
 
 
-def _env():
-  return dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1")
+_env = one_device_env
 
 
 @pytest.fixture(scope="module")
-def data_dir(tmp_path_factory):
-  return str(tmp_path_factory.mktemp("tfds"))
-
-
-@pytest.fixture(scope="module")
-def workdirs(data_dir, tmp_path_factory):
+def workdirs(tiny_data_dir, tmp_path_factory):
   """kind -> a tiny stage-2 workdir trained by the CLI (12 steps), with its final metrics."""
   out = {}
   for kind in ("opt", "t5"):
     workdir = str(tmp_path_factory.mktemp(f"stage2_{kind}"))
     r = subprocess.run([sys.executable, "-m", "blip2_jax.train", f"--config=configs/stage2_{kind}.py:tiny",
-                        f"--workdir={workdir}", f"--config.data.data_dir={data_dir}"],
+                        f"--workdir={workdir}", f"--config.data.data_dir={tiny_data_dir}"],
                        cwd=REPO, capture_output=True, text=True, timeout=900, env=_env())
     assert r.returncode == 0, r.stderr[-3000:]
     with open(os.path.join(workdir, "metrics.jsonl"), encoding="utf-8") as f:

@@ -14,13 +14,14 @@ from flax import traverse_util
 from blip2_jax import checkpointing
 from blip2_jax import train
 from configs import stage1
+from conftest import STAGE1_STEPS, one_device_env
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-@pytest.fixture(scope="module")
-def data_dir(tmp_path_factory):
-  return str(tmp_path_factory.mktemp("tfds"))
+@pytest.fixture
+def data_dir(tiny_data_dir):
+  return tiny_data_dir
 
 
 def tiny_config(data_dir, **overrides):
@@ -119,12 +120,7 @@ def test_frozen_weights_untouched_and_outside_optimizer(data_dir):
 def _train_cli(workdir, data_dir, *overrides):
   cmd = [sys.executable, "-m", "blip2_jax.train", "--config=configs/stage1.py:tiny", f"--workdir={workdir}",
          f"--config.data.data_dir={data_dir}", *overrides]
-  return subprocess.run(cmd, cwd=REPO, env=_one_device_env(), capture_output=True, text=True, timeout=600)
-
-
-def _one_device_env():
-  # One CPU device, like the in-process tests' 1-device runs, so all share the session's compilation cache.
-  return dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1")
+  return subprocess.run(cmd, cwd=REPO, env=one_device_env(), capture_output=True, text=True, timeout=600)
 
 
 def _metrics(workdir):
@@ -142,14 +138,13 @@ def _restore_params(workdir, step, config):
   return jax.device_get(state), data_state
 
 
-def test_resume_after_process_exit_equals_straight_run(data_dir, tmp_path):
+def test_resume_after_process_exit_equals_straight_run(stage1_workdir, data_dir, tmp_path):
   """2N steps straight == N steps, exit, restart in the same workdir, N more (params within 1e-6)."""
-  n = 4
+  n = STAGE1_STEPS // 2
   flags = [f"--config.total_steps={2 * n}", f"--config.checkpoint_every={n}", f"--config.log_every={n}",
-           "--config.keep_checkpoints=5"]
+           "--config.keep_checkpoints=5"]  # as the straight run, conftest's stage1_workdir, was made
   straight = str(tmp_path / "straight")
-  r = _train_cli(straight, data_dir, *flags)
-  assert r.returncode == 0, r.stderr[-3000:]
+  shutil.copytree(stage1_workdir, straight)
   # A run that stopped after step N: the same workdir as it was then (checkpoint N, metrics up to N).
   resumed = str(tmp_path / "resumed")
   shutil.copytree(straight, resumed)
@@ -177,7 +172,7 @@ def test_resume_after_process_exit_equals_straight_run(data_dir, tmp_path):
   # `python -m blip2_jax.evaluate` on the workdir alone reproduces the end-of-training evaluation.
   r = subprocess.run([sys.executable, "-m", "blip2_jax.evaluate", "--config=configs/stage1.py:tiny",
                       f"--workdir={straight}", f"--config.data.data_dir={data_dir}"],
-                     cwd=REPO, capture_output=True, text=True, timeout=600, env=_one_device_env())
+                     cwd=REPO, capture_output=True, text=True, timeout=600, env=one_device_env())
   assert r.returncode == 0, r.stderr[-3000:]
   with open(os.path.join(straight, f"eval_step_{2 * n}.json"), encoding="utf-8") as f:
     report = json.load(f)
