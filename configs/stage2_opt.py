@@ -88,7 +88,10 @@ def stage2_config(kind: str, variant: str) -> ml_collections.ConfigDict:
       name="coco_captions", data_dir=ml_collections.config_dict.placeholder(str), builder_kwargs={},
       train_split="train", eval_split="test", image_size=224, crop_scale=(0.5, 1.0), flip=True, max_text_len=32,
       num_threads=16, prefetch=4, eval_max_examples=ml_collections.config_dict.placeholder(int),
-      text_format=kind, prompt=""))
+      text_format=kind, prompt="",
+      # OPT: data.prompt goes before every caption. T5: the share of examples that are data.prompt -> the whole
+      # caption (the captioning fine-tune format) instead of a prefix-LM split (paper: 0, no prompt).
+      prompt_fraction=0.0))
 
   # --- captioning evaluation (paper: beams 5, max 30, min 8 new tokens, prompt "a photo of") ---------------
   c.eval = ml_collections.ConfigDict(dict(batch_size=64, prompt="a photo of", num_beams=5, max_new_tokens=30,
@@ -128,6 +131,10 @@ def _demo(c, kind: str, tiny: bool):
   c.init.llm_weights = "demo"
   c.data.update(dict(name="synthetic_shapes", image_size=48, max_text_len=32, num_threads=2, prefetch=2,
                      crop_scale=(0.8, 1.0), prompt="a photo of"))
+  if kind == "t5":
+    # Half the examples in the evaluation's format (prompt -> whole caption): with prefix-LM splits alone the
+    # demo's Q-Former learns to continue a caption, and writes whole ones with objects out of order.
+    c.data.prompt_fraction = 0.5
   c.eval.update(dict(batch_size=250, num_beams=1, max_new_tokens=30, min_new_tokens=0))
   if tiny:
     c.model.vit.update(dict(width=32, depth=1, num_heads=2, mlp_dim=64))

@@ -222,6 +222,28 @@ def test_flip_mirrors_image_and_swaps_left_right(data_dir):
     assert 0 < flipped < 16
 
 
+def test_t5_prompt_fraction_mixes_prompt_to_caption_examples_with_prefix_lm_splits(data_dir, tok):
+    ex = pipeline._decode(raw_examples(data_dir, "test")[0], 0)
+    caption = tokenizer_lib.clean_caption(ex["caption"])
+    for fraction in (0.0, 0.5):
+        cfg = make_cfg(data_dir, flip=False, text_format="t5", prompt="a photo of", prompt_fraction=fraction)
+        outs = [pipeline.train_preprocess(ex, np.random.default_rng(seed), cfg) for seed in range(200)]
+        prompted = [o for o in outs if o["prefix"] == "a photo of"]
+        assert all(o["suffix"] == caption for o in prompted)
+        # The others are prefix-LM splits: the caption cut at a word boundary, at least one word after the cut.
+        for o in outs:
+            if o["prefix"] != "a photo of":
+                assert o["suffix"] and " ".join(filter(None, (o["prefix"], o["suffix"]))) == caption
+        assert (60 < len(prompted) < 140) if fraction else not prompted
+
+    with pytest.raises(ValueError, match="prompt_fraction=0.5 is for text_format 't5'.*OPT puts data.prompt"):
+        pipeline.make_train_iterator(make_cfg(data_dir, text_format="opt", prompt="a", prompt_fraction=0.5), tok,
+                                     global_batch_size=8, seed=0)
+    with pytest.raises(ValueError, match="prompt_fraction=0.5 needs a config.data.prompt"):
+        pipeline.make_train_iterator(make_cfg(data_dir, text_format="t5", prompt="", prompt_fraction=0.5), tok,
+                                     global_batch_size=8, seed=0)
+
+
 def write_coco(root, captions_per_image, bad=()):
     """A COCO-format test split whose image k is a flat grey of level 60 * k (garbage bytes if k in bad)."""
     image_dir = root / "images"

@@ -139,7 +139,10 @@ def train_preprocess(example: dict, rng: np.random.Generator, data_cfg) -> dict:
         caption = swap_left_right(caption)
     out = {"image": normalize(image), "caption": caption}
     if data_cfg.get("text_format", "qformer") == "t5":
-        out["prefix"], out["suffix"] = split_prefix_lm(caption, rng)
+        if data_cfg.get("prompt_fraction", 0.0) and rng.random() < data_cfg.prompt_fraction:
+            out["prefix"], out["suffix"] = data_cfg.prompt, caption  # the captioning format: prompt -> caption
+        else:
+            out["prefix"], out["suffix"] = split_prefix_lm(caption, rng)
     return out
 
 
@@ -169,6 +172,7 @@ def make_train_iterator(data_cfg, tokenizer, *, global_batch_size: int, seed: in
     if global_batch_size % process_count:
         raise ValueError(f"global_batch_size {global_batch_size} is not divisible by the number of processes "
                          f"{process_count}; pick a multiple of {process_count}.")
+    _check_prompt_fraction(data_cfg)
     source = get_source(data_cfg, data_cfg.train_split)
     ds = (
         grain.MapDataset.source(source)
@@ -191,13 +195,30 @@ def make_train_iterator(data_cfg, tokenizer, *, global_batch_size: int, seed: in
     return iter(ds)
 
 
+def _check_prompt_fraction(data_cfg):
+    fraction = data_cfg.get("prompt_fraction", 0.0)
+    if not fraction:
+        return
+    fmt = data_cfg.get("text_format", "qformer")
+    if fmt != "t5":
+        raise ValueError(f"config.data.prompt_fraction={fraction} is for text_format 't5' (the share of prompt -> "
+                         f"caption examples beside the prefix-LM ones); with {fmt!r} set it to 0"
+                         + (" (OPT puts data.prompt before every caption)." if fmt == "opt" else "."))
+    if not 0.0 <= fraction <= 1.0:
+        raise ValueError(f"config.data.prompt_fraction={fraction} is not in [0, 1].")
+    if not data_cfg.get("prompt"):
+        raise ValueError(f"config.data.prompt_fraction={fraction} needs a config.data.prompt to put before the "
+                         "caption (e.g. 'a photo of').")
+
+
 def _tokenize_batch(batch: dict, tokenizer, data_cfg) -> dict:
     """The text side of a batch, as the model of `data_cfg.text_format` reads it:
     - 'qformer' (stage 1): text_ids, text_mask ([CLS] caption [SEP], BERT);
     - 'opt' (stage 2): text_ids, text_mask of "</s>" + prompt + caption + "\n", and label_mask (caption and
       "\n" only);
     - 't5' (stage 2, prefix-LM): text_ids, text_mask of the prefix + "</s>"; target_ids, target_mask of the
-      suffix + "</s>"."""
+      suffix + "</s>" (for data.prompt_fraction of the examples the prefix is data.prompt, the suffix the whole
+      caption)."""
     fmt, max_len = data_cfg.get("text_format", "qformer"), data_cfg.max_text_len
     out = {"image": batch["image"]}
     if fmt == "qformer":
