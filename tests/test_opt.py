@@ -122,6 +122,16 @@ def test_logits_match_hf_from_embeddings(hf_opt, cfg, params):
   assert _rel(ours, theirs, MASK.astype(bool)) < TOL
 
 
+def test_logits_range_gives_those_positions_logits(cfg, params):
+  """The stage-2 loss asks for the text positions' logits only: the same values as the full forward's there."""
+  model = opt.OPTForCausalLM(cfg)
+  embeds = jnp.asarray(0.5 * np.random.default_rng(2).normal(size=MASK.shape + (WIDTH,)), jnp.float32)
+  full = model.apply({"params": params}, embeds, jnp.asarray(MASK))[0]
+  part = model.apply({"params": params}, embeds, jnp.asarray(MASK), logits_range=(3, 7))[0]
+  assert part.shape == (MASK.shape[0], 4, VOCAB)
+  np.testing.assert_allclose(part, full[:, 3:7], rtol=1e-6, atol=1e-6)
+
+
 def test_gelu_without_biases_matches_hf():
   hf = _hf_model(_hf_config(activation_function="gelu", enable_bias=False), seed=1)
   cfg = opt.config_from_hf(hf.config.to_dict())  # the dict form too

@@ -212,8 +212,9 @@ class Blip2LLM(nn.Module):
     embeds, mask = self.llm_inputs(prompt, batch["text_ids"], batch["text_mask"])
     q = prompt.shape[1]
     if self.cfg.llm.kind == "opt":
-      logits = self.language_model(embeds, mask)[0]
-      loss = losses.lm_loss(logits[:, q - 1:-1], batch["text_ids"], batch["label_mask"])
+      # Position q - 1 + t predicts text token t: the queries' other positions need no logits.
+      logits = self.language_model(embeds, mask, logits_range=(q - 1, embeds.shape[1] - 1))[0]
+      loss = losses.lm_loss(logits, batch["text_ids"], batch["label_mask"])
     else:
       targets = batch["target_ids"]
       start = jnp.full((targets.shape[0], 1), self.cfg.llm.decoder_start_token_id, targets.dtype)

@@ -158,8 +158,11 @@ class OPTForCausalLM(nn.Module):
     """Token embeddings [B, T, D] alone (no positions: `__call__` adds them)."""
     return self.embed_tokens(ids)
 
-  def __call__(self, embeds, attention_mask, *, positions=None, cache=None, cache_index=None):
+  def __call__(self, embeds, attention_mask, *, positions=None, cache=None, cache_index=None, logits_range=None):
     """embeds [B, T, D] -> (logits [B, T, vocab] float32, the updated cache or None).
+
+    logits_range (start, stop): the logits of those positions only, [B, stop - start, vocab] (a loss that reads
+    some positions need not pay the vocabulary projection of the others).
 
     Without a cache: attention_mask [B, T] (1 = real token; padding on either side), causal attention over the
     real tokens, positions (if not given) counted over the real tokens as HF does, so left padding shifts nothing.
@@ -186,6 +189,8 @@ class OPTForCausalLM(nn.Module):
                        f"[batch, cache slots] = {cache['k'].shape[:1] + cache['k'].shape[2:3]}.")
     mask = _attention_mask(attention_mask, t, cache_index)
     x, cache = self.layers(self.inputs(embeds, positions), mask, cache_index, cache)
+    if logits_range is not None:
+      x = x[:, logits_range[0]:logits_range[1]]
     return self.head(x), cache
 
   def inputs(self, embeds, positions):
