@@ -8,7 +8,9 @@ Paper recipe (default; ViT-g/14 + FlanT5-XL, global batch 1520, 80k steps):
       --config.init.qformer_weights=gs://bucket/blip2_stage1 --config.data.name=coco_captions \
       --config.data.data_dir=/data/tfds
 
-Built-in demo (no downloads; a tiny T5 first trained on the training captions' text, see configs/stage2_opt.py):
+Built-in demo (no downloads; a tiny T5 first trained on the training captions' text, see configs/stage2_opt.py).
+Half its examples are data.prompt ("a photo of") followed by the whole caption, the captioning format it is
+evaluated in (data.prompt_fraction=0.5), half are prefix-LM splits:
 
   python -m blip2_jax.train --config=configs/stage2_t5.py:demo --workdir=workdirs/stage2_t5_demo
 
