@@ -116,15 +116,18 @@ class OPTDecoder:
 class T5Decoder:
   """T5ForConditionalGeneration: the prefix is the encoder input; the decoder starts from decoder_start_token_id.
 
-  state: {"cache": the decoder cache (with the encoder's cross-attention keys/values and mask), "index": [N]
-  next cache slot (the same in every row)}.
+  state: {"cache": one cache per decoder layer (its self-attention slots and the encoder's cross-attention
+  keys/values), "encoder_mask": [N, S_enc], "index": [N] next cache slot (the same in every row)}. The prefill
+  runs the scanned layers; each step runs them unrolled (`t5.decode_step`) on `layer_params`, the decoder layers'
+  weights split once per generate call (a second copy of them while generating), as OPTDecoder does.
   """
   module: t5.T5ForConditionalGeneration = struct.field(pytree_node=False)
   params: Any
+  layer_params: Any
 
   @classmethod
   def create(cls, module: t5.T5ForConditionalGeneration, params) -> "T5Decoder":
-    return cls(_frozen(module), params)
+    return cls(_frozen(module), params, t5.split_layers(params))
 
   @property
   def start_ids(self) -> tuple[int, ...]:
@@ -140,13 +143,14 @@ class T5Decoder:
       return m.decode(start, None, None, cache=cache, cache_index=0)
 
     logits, cache = self.module.apply({"params": self.params}, prefix_embeds, prefix_mask, start, method=run)
-    return logits[:, 0], {"cache": cache, "index": jnp.ones((b,), jnp.int32)}
+    return logits[:, 0], {"cache": t5.split_cache(cache), "encoder_mask": cache["encoder_mask"],
+                          "index": jnp.ones((b,), jnp.int32)}
 
   def step(self, tokens, state):
     index = state["index"][0]
-    logits, cache = self.module.apply({"params": self.params}, tokens[:, None], None, None, cache=state["cache"],
-                                      cache_index=index, method="decode")
-    return logits[:, 0], {"cache": cache, "index": state["index"] + 1}
+    logits, caches = t5.decode_step(self.module, self.params, self.layer_params, tokens[:, None],
+                                    state["encoder_mask"], state["cache"], index)
+    return logits[:, 0], {"cache": caches, "encoder_mask": state["encoder_mask"], "index": state["index"] + 1}
 
 
 # --- logits processors (HF's order) -------------------------------------------------------------------------

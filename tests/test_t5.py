@@ -203,6 +203,32 @@ def test_cached_decoding_matches_full_forward(flan):
     model.apply(params, decoder_ids[:, :1], embeds, mask, cache=cache, cache_index=0, method="decode")
 
 
+def test_unrolled_decode_step_matches_full_forward(flan):
+  """Generation's step (`t5.decode_step`, the decoder layers unrolled on split weights and per-layer caches) after
+  a scanned 3-token prefill gives the full teacher-forced pass's logits."""
+  params, cfg = flan
+  model = t5.T5ForConditionalGeneration(cfg)
+  _, mask, decoder_ids, _ = _inputs()
+  embeds = np.random.default_rng(1).normal(size=(3, ENC_LEN, WIDTH)).astype(np.float32)
+
+  def full_pass_and_prefill(m, embeds, mask, decoder_ids):
+    encoder_out = m.encode(embeds, mask)
+    full, _ = m.decode(decoder_ids, encoder_out, mask)
+    cache = m.init_cache(encoder_out, mask, DEC_LEN + 2)
+    return full, m.decode(decoder_ids[:, :3], None, None, cache=cache, cache_index=0)
+
+  full, (logits, cache) = _jit(cfg, full_pass_and_prefill)(params, embeds, mask, decoder_ids)
+  layer_params = t5.split_layers(params["params"])
+  assert len(layer_params) == cfg.num_decoder_layers
+  step = jit(lambda p, lp, tokens, caches, i: t5.decode_step(model, p, lp, tokens, mask, caches, i))
+  caches, steps = t5.split_cache(cache), [logits]
+  for i in range(3, DEC_LEN):
+    logits, caches = step(params["params"], layer_params, decoder_ids[:, i:i + 1], caches, jnp.int32(i))
+    steps.append(logits)
+  assert step._cache_size() == 1
+  assert _rel(jnp.concatenate(steps, axis=1), full) < TOL
+
+
 # --- remat, precision, parameters -----------------------------------------------------------------------------
 
 def test_remat_policies_give_identical_values_and_gradients(flan):

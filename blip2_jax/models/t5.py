@@ -383,19 +383,60 @@ class T5ForConditionalGeneration(nn.Module):
       _check_mask("decoder_mask", decoder_mask, cache["self_k"].shape[:1] + cache["self_k"].shape[2:3])
       state, first, encoder_mask = {k: cache[k] for k in _CACHE_KEYS}, cache_index, cache["encoder_mask"]
     h, new = self.decoder(self.embed(decoder_ids), decoder_mask, encoder_mask, first, state)
+    return self.head(h), (None if cache is None else {**cache, **new})
+
+  def head(self, h):
+    """The decoder's normed output [B, T, D] -> float32 logits [B, T, vocab]."""
+    cfg = self.cfg
     if cfg.scale_decoder_outputs:
       # T5 1.0 scales the decoder output before the tied head (the table's rows have norm ~sqrt(d_model)).
       h = h * cfg.d_model ** -0.5
     head = self.shared.embedding.T if cfg.tie_word_embeddings else self.lm_head
-    logits = jnp.einsum("btd,dv->btv", h.astype(cfg.dtype), jnp.asarray(head, cfg.dtype),
-                        preferred_element_type=jnp.float32)
-    return logits, (None if cache is None else {**cache, **new})
+    return jnp.einsum("btd,dv->btv", h.astype(cfg.dtype), jnp.asarray(head, cfg.dtype),
+                      preferred_element_type=jnp.float32)
 
   def __call__(self, embeds, attention_mask, decoder_ids, decoder_mask=None):
     """Teacher-forced logits [B, T, vocab] float32 of decoder_ids given encoder embeds [B, S, D]."""
     encoder_out = self.encode(embeds, attention_mask)
     logits, _ = self.decode(decoder_ids, encoder_out, attention_mask, decoder_mask=decoder_mask)
     return logits
+
+
+def split_layers(params) -> list:
+  """The scanned decoder layers' parameters [layers, ...] as one tree per layer, for `decode_step`."""
+  stacked = params["decoder"]["layers"]
+  return [jax.tree.map(lambda a, i=i: a[i], stacked) for i in range(jax.tree.leaves(stacked)[0].shape[0])]
+
+
+def split_cache(cache) -> list:
+  """An `init_cache` cache as one {"self_k", "self_v", "cross_k", "cross_v"} [B, S, heads, d_kv] per decoder
+  layer (the encoder mask stays with the caller)."""
+  return [{k: cache[k][:, i] for k in _CACHE_KEYS} for i in range(cache["self_k"].shape[1])]
+
+
+def decode_step(model: T5ForConditionalGeneration, params, layer_params: list, decoder_ids, encoder_mask, caches: list,
+                cache_index):
+  """`model.decode(decoder_ids, None, None, cache=..., cache_index=...)` with the decoder layers unrolled, for
+  decoding one token at a time (see `opt.decode_step`): each layer's cache is its own loop-carried buffer and each
+  layer reads its own weights. layer_params: `split_layers(params)`; caches: `split_cache(cache)`; encoder_mask
+  [B, S_enc]. Returns (logits [B, T, vocab] float32, the updated caches)."""
+  cfg = model.cfg
+  x = model.apply({"params": params}, decoder_ids, method="embed").astype(cfg.dtype)
+  queries = cache_index + jnp.arange(x.shape[1])
+  slots = jnp.arange(caches[0]["self_k"].shape[1])
+  buckets = relative_position_bucket(slots[None, :] - queries[:, None], bidirectional=False,
+                                     num_buckets=cfg.relative_attention_num_buckets,
+                                     max_distance=cfg.relative_attention_max_distance)
+  bias = _position_bias(params["decoder"]["relative_attention_bias"], buckets)
+  self_mask = (slots[None, :] <= queries[:, None])[None, None]
+  cross_mask = encoder_mask.astype(bool)[:, None, None, :]
+  block = DecoderBlock(cfg)
+  new_caches = []
+  for lp, cache in zip(layer_params, caches):
+    x, new = block.apply({"params": lp}, x, bias, self_mask, cross_mask, cache_index, cache)
+    new_caches.append({**cache, **new})
+  h = RMSNorm(cfg.layer_norm_epsilon).apply({"params": params["decoder"]["final_norm"]}, x)
+  return model.apply({"params": params}, h, method="head"), new_caches
 
 
 def weight_map(cfg) -> list[tuple[str, str, str]]:
