@@ -47,6 +47,11 @@ def quick_gelu(x):
 ACTIVATIONS = {"gelu": gelu, "quick_gelu": quick_gelu}
 
 
+def unstack(stacked) -> list:
+  """A tree of nn.scan-stacked parameters [layers, ...] as one tree per layer (for unrolled decoding steps)."""
+  return [jax.tree.map(lambda a, i=i: a[i], stacked) for i in range(jax.tree.leaves(stacked)[0].shape[0])]
+
+
 def attention(q, k, v, mask=None, *, dropout_rate=0.0, deterministic=True, dropout_rng=None):
   """Multi-head scaled dot-product attention.
 

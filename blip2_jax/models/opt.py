@@ -206,8 +206,7 @@ class OPTForCausalLM(nn.Module):
 
 def split_layers(params) -> list:
   """The scanned layers' parameters [layers, ...] as one tree per layer, for `decode_step`."""
-  stacked = params["layers"]
-  return [jax.tree.map(lambda a, i=i: a[i], stacked) for i in range(jax.tree.leaves(stacked)[0].shape[0])]
+  return layers.unstack(params["layers"])
 
 
 def split_cache(cache) -> list:

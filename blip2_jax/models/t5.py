@@ -302,18 +302,25 @@ class Decoder(nn.Module):
     key_mask [B, S_self] (or None) allows, and to encoder positions where encoder_mask [B, S_enc] allows."""
     cfg = self.cfg
     num_slots = state["self_k"].shape[2] if "self_k" in state else x.shape[1]
-    queries = first + jnp.arange(x.shape[1])
-    slots = jnp.arange(num_slots)
-    buckets = relative_position_bucket(slots[None, :] - queries[:, None], bidirectional=False,
-                                       num_buckets=cfg.relative_attention_num_buckets,
-                                       max_distance=cfg.relative_attention_max_distance)
-    bias = _position_bias(self.relative_attention_bias, buckets)
-    self_mask = (slots[None, :] <= queries[:, None])[None, None]
-    if key_mask is not None:
-      self_mask = self_mask & key_mask.astype(bool)[:, None, None, :]
-    cross_mask = encoder_mask.astype(bool)[:, None, None, :]
+    bias, self_mask, cross_mask = _decoder_bias_and_masks(cfg, self.relative_attention_bias, first, x.shape[1],
+                                                          num_slots, key_mask, encoder_mask)
     x, new = self.layers(x.astype(cfg.dtype), bias, self_mask, cross_mask, first, state)
     return self.final_norm(x), new
+
+
+def _decoder_bias_and_masks(cfg, table, first, num_tokens: int, num_slots: int, key_mask, encoder_mask):
+  """Decoder tokens at positions first .. first + num_tokens - 1 over num_slots self-attention slots: the
+  self-attention position bias [1, heads, T, S] from `table`, the causal self mask (and key_mask [B, S], or None)
+  and the cross mask of encoder_mask [B, S_enc]."""
+  queries = first + jnp.arange(num_tokens)
+  slots = jnp.arange(num_slots)
+  buckets = relative_position_bucket(slots[None, :] - queries[:, None], bidirectional=False,
+                                     num_buckets=cfg.relative_attention_num_buckets,
+                                     max_distance=cfg.relative_attention_max_distance)
+  self_mask = (slots[None, :] <= queries[:, None])[None, None]
+  if key_mask is not None:
+    self_mask = self_mask & key_mask.astype(bool)[:, None, None, :]
+  return _position_bias(table, buckets), self_mask, encoder_mask.astype(bool)[:, None, None, :]
 
 
 # --- the model -----------------------------------------------------------------------------------------------
@@ -404,8 +411,7 @@ class T5ForConditionalGeneration(nn.Module):
 
 def split_layers(params) -> list:
   """The scanned decoder layers' parameters [layers, ...] as one tree per layer, for `decode_step`."""
-  stacked = params["decoder"]["layers"]
-  return [jax.tree.map(lambda a, i=i: a[i], stacked) for i in range(jax.tree.leaves(stacked)[0].shape[0])]
+  return layers.unstack(params["decoder"]["layers"])
 
 
 def split_cache(cache) -> list:
@@ -422,14 +428,9 @@ def decode_step(model: T5ForConditionalGeneration, params, layer_params: list, d
   [B, S_enc]. Returns (logits [B, T, vocab] float32, the updated caches)."""
   cfg = model.cfg
   x = model.apply({"params": params}, decoder_ids, method="embed").astype(cfg.dtype)
-  queries = cache_index + jnp.arange(x.shape[1])
-  slots = jnp.arange(caches[0]["self_k"].shape[1])
-  buckets = relative_position_bucket(slots[None, :] - queries[:, None], bidirectional=False,
-                                     num_buckets=cfg.relative_attention_num_buckets,
-                                     max_distance=cfg.relative_attention_max_distance)
-  bias = _position_bias(params["decoder"]["relative_attention_bias"], buckets)
-  self_mask = (slots[None, :] <= queries[:, None])[None, None]
-  cross_mask = encoder_mask.astype(bool)[:, None, None, :]
+  bias, self_mask, cross_mask = _decoder_bias_and_masks(
+      cfg, params["decoder"]["relative_attention_bias"], cache_index, x.shape[1], caches[0]["self_k"].shape[1],
+      None, encoder_mask)
   block = DecoderBlock(cfg)
   new_caches = []
   for lp, cache in zip(layer_params, caches):
