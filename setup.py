@@ -31,8 +31,9 @@ setuptools.setup(
     ],
     extras_require={
         # torch is the numerical reference of the parity tests, and reads LAVIS .pth checkpoints
-        # (blip2_jax.lavis, weights-only); nothing else in the package imports it.
-        "test": ["pytest>=8", "torch==2.13.0"],
+        # (blip2_jax.lavis, weights-only); nothing else in the package imports it. pytest-xdist runs the suite
+        # on two worker processes (pytest.ini): most of its time is single-threaded XLA compilation.
+        "test": ["pytest>=8", "pytest-xdist>=3.5", "torch==2.13.0"],
         "lavis": ["torch>=2.4"],
     },
 )

@@ -42,6 +42,17 @@ def tiny_data_dir(tmp_path_factory):
   return str(tmp_path_factory.mktemp("tiny_tfds"))
 
 
+# pytest.ini runs the suite on pytest-xdist workers with --dist=loadgroup: each test file is one group, so a
+# module-scoped fixture is built once; the files that read `stage1_workdir` share a group, so it is built once too.
+SHARED_GROUPS = {"test_train": "stage1_workdir", "test_pretrained": "stage1_workdir"}
+
+
+@pytest.hookimpl(tryfirst=True)  # before xdist's own hook, which reads the marks
+def pytest_collection_modifyitems(items):
+  for item in items:
+    item.add_marker(pytest.mark.xdist_group(SHARED_GROUPS.get(item.path.stem, item.path.stem)))
+
+
 STAGE1_STEPS = 8  # stage1_workdir: steps, checkpoints every STAGE1_STEPS // 2
 
 
