@@ -21,7 +21,8 @@ forward graphs (before partitioning, so they are the global batch's FLOPs on any
   the gradient to its input, the soft prompt, which costs about one more forward).
   The LLM's forward is the whole stage-2 loss graph minus the ViT and Q-Former graphs.
 Stage 2 also reports vit_forward_s, the frozen ViT's forward on the batch timed alone (with --compare, beside
-transformers' vision_model forward): the step's image-encoder share, the rest being Q-Former and LLM.
+transformers' vision_model forward): the step's image-encoder share, the rest being Q-Former and LLM. On a GPU
+with a bfloat16 ViT it also reports vit_forward_cudnn_attention_s, the same forward with model.vit.attention='cudnn'.
 MFU divides the achieved model FLOP/s by the devices' dense bf16 peak where it is known.
 
 --mode=generate (stage 2): greedy captioning through the jitted BLIP-2 generation path of tasks.py (soft prompt +
@@ -62,6 +63,7 @@ import numpy as np
 from blip2_jax import cli
 from blip2_jax import partitioning
 from blip2_jax import train
+from blip2_jax.models import vit as vit_lib
 
 FLAGS = flags.FLAGS
 
@@ -203,8 +205,16 @@ def run(config, steps: int, devices=None) -> dict:
   jax.block_until_ready((state, metrics))
   step_s = (time.perf_counter() - t0) / steps
   loss = float(jax.device_get(metrics["loss"]))
-  vit_s = (_time_vit_forward(setup, partitioning.merge(state["params"], frozen), batch["image"], steps)
-           if stage2 else None)
+  vit_s = vit_cudnn_s = None
+  if stage2:
+    params = partitioning.merge(state["params"], frozen)
+    vit_s = _time_vit_forward(setup.model.cfg.vit, params, batch["image"], steps)
+    if jax.default_backend() == "gpu" and setup.model.cfg.vit.dtype in ("bfloat16", "float16"):
+      # The same forward with cuDNN's fused attention (model.vit.attention='cudnn'), for choosing the default.
+      try:
+        vit_cudnn_s = round(_time_vit_forward(setup.model.cfg.vit, params, batch["image"], steps, "cudnn"), 4)
+      except Exception as e:  # pylint: disable=broad-except
+        vit_cudnn_s = f"failed: {str(e).splitlines()[0][:200]}"
 
   n, device = setup.mesh.devices.size, setup.mesh.devices.flat[0]
   peak = peak_flops(device)
@@ -220,23 +230,23 @@ def run(config, steps: int, devices=None) -> dict:
       "mfu": None if peak is None else round(model_flops / step_s / (peak * n), 4),
       "peak_tflop_per_s_per_device": None if peak is None else peak / 1e12,
       **({} if vit_s is None else {"vit_forward_s": round(vit_s, 4)}),
+      **({} if vit_cudnn_s is None else {"vit_forward_cudnn_attention_s": vit_cudnn_s}),
   }
 
 
-def _time_vit_forward(setup, params, images, steps: int) -> float:
+def _time_vit_forward(vit_cfg, params, images, steps: int, attention: str | None = None) -> float:
   """Seconds of the frozen ViT's forward on the batch's images alone (its own jitted program): the step's share
-  that is the image encoder, beside transformers' vision_model forward (the rest is Q-Former and LLM)."""
-  model = setup.model
-
-  @jax.jit
-  def vit(p, x):
-    return model.apply({"params": p}, x, method=lambda m, x: m.visual_encoder(x))
-
-  out = vit(params, images)
-  jax.block_until_ready(out)
+  that is the image encoder, beside transformers' vision_model forward (the rest is Q-Former and LLM).
+  attention: a `model.vit.attention` to use instead of the config's."""
+  cfg = vit_cfg.copy_and_resolve_references()
+  if attention is not None:
+    cfg.attention = attention
+  model, p = vit_lib.VisionTransformer(cfg), params["visual_encoder"]
+  forward = jax.jit(lambda p, x: model.apply({"params": p}, x))
+  jax.block_until_ready(forward(p, images))
   t0 = time.perf_counter()
   for _ in range(steps):
-    out = vit(params, images)
+    out = forward(p, images)
   jax.block_until_ready(out)
   return (time.perf_counter() - t0) / steps
 

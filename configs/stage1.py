@@ -46,7 +46,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.model = ml_collections.ConfigDict(dict(
       # EVA-CLIP ViT-g/14 as BLIP-2 uses it: 39 of the 40 blocks.
       vit=dict(image_size=224, patch_size=14, width=1408, depth=39, num_heads=16, mlp_dim=6144,
-               layer_norm_eps=1e-6, act="gelu", dtype="bfloat16"),
+               layer_norm_eps=1e-6, act="gelu", dtype="bfloat16",
+               # "cudnn": cuDNN's fused attention kernel (NVIDIA GPUs, bfloat16); "xla" runs everywhere.
+               attention="xla"),
       # BERT-base with cross-attention every 2nd layer; vocab = bert-base-uncased + [DEC].
       qformer=dict(vocab_size=30523, hidden_size=768, num_layers=12, num_heads=12, intermediate_size=3072,
                    cross_attention_freq=2, max_position_embeddings=512, layer_norm_eps=1e-12,

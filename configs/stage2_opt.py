@@ -61,7 +61,9 @@ def stage2_config(kind: str, variant: str) -> ml_collections.ConfigDict:
   # --- model ------------------------------------------------------------------------------------------------
   c.model = ml_collections.ConfigDict(dict(
       vit=dict(image_size=224, patch_size=14, width=1408, depth=39, num_heads=16, mlp_dim=6144,
-               layer_norm_eps=1e-6, act="gelu", dtype="bfloat16"),
+               layer_norm_eps=1e-6, act="gelu", dtype="bfloat16",
+               # "cudnn": cuDNN's fused attention kernel (NVIDIA GPUs, bfloat16); "xla" runs everywhere.
+               attention="xla"),
       # The query side of the stage-1 Q-Former (its text parts are dropped).
       qformer=dict(vocab_size=30523, hidden_size=768, num_layers=12, num_heads=12, intermediate_size=3072,
                    cross_attention_freq=2, max_position_embeddings=512, layer_norm_eps=1e-12,

@@ -11,9 +11,10 @@ import numpy as np
 import pytest
 import chex
 
+from blip2_jax.models import layers
 from blip2_jax.models import masks
 from blip2_jax.models.blip2 import Blip2Qformer
-from blip2_jax.models.vit import _torch_bicubic_matrix, interpolate_pos_embed
+from blip2_jax.models.vit import VisionTransformer, _torch_bicubic_matrix, interpolate_pos_embed
 
 # XLA's backend optimisations buy nothing at this size and double the compile time, which is most of this
 # file's runtime on CPU.
@@ -147,6 +148,30 @@ def test_vision_transformer_shapes_and_position_interpolation(m, base):
     chex.assert_tree_all_finite(out48)
     with pytest.raises(ValueError, match="patch size"):
         jax.eval_shape(lambda p, x: m.model.apply({"params": p}, x, method=vit), m.params, jnp.ones((B, 36, 36, 3)))
+
+
+def test_attention_is_jax_dot_product_attention():
+    # model.vit.attention='cudnn' swaps in jax.nn.dot_product_attention's fused kernel, so ours must be the same
+    # function as that API (here its XLA implementation), with and without a mask.
+    rng = np.random.default_rng(0)
+    q, k, v = (jnp.asarray(rng.normal(size=(2, n, 3, 8)), jnp.float32) for n in (5, 7, 7))
+    mask = jnp.asarray(rng.random((2, 1, 5, 7)) < 0.7).at[..., 0].set(True)
+    for m_ in (None, mask):
+        ours = layers.attention(q, k, v, m_)
+        ref = jax.nn.dot_product_attention(q, k, v, mask=m_, implementation="xla")
+        np.testing.assert_allclose(np.asarray(ours), np.asarray(ref), rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="'flash' is not one of"):
+        layers.attention(q, k, v, implementation="flash")
+    with pytest.raises(ValueError, match="without a mask"):
+        layers.attention(q, k, v, mask, implementation="cudnn")
+
+
+@pytest.mark.skipif(jax.default_backend() == "gpu", reason="checks the error off a GPU")
+def test_vit_cudnn_attention_off_a_gpu_is_one_clear_error():
+    cfg = make_cfg().vit
+    cfg.attention = "cudnn"
+    with pytest.raises(ValueError, match=r"model.vit.attention='cudnn' needs an NVIDIA GPU .* backend 'cpu'"):
+        jax.eval_shape(VisionTransformer(cfg).init, jax.random.PRNGKey(0), jnp.ones((1, S, S, 3)))
 
 
 def test_interpolate_pos_embed_is_identity_on_the_same_grid_and_keeps_cls():

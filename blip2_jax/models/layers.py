@@ -52,12 +52,24 @@ def unstack(stacked) -> list:
   return [jax.tree.map(lambda a, i=i: a[i], stacked) for i in range(jax.tree.leaves(stacked)[0].shape[0])]
 
 
-def attention(q, k, v, mask=None, *, dropout_rate=0.0, deterministic=True, dropout_rng=None):
+ATTENTION_IMPLEMENTATIONS = ("xla", "cudnn")
+
+
+def attention(q, k, v, mask=None, *, dropout_rate=0.0, deterministic=True, dropout_rng=None,
+              implementation: str = "xla"):
   """Multi-head scaled dot-product attention.
 
   q: [B, Lq, H, Dh]; k, v: [B, Lk, H, Dh]; mask: bool, broadcastable to [B, H, Lq, Lk], True = may attend.
   Softmax runs in float32; the output has q's dtype.
+  implementation: "xla" (below, any backend) or "cudnn" (jax.nn.dot_product_attention's fused cuDNN kernel: an
+  NVIDIA GPU, bfloat16/float16 inputs, no mask or dropout; used by the frozen ViT, `model.vit.attention`).
   """
+  if implementation == "cudnn":
+    if mask is not None or (dropout_rate > 0.0 and not deterministic):
+      raise ValueError("attention implementation 'cudnn' is used here without a mask or dropout only.")
+    return jax.nn.dot_product_attention(q, k, v, implementation="cudnn")
+  if implementation != "xla":
+    raise ValueError(f"attention implementation {implementation!r} is not one of {ATTENTION_IMPLEMENTATIONS}.")
   scale = q.shape[-1] ** -0.5
   logits = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32) * scale
   if mask is not None:

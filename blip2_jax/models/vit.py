@@ -4,6 +4,7 @@ Pre-norm blocks, fused qkv with biases on q and v only, exact GELU, no layer-sca
 features leave the last block raw and `ln_vision` (owned by the BLIP-2 model, trainable) normalises them.
 """
 import flax.linen as nn
+import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
@@ -83,7 +84,11 @@ class Attention(nn.Module):
     q = (q + q_bias.astype(q.dtype)).reshape(b, n, heads, d // heads)
     k = k.reshape(b, n, heads, d // heads)
     v = (v + v_bias.astype(v.dtype)).reshape(b, n, heads, d // heads)
-    out = layers.attention(q, k, v).reshape(b, n, d)
+    impl = cfg.get("attention", "xla")
+    if impl == "cudnn" and (jax.default_backend() != "gpu" or q.dtype not in (jnp.bfloat16, jnp.float16)):
+      raise ValueError(f"model.vit.attention='cudnn' needs an NVIDIA GPU and a bfloat16 or float16 model.vit.dtype; "
+                       f"this run has backend {jax.default_backend()!r} and dtype {q.dtype}. Use 'xla'.")
+    out = layers.attention(q, k, v, implementation=impl).reshape(b, n, d)
     return layers.dense(d, ("heads", "vit_embed"), dtype=cfg.dtype, name="proj")(out)
 
 
@@ -103,7 +108,8 @@ class Block(nn.Module):
 class VisionTransformer(nn.Module):
   """images [B, S, S, 3] (CLIP-normalised) -> features [B, 1 + (S/p)^2, width] before ln_vision.
 
-  cfg: image_size, patch_size, width, depth, num_heads, mlp_dim, layer_norm_eps, act, dtype.
+  cfg: image_size, patch_size, width, depth, num_heads, mlp_dim, layer_norm_eps, act, dtype, and optionally
+  attention ("xla", the default, or "cudnn": cuDNN's fused kernel on an NVIDIA GPU in bfloat16).
   """
   cfg: ml_collections.ConfigDict
 
