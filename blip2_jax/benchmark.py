@@ -63,6 +63,7 @@ import numpy as np
 from blip2_jax import cli
 from blip2_jax import partitioning
 from blip2_jax import train
+from blip2_jax.models import layers
 from blip2_jax.models import vit as vit_lib
 
 FLAGS = flags.FLAGS
@@ -209,7 +210,7 @@ def run(config, steps: int, devices=None) -> dict:
   if stage2:
     params = partitioning.merge(state["params"], frozen)
     vit_s = _time_vit_forward(setup.model.cfg.vit, params, batch["image"], steps)
-    if jax.default_backend() == "gpu" and setup.model.cfg.vit.dtype in ("bfloat16", "float16"):
+    if layers.cudnn_attention_available(setup.model.cfg.vit.dtype):
       # The same forward with cuDNN's fused attention (model.vit.attention='cudnn'), for choosing the default.
       try:
         vit_cudnn_s = round(_time_vit_forward(setup.model.cfg.vit, params, batch["image"], steps, "cudnn"), 4)

@@ -23,8 +23,6 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIGS = {"opt": stage2_opt, "t5": stage2_t5}
 
 
-_env = one_device_env
-
 
 @pytest.fixture(scope="module")
 def workdirs(tiny_data_dir, tmp_path_factory):
@@ -34,7 +32,7 @@ def workdirs(tiny_data_dir, tmp_path_factory):
     workdir = str(tmp_path_factory.mktemp(f"stage2_{kind}"))
     r = subprocess.run([sys.executable, "-m", "blip2_jax.train", f"--config=configs/stage2_{kind}.py:tiny",
                         f"--workdir={workdir}", f"--config.data.data_dir={tiny_data_dir}"],
-                       cwd=REPO, capture_output=True, text=True, timeout=900, env=_env())
+                       cwd=REPO, capture_output=True, text=True, timeout=900, env=one_device_env())
     assert r.returncode == 0, r.stderr[-3000:]
     with open(os.path.join(workdir, "metrics.jsonl"), encoding="utf-8") as f:
       out[kind] = (workdir, [json.loads(line) for line in f])
@@ -78,7 +76,7 @@ def test_workdir_generates_and_exports_to_transformers(workdirs, kind, tmp_path)
   assert len(captions) == 2 and all(isinstance(c, str) for c in captions)
 
   r = subprocess.run([sys.executable, "-m", "blip2_jax.export", f"--workdir={workdir}", f"--out={tmp_path / 'hf'}"],
-                     cwd=REPO, capture_output=True, text=True, timeout=600, env=_env())
+                     cwd=REPO, capture_output=True, text=True, timeout=600, env=one_device_env())
   assert r.returncode == 0, r.stderr[-3000:]
   hf = transformers.Blip2ForConditionalGeneration.from_pretrained(tmp_path / "hf").eval()
   tok = model.tokenizer
@@ -106,7 +104,7 @@ def test_workdir_generates_and_exports_to_transformers(workdirs, kind, tmp_path)
 
 def _cli(*args):
   return subprocess.run([sys.executable, "-m", "blip2_jax.generate", *args], cwd=REPO, capture_output=True,
-                        text=True, timeout=600, env=_env())
+                        text=True, timeout=600, env=one_device_env())
 
 
 def test_generate_cli_folder_with_mixed_sizes_and_a_corrupt_image(workdirs, tmp_path):

@@ -55,6 +55,11 @@ def unstack(stacked) -> list:
 ATTENTION_IMPLEMENTATIONS = ("xla", "cudnn")
 
 
+def cudnn_attention_available(dtype) -> bool:
+  """Whether `attention(..., implementation="cudnn")` can run here on inputs of `dtype`: an NVIDIA GPU, 16 bits."""
+  return jax.default_backend() == "gpu" and jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16)
+
+
 def attention(q, k, v, mask=None, *, dropout_rate=0.0, deterministic=True, dropout_rng=None,
               implementation: str = "xla"):
   """Multi-head scaled dot-product attention.
