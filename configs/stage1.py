@@ -34,6 +34,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.global_batch_size = 1680                 # ViT-g (paper); ViT-L used 2320
   c.log_every = 50
   c.eval_every = 10_000                      # 0 = only at the end
+  # Logged steps in a row with loss_itc within 1% of log(global batch), after warmup, before the trainer warns
+  # that the Q-Former looks collapsed (blip2_jax/collapse.py); 0 = never.
+  c.collapse_patience = 10
   c.checkpoint_every = 5_000
   c.keep_checkpoints = 3
 
@@ -52,7 +55,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       # BERT-base with cross-attention every 2nd layer; vocab = bert-base-uncased + [DEC].
       qformer=dict(vocab_size=30523, hidden_size=768, num_layers=12, num_heads=12, intermediate_size=3072,
                    cross_attention_freq=2, max_position_embeddings=512, layer_norm_eps=1e-12,
-                   dropout_rate=0.1, dtype="bfloat16"),  # fp32 master weights, bf16 compute
+                   dropout_rate=0.1, dtype="bfloat16",  # fp32 master weights, bf16 compute
+                   # std of the randomly initialised weights (BERT's; the cross-attention and heads start so
+                   # in LAVIS, the rest comes from bert-base-uncased)
+                   init_std=0.02),
       num_query_tokens=32, embed_dim=256, ln_vision_eps=1e-5,
       itc_label_smoothing=0.1, itg_label_smoothing=0.1,
       bos_token_id=-1,  # filled from the tokenizer's [DEC] at start-up
@@ -77,7 +83,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       num_threads=16, prefetch=4, eval_max_examples=ml_collections.config_dict.placeholder(int)))
 
   # --- retrieval evaluation (ITC top-k, then ITM rerank) ------------------------------------------------------
-  c.eval = ml_collections.ConfigDict(dict(k_test=128, batch_size=256))
+  # during_training_images: evaluations before the last step use the split's first N images only (logged as
+  # eval_N/...), 0 = the whole split every time; the last step always evaluates the whole split (eval/...).
+  c.eval = ml_collections.ConfigDict(dict(k_test=128, batch_size=256, during_training_images=0))
 
   # --- sharding: mesh axes (-1 = fill) and logical-axis rules -------------------------------------------------
   c.sharding = ml_collections.ConfigDict(dict(
@@ -94,22 +102,26 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 
 def _demo(c, tiny: bool):
   """Sized for a 2-core CPU: 1,000 steps of batch 64 on a small random frozen ViT and a small Q-Former."""
-  c.total_steps = 16 if tiny else 1000
+  c.total_steps = 16 if tiny else 800
   c.global_batch_size = 16 if tiny else 64
   c.log_every = 4 if tiny else 25
-  c.eval_every = 0
-  c.checkpoint_every = 8 if tiny else 250
+  c.eval_every = 0 if tiny else 200
+  c.checkpoint_every = 8 if tiny else 200
   c.keep_checkpoints = 2
-  # Small models, few steps: a larger peak lr than the paper's. At batch 64, 3e-3 is about the edge: runs
-  # at 2e-3 with 100 warmup steps sometimes stalled at chance (ITC loss = log 64) for good.
+  # Small models, few steps: a larger peak lr than the paper's.
   c.optimizer.lr = 3e-3
-  c.optimizer.warmup_steps = 2 if tiny else 50
+  c.optimizer.warmup_steps = 2 if tiny else 100
   c.optimizer.min_lr = 1e-5
   c.model.vit.update(dict(image_size=48, patch_size=8, width=96, depth=1, num_heads=4, mlp_dim=192,
                           dtype="float32"))
   c.model.qformer.update(dict(vocab_size=0, hidden_size=96, num_layers=2, num_heads=4,
                               intermediate_size=192, cross_attention_freq=1, max_position_embeddings=32,
                               dropout_rate=0.0, dtype="float32"))
+  # BERT's init std 0.02 belongs to width 768. At width 96 it makes every projection ~sqrt(8) times too small:
+  # the Q-Former starts input-independent (queries and text [CLS] the same for every input) and ITC's gradient
+  # is ~1000x below ITG's, so runs escaped chance or not by luck. Keeping BERT-base's activation scale
+  # (std x sqrt(768 / width)) starts every run with input-dependent features (README, "Stability").
+  c.model.qformer.init_std = 0.02 * (768 / c.model.qformer.hidden_size) ** 0.5
   c.model.num_query_tokens = 8
   c.model.embed_dim = 64
   c.frozen_dtype = "float32"
@@ -125,4 +137,5 @@ def _demo(c, tiny: bool):
     c.model.embed_dim = 16
     c.data.builder_kwargs = {"num_train": 256, "num_test": 64}
   c.eval.k_test = 8 if tiny else 16
+  c.eval.during_training_images = 200
   c.eval.batch_size = 64 if tiny else 256

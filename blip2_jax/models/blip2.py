@@ -10,7 +10,7 @@ import ml_collections
 
 from blip2_jax import losses
 from blip2_jax.models import layers, masks
-from blip2_jax.models.qformer import QFormer
+from blip2_jax.models.qformer import QFormer, init_std
 from blip2_jax.models.vit import VisionTransformer
 
 
@@ -24,7 +24,8 @@ def _setup_image_side(model):
   cfg = model.cfg
   model.visual_encoder = VisionTransformer(cfg.vit)
   model.ln_vision = layers.layer_norm(cfg.ln_vision_eps)
-  model.query_tokens = model.param("query_tokens", layers.logical(layers.default_init, (None, None, "embed")),
+  model.query_tokens = model.param("query_tokens", layers.logical(nn.initializers.normal(init_std(cfg.qformer)),
+                                                                   (None, None, "embed")),
                                    (1, cfg.num_query_tokens, cfg.qformer.hidden_size), jnp.float32)
   model.qformer = QFormer(cfg.qformer)
 
@@ -51,9 +52,10 @@ class Blip2Qformer(nn.Module):
   def setup(self):
     cfg = self.cfg
     _setup_image_side(self)
-    self.vision_proj = layers.dense(cfg.embed_dim, ("embed", None))
-    self.text_proj = layers.dense(cfg.embed_dim, ("embed", None))
-    self.itm_head = layers.dense(2, ("embed", None))
+    std = init_std(cfg.qformer)
+    self.vision_proj = layers.dense(cfg.embed_dim, ("embed", None), init_std=std)
+    self.text_proj = layers.dense(cfg.embed_dim, ("embed", None), init_std=std)
+    self.itm_head = layers.dense(2, ("embed", None), init_std=std)
     # Learnable temperature, 0.07 at init and not clamped (reference).
     self.temp = self.param("temp", layers.logical(nn.initializers.constant(0.07), ()), (), jnp.float32)
 
@@ -158,7 +160,7 @@ class Blip2LLM(nn.Module):
   def setup(self):
     cfg = self.cfg
     _setup_image_side(self)
-    self.language_projection = layers.dense(_llm_width(cfg.llm), ("embed", None))
+    self.language_projection = layers.dense(_llm_width(cfg.llm), ("embed", None), init_std=init_std(cfg.qformer))
     if cfg.llm.kind == "opt":
       from blip2_jax.models import opt  # pylint: disable=g-import-not-at-top
       self.language_model = opt.OPTForCausalLM(cfg.llm)

@@ -20,10 +20,11 @@ def logical(init, axes: Sequence[str | None]):
 
 
 def dense(features: int, axes: tuple[str | None, str | None], *, use_bias: bool = True,
-          dtype: Dtype = jnp.float32, name: str | None = None) -> nn.Dense:
-  """nn.Dense whose kernel carries logical axes (in_axis, out_axis) and bias (out_axis,); fp32 master weights."""
+          dtype: Dtype = jnp.float32, init_std: float = 0.02, name: str | None = None) -> nn.Dense:
+  """nn.Dense whose kernel carries logical axes (in_axis, out_axis) and bias (out_axis,); fp32 master weights.
+  The kernel starts N(0, init_std^2)."""
   return nn.Dense(features, use_bias=use_bias, dtype=dtype, param_dtype=jnp.float32,
-                  kernel_init=logical(default_init, axes),
+                  kernel_init=logical(nn.initializers.normal(stddev=init_std), axes),
                   bias_init=logical(nn.initializers.zeros, (axes[1],)), name=name)
 
 

@@ -17,6 +17,12 @@ import ml_collections
 from blip2_jax.models import layers
 
 
+def init_std(cfg) -> float:
+  """The std of the Q-Former's random weights: `init_std` (BERT's 0.02 when unset). Only a randomly initialised
+  Q-Former reads it; pretrained weights replace it."""
+  return cfg.get("init_std", 0.02)
+
+
 class MultiHeadAttention(nn.Module):
   """BERT attention block: q/k/v -> attention -> dense -> dropout -> LayerNorm(x + .)."""
   cfg: ml_collections.ConfigDict
@@ -28,9 +34,10 @@ class MultiHeadAttention(nn.Module):
     b, lq, d = x.shape
     h = cfg.num_heads
     split = lambda t: t.reshape(t.shape[0], t.shape[1], h, d // h)
-    q = split(layers.dense(d, ("embed", "heads"), dtype=cfg.dtype, name="query")(x))
-    k = split(layers.dense(d, (self.kv_axis, "heads"), dtype=cfg.dtype, name="key")(kv_inputs))
-    v = split(layers.dense(d, (self.kv_axis, "heads"), dtype=cfg.dtype, name="value")(kv_inputs))
+    std = init_std(cfg)
+    q = split(layers.dense(d, ("embed", "heads"), dtype=cfg.dtype, init_std=std, name="query")(x))
+    k = split(layers.dense(d, (self.kv_axis, "heads"), dtype=cfg.dtype, init_std=std, name="key")(kv_inputs))
+    v = split(layers.dense(d, (self.kv_axis, "heads"), dtype=cfg.dtype, init_std=std, name="value")(kv_inputs))
     new_kv = (k, v)
     if prefix_kv is not None:  # cached query keys/values come first (ITG)
       k = jnp.concatenate([prefix_kv[0], k], axis=1)
@@ -38,7 +45,7 @@ class MultiHeadAttention(nn.Module):
     rng = None if deterministic or cfg.dropout_rate == 0 else self.make_rng("dropout")
     out = layers.attention(q, k, v, mask, dropout_rate=cfg.dropout_rate, deterministic=deterministic,
                            dropout_rng=rng).reshape(b, lq, d)
-    out = layers.dense(d, ("heads", "embed"), dtype=cfg.dtype, name="output")(out)
+    out = layers.dense(d, ("heads", "embed"), dtype=cfg.dtype, init_std=std, name="output")(out)
     out = nn.Dropout(cfg.dropout_rate)(out, deterministic=deterministic)
     out = layers.layer_norm(cfg.layer_norm_eps, name="output_norm")(out + x)
     return out, new_kv
@@ -50,9 +57,10 @@ class FeedForward(nn.Module):
   @nn.compact
   def __call__(self, x, *, deterministic=True):
     cfg = self.cfg
-    h = layers.dense(cfg.intermediate_size, ("embed", "mlp"), dtype=cfg.dtype, name="intermediate")(x)
+    std = init_std(cfg)
+    h = layers.dense(cfg.intermediate_size, ("embed", "mlp"), dtype=cfg.dtype, init_std=std, name="intermediate")(x)
     h = layers.gelu(h)
-    h = layers.dense(x.shape[-1], ("mlp", "embed"), dtype=cfg.dtype, name="output")(h)
+    h = layers.dense(x.shape[-1], ("mlp", "embed"), dtype=cfg.dtype, init_std=std, name="output")(h)
     h = nn.Dropout(cfg.dropout_rate)(h, deterministic=deterministic)
     return layers.layer_norm(cfg.layer_norm_eps, name="output_norm")(h + x)
 
@@ -92,9 +100,10 @@ class QFormer(nn.Module):
     if cfg.get("text_input", True):
       self.word_embeddings = nn.Embed(
           cfg.vocab_size, cfg.hidden_size, param_dtype=jnp.float32,
-          embedding_init=layers.logical(layers.default_init, ("vocab", "embed")), name="word_embeddings")
+          embedding_init=layers.logical(nn.initializers.normal(init_std(cfg)), ("vocab", "embed")),
+          name="word_embeddings")
       self.position_embeddings = self.param(
-          "position_embeddings", layers.logical(layers.default_init, (None, "embed")),
+          "position_embeddings", layers.logical(nn.initializers.normal(init_std(cfg)), (None, "embed")),
           (cfg.max_position_embeddings, cfg.hidden_size), jnp.float32)
     self.embed_norm = layers.layer_norm(cfg.layer_norm_eps)
     self.embed_dropout = nn.Dropout(cfg.dropout_rate)
@@ -102,7 +111,7 @@ class QFormer(nn.Module):
                    for i in range(cfg.num_layers)]
     if cfg.get("text_input", True) and cfg.get("lm_head", True):
       # BERT's MLM head: transform (dense, gelu, LayerNorm) then the decoder tied to the word embeddings.
-      self.lm_transform = layers.dense(cfg.hidden_size, ("embed", "mlp"), dtype=cfg.dtype)
+      self.lm_transform = layers.dense(cfg.hidden_size, ("embed", "mlp"), dtype=cfg.dtype, init_std=init_std(cfg))
       self.lm_norm = layers.layer_norm(cfg.layer_norm_eps)
       self.lm_bias = self.param("lm_bias", layers.logical(nn.initializers.zeros, ("vocab",)),
                                 (cfg.vocab_size,), jnp.float32)
