@@ -194,14 +194,37 @@ class RetrievalEvaluator:
     self.config, self.setup = config, setup
     self.data = pipeline.load_eval_set(config.data, tokenizer)
     self.scorer = RetrievalScorer(setup.model, config.eval.batch_size)
+    self.i2t, self.shown = None, None  # the last run's image->text scores and its images, for picture()
 
-  def run(self, params) -> dict:
-    d, k = self.data, self.config.eval.k_test
+  def run(self, params, max_images: int | None = None) -> dict:
+    """R@1/5/10 both ways over the split, or over its first max_images images and their texts (a cheaper
+    look during training)."""
+    d, k = _first_images(self.data, max_images), self.config.eval.k_test
     image_embeds, image_feats = self.scorer.embed_images(params, padded_batches(d["images"], self.scorer.batch))
     sims, i2t, t2i = self.scorer.scores(params, image_embeds, image_feats, d["text_ids"], d["text_mask"], k)
     out = {f"eval/{name}": v for name, v in retrieval_metrics(sims, i2t, t2i, d["img2txt"], d["txt2img"]).items()}
     out["eval/num_images"], out["eval/num_texts"] = float(sims.shape[0]), float(sims.shape[1])
+    self.i2t, self.shown = i2t, d
     return out
+
+  def picture(self, n: int = 16):
+    """The last run's first n images, each with its top retrieved caption, green if right, red if wrong."""
+    from blip2_jax import examples  # pylint: disable=g-import-not-at-top
+    d = self.shown
+    return examples.grid(examples.to_uint8(d["images"][:n]),
+                         examples.retrieval_texts(d["captions"], self.i2t, d["img2txt"], n))
+
+
+def _first_images(data: dict, max_images: int | None) -> dict:
+  """The eval set restricted to its first max_images images and the texts that belong to them."""
+  if max_images is None or max_images >= len(data["images"]):
+    return data
+  texts = np.flatnonzero(data["txt2img"] < max_images)
+  new_index = {int(t): i for i, t in enumerate(texts)}
+  return {"images": data["images"][:max_images], "text_ids": data["text_ids"][texts],
+          "text_mask": data["text_mask"][texts], "txt2img": data["txt2img"][texts],
+          "img2txt": [[new_index[t] for t in data["img2txt"][i]] for i in range(max_images)],
+          "captions": [data["captions"][t] for t in texts]}
 
 
 def caption_metrics(predictions: dict, references: dict) -> dict:
@@ -223,20 +246,30 @@ class CaptionEvaluator:
     self.config, self.setup, self.tokenizer = config, setup, tokenizer
     self.data = pipeline.load_eval_set(config.data, tokenizer)
     self.predictions: list[str] = []
+    self.shown = None  # the images (and references) of the last run, for picture()
 
-  def run(self, params) -> dict:
+  def run(self, params, max_images: int | None = None) -> dict:
+    """Scores over the split, or over its first max_images images (a cheaper look during training)."""
     from blip2_jax import tasks  # pylint: disable=g-import-not-at-top
     e = self.config.eval
+    d = _first_images(self.data, max_images)
     preds = []
-    for batch, n in padded_batches(self.data["images"], e.batch_size):  # one compiled program for every batch
+    for batch, n in padded_batches(d["images"], e.batch_size):  # one compiled program for every batch
       preds += tasks.generate_text(self.setup.model, params, self.tokenizer, batch, e.prompt,
                                    max_new_tokens=e.max_new_tokens, min_new_tokens=e.min_new_tokens,
                                    num_beams=e.num_beams, length_penalty=e.length_penalty)[:n]
-    self.predictions = preds
-    refs = {i: [self.data["captions"][t] for t in texts] for i, texts in enumerate(self.data["img2txt"])}
+    self.predictions, self.shown = preds, d
+    refs = {i: [d["captions"][t] for t in texts] for i, texts in enumerate(d["img2txt"])}
     scores = caption_metrics(dict(enumerate(preds)), refs)
     return {"eval/exact_match": scores["exact_match"], "eval/bleu4": scores["bleu4"], "eval/cider": scores["cider"],
             "eval/num_images": float(len(preds))}
+
+  def picture(self, n: int = 16):
+    """The last run's first n images: the generated caption (green if it is a reference) over a reference."""
+    from blip2_jax import examples  # pylint: disable=g-import-not-at-top
+    d = self.shown
+    refs = [[d["captions"][t] for t in texts] for texts in d["img2txt"]]
+    return examples.grid(examples.to_uint8(d["images"][:n]), examples.caption_texts(self.predictions, refs, n))
 
 
 def make_evaluator(config, setup, tokenizer):

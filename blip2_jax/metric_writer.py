@@ -29,6 +29,12 @@ class MetricWriter:
         self._tb.add_scalar(k, v, int(step))
     self._tb.flush()
 
+  def write_image(self, step: int, tag: str, image) -> None:
+    """An RGB uint8 [H, W, 3] image to TensorBoard."""
+    if self.enabled:
+      self._tb.add_image(tag, np.asarray(image), int(step), dataformats="HWC")
+      self._tb.flush()
+
   def close(self) -> None:
     if self.enabled:
       self._jsonl.close()

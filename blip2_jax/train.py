@@ -25,6 +25,7 @@ from flax import traverse_util
 
 from blip2_jax import cli
 from blip2_jax import checkpointing
+from blip2_jax import collapse
 from blip2_jax import optim
 from blip2_jax import partitioning
 from blip2_jax.data import pipeline
@@ -323,6 +324,22 @@ def make_train_step(setup: Setup):
                  donate_argnums=(0,))
 
 
+def make_image_gain_fn(setup: Setup):
+  """Stage 2's collapse check (collapse.py): the loss on a batch with its images shifted by one, minus the loss
+  with the right images; about zero when the soft prompts carry nothing about the image. Run at logged steps."""
+  model = setup.model
+
+  def image_gain(params, frozen, batch):
+    variables = {"params": partitioning.merge(params, frozen)}
+    loss = model.apply(variables, batch, train=False, method="losses")["loss"]
+    shifted = dict(batch, image=jnp.roll(batch["image"], 1, axis=0))
+    return model.apply(variables, shifted, train=False, method="losses")["loss"] - loss
+
+  return jax.jit(image_gain, in_shardings=(setup.state_shardings["params"], setup.frozen_shardings,
+                                           setup.batch_sharding),
+                 out_shardings=partitioning.replicated(setup.mesh))
+
+
 def global_batch(local_batch: dict, sharding) -> dict:
   """Each process holds its own rows; together they form the global batch, sharded over the mesh."""
   return {k: jax.make_array_from_process_local_data(sharding, v) for k, v in local_batch.items()}
@@ -380,13 +397,19 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, devices=
   train_step = make_train_step(setup)
   evaluator = evaluate.make_evaluator(config, setup, tokenizer)
   writer = MetricWriter(workdir)
+  guard = collapse.CollapseGuard(global_batch_size=config.global_batch_size,
+                                 warmup_steps=config.optimizer.warmup_steps,
+                                 patience=config.collapse_patience, stage2=is_stage2(config))
+  image_gain = make_image_gain_fn(setup) if is_stage2(config) and config.collapse_patience else None
 
   # 3. The loop. Metrics of step s are read back after step s+1 is dispatched, so the host never stalls the
   # device; a checkpoint is written only after its step's loss was seen to be finite.
   step = int(jax.device_get(state["step"]))
   progress = _progress_bar(step, config.total_steps)
   try:
-    last = _loop(config, setup, state, frozen, step, train_iter, train_step, evaluator, mngr, writer, progress)
+    last = _loop(config, setup, state, frozen, step, train_iter, train_step, evaluator, mngr, writer, progress,
+                 guard, image_gain)
+    _write_examples(workdir, evaluator, writer, config.total_steps)
   finally:
     # Also on an error: let the checkpoints already queued finish writing, so nothing saved is lost.
     progress.close()
@@ -396,7 +419,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, devices=
   return last
 
 
-def _loop(config, setup, state, frozen, step, train_iter, train_step, evaluator, mngr, writer, progress):
+def _loop(config, setup, state, frozen, step, train_iter, train_step, evaluator, mngr, writer, progress, guard,
+          image_gain):
   """One batch at a time from the iterator through the update; logging, checkpoints and evaluation."""
   start_step, t0, last = step, time.time(), {}
   pending = None
@@ -414,6 +438,9 @@ def _loop(config, setup, state, frozen, step, train_iter, train_step, evaluator,
       dt = time.time() - t0
       last["samples_per_s"] = (step - start_step) * config.global_batch_size / max(dt, 1e-9)
       last["skipped_images"] = pipeline.num_skipped_images()
+      if image_gain is not None:
+        last["lm_image_gain"] = float(image_gain(state["params"], frozen, batch))
+      guard.update(step, last)
       start_step, t0 = step, time.time()
       writer.write(step, last)
       progress.set_postfix(loss=f"{last['loss']:.3f}", samples_per_s=f"{last['samples_per_s']:.0f}")
@@ -425,13 +452,35 @@ def _loop(config, setup, state, frozen, step, train_iter, train_step, evaluator,
         last = _check_finite(*pending)
         pending = None
       checkpointing.save(mngr, step, state, train_iter.get_state())
-    if (config.eval_every and step % config.eval_every == 0) or is_last:
-      eval_metrics = evaluator.run(partitioning.merge(state["params"], frozen))
-      writer.write(step, eval_metrics)
-      last.update(eval_metrics)
-      log.info("step %d: %s", step, {k: round(v, 4) for k, v in eval_metrics.items()})
+    evaluate_now = bool(config.eval_every) and step % config.eval_every == 0
+    if evaluate_now or is_last:
+      params = partitioning.merge(state["params"], frozen)
+      n = config.eval.during_training_images
+      if evaluate_now and n:
+        # A cheap look on the split's first n images, every eval_every steps, as a curve of its own (eval_N/).
+        _log_eval(step, {k.replace("eval/", f"eval_{n}/", 1): v for k, v in evaluator.run(params, n).items()},
+                  writer, last)
+      if is_last or not n:
+        _log_eval(step, evaluator.run(params), writer, last)
       t0 = time.time()  # evaluation time is not training throughput
   return last
+
+
+def _log_eval(step: int, metrics: dict, writer, last: dict):
+  writer.write(step, metrics)
+  last.update(metrics)
+  log.info("step %d: %s", step, {k: round(v, 4) for k, v in metrics.items()})
+
+
+def _write_examples(workdir: str, evaluator, writer, step: int):
+  """WORKDIR/examples.png and the same picture in TensorBoard: the last evaluation's first held-out examples."""
+  if jax.process_index() != 0 or getattr(evaluator, "shown", None) is None:
+    return
+  picture = evaluator.picture()
+  path = os.path.join(workdir, "examples.png")
+  picture.save(path)
+  writer.write_image(step, "examples", np.asarray(picture))
+  log.info("Wrote %s.", path)
 
 
 def _check_finite(step: int, metrics) -> dict:

@@ -50,6 +50,9 @@ def stage2_config(kind: str, variant: str) -> ml_collections.ConfigDict:
   c.global_batch_size = 1920 if kind == "opt" else 1520  # paper
   c.log_every = 50
   c.eval_every = 10_000                      # 0 = only at the end
+  # Logged steps in a row, after warmup, where the LM loss is no lower with the right image than with another
+  # one of the batch before the trainer warns that the Q-Former looks collapsed (blip2_jax/collapse.py); 0 = never.
+  c.collapse_patience = 10
   c.checkpoint_every = 5_000
   c.keep_checkpoints = 3
 
@@ -96,8 +99,10 @@ def stage2_config(kind: str, variant: str) -> ml_collections.ConfigDict:
       prompt_fraction=0.0))
 
   # --- captioning evaluation (paper: beams 5, max 30, min 8 new tokens, prompt "a photo of") ---------------
+  # during_training_images: evaluations before the last step caption the split's first N images only (logged as
+  # eval_N/...), 0 = the whole split every time; the last step always evaluates the whole split (eval/...).
   c.eval = ml_collections.ConfigDict(dict(batch_size=64, prompt="a photo of", num_beams=5, max_new_tokens=30,
-                                          min_new_tokens=8, length_penalty=1.0))
+                                          min_new_tokens=8, length_penalty=1.0, during_training_images=0))
 
   c.sharding = ml_collections.ConfigDict(dict(
       mesh={"data": -1, "fsdp": 1, "tensor": 1},
@@ -116,7 +121,7 @@ def _demo(c, kind: str, tiny: bool):
   c.total_steps = 12 if tiny else 1000
   c.global_batch_size = 16 if tiny else 64
   c.log_every = 4 if tiny else 25
-  c.eval_every = 0
+  c.eval_every = 0 if tiny else 250
   c.checkpoint_every = 6 if tiny else 250
   c.keep_checkpoints = 2
   c.optimizer.update(dict(lr=3e-3, warmup_steps=2 if tiny else 50, min_lr=1e-5))
@@ -137,7 +142,8 @@ def _demo(c, kind: str, tiny: bool):
     # Half the examples in the evaluation's format (prompt -> whole caption): with prefix-LM splits alone the
     # demo's Q-Former learns to continue a caption, and writes whole ones with objects out of order.
     c.data.prompt_fraction = 0.5
-  c.eval.update(dict(batch_size=250, num_beams=1, max_new_tokens=30, min_new_tokens=0))
+  # During training: the first 250 images (one batch, the final evaluation's compiled program).
+  c.eval.update(dict(batch_size=250, num_beams=1, max_new_tokens=30, min_new_tokens=0, during_training_images=250))
   if tiny:
     c.model.vit.update(dict(width=32, depth=1, num_heads=2, mlp_dim=64))
     c.model.qformer.update(dict(hidden_size=32, num_heads=2, intermediate_size=64))

@@ -31,7 +31,8 @@ def workdirs(tiny_data_dir, tmp_path_factory):
   for kind in ("opt", "t5"):
     workdir = str(tmp_path_factory.mktemp(f"stage2_{kind}"))
     r = subprocess.run([sys.executable, "-m", "blip2_jax.train", f"--config=configs/stage2_{kind}.py:tiny",
-                        f"--workdir={workdir}", f"--config.data.data_dir={tiny_data_dir}"],
+                        f"--workdir={workdir}", f"--config.data.data_dir={tiny_data_dir}",
+                        "--config.eval_every=6", "--config.eval.during_training_images=8"],
                        cwd=REPO, capture_output=True, text=True, timeout=900, env=one_device_env())
     assert r.returncode == 0, r.stderr[-3000:]
     with open(os.path.join(workdir, "metrics.jsonl"), encoding="utf-8") as f:
@@ -46,6 +47,13 @@ def test_trains_reports_captions_and_keeps_llm_frozen(workdirs, kind):
   assert losses[-1] < losses[0]
   final = [m for m in metrics if "eval/cider" in m][-1]
   assert {"eval/exact_match", "eval/bleu4", "eval/cider"} <= set(final)
+  # A cheap evaluation on the first 8 images at steps 6 and 12, the whole split at the end, and a picture.
+  assert [(m["step"], m["eval_8/num_images"]) for m in metrics if "eval_8/cider" in m] == [(6, 8), (12, 8)]
+  assert [(m["step"], m["eval/num_images"]) for m in metrics if "eval/cider" in m] == [(12, 32)]
+  assert os.path.getsize(os.path.join(workdir, "examples.png")) > 0
+  # The collapse guard's reading at every logged step: the loss with shifted images minus the loss.
+  gains = [m["lm_image_gain"] for m in metrics if "loss" in m]
+  assert len(gains) == 3 and all(np.isfinite(gains))
   # The frozen LLM (and ViT) are the demo LLM's / init values, and only the Q-Former side is in the optimizer.
   model = Blip2.from_workdir(workdir, devices=jax.devices()[:1])
   params = traverse_util.flatten_dict(jax.device_get(model.params), sep="/")

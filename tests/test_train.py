@@ -209,9 +209,21 @@ def test_non_finite_loss_stops_naming_the_step_and_keeps_last_checkpoint(data_di
 def test_misspelt_config_key_is_one_clear_error(tmp_path):
   r = subprocess.run([sys.executable, "-m", "blip2_jax.train", "--config=configs/stage1.py:tiny",
                       f"--workdir={tmp_path}", "--config.optimzer.lr=1e-3"],
-                     cwd=REPO, capture_output=True, text=True, timeout=120)
+                     cwd=REPO, capture_output=True, text=True, timeout=600)
   assert r.returncode != 0
   assert "optimzer" in r.stderr and "Traceback" not in r.stderr
+
+
+@pytest.mark.parametrize("config, expected", [
+    ("configs/stage1.py:demoo", "--config=configs/stage1.py:demoo: Unknown variant 'demoo' of configs/stage1.py"),
+    ("configs/stage9.py:demo", "--config=configs/stage9.py:demo: no config file 'configs/stage9.py'"),
+])
+def test_unknown_config_variant_or_file_is_one_line(tmp_path, config, expected):
+  r = subprocess.run([sys.executable, "-m", "blip2_jax.train", f"--config={config}", f"--workdir={tmp_path}"],
+                     cwd=REPO, capture_output=True, text=True, timeout=600)
+  assert r.returncode != 0
+  assert r.stderr.strip().splitlines()[-1].startswith(f"error: {expected}")
+  assert "Traceback" not in r.stderr and not os.listdir(tmp_path)
 
 
 def test_missing_vision_weights_is_one_clear_error(data_dir, tmp_path):
@@ -265,3 +277,38 @@ def test_trainer_reads_frozen_vit_from_hf_blip2_checkpoint(data_dir, tmp_path):
   step = train.make_train_step(setup)
   state, _ = step(state, frozen, train.global_batch(random_batch(config, len(tok)), setup.batch_sharding))
   chex.assert_trees_all_equal(jax.device_get(frozen), before)
+
+
+def test_collapsed_itc_warns_once_and_training_goes_on(data_dir, tmp_path, monkeypatch, caplog):
+  """After warmup, loss_itc at log(global batch) for collapse_patience logged steps: one warning, no stop.
+  The same run evaluates on the split's first images every eval_every steps (eval_N/) and on all of it at the
+  end (eval/), and writes examples.png."""
+  workdir = str(tmp_path / "collapsed")
+  config = tiny_config(data_dir, total_steps=8, log_every=1, eval_every=4, collapse_patience=3,
+                       **{"optimizer.warmup_steps": 2, "eval.during_training_images": 16})
+  real_make_train_step = train.make_train_step
+
+  def make_train_step_at_chance(setup):
+    step_fn = real_make_train_step(setup)
+
+    def step(state, frozen, batch):
+      state, metrics = step_fn(state, frozen, batch)
+      return state, dict(metrics, loss_itc=metrics["loss_itc"] * 0 + np.log(config.global_batch_size))
+    return step
+
+  monkeypatch.setattr(train, "make_train_step", make_train_step_at_chance)
+  with caplog.at_level("WARNING", logger="blip2_jax.collapse"):
+    train.train_and_evaluate(config, workdir, devices=jax.devices()[:1])
+  warnings = [r.getMessage() for r in caplog.records if r.name == "blip2_jax.collapse"]
+  # Steps 3, 4, 5 are the first three logged after the 2 warmup steps.
+  assert len(warnings) == 1 and warnings[0].startswith("Training looks collapsed at step 5: loss_itc")
+  assert "config.optimizer.lr" in warnings[0] and "init_std" in warnings[0]
+  with open(os.path.join(workdir, "metrics.jsonl"), encoding="utf-8") as f:
+    lines = [json.loads(line) for line in f]
+  assert max(m["step"] for m in lines if "loss" in m) == 8  # training went on
+  assert [m["step"] for m in lines if "eval_16/txt2img_r1" in m] == [4, 8]
+  assert [m["eval_16/num_images"] for m in lines if "eval_16/num_images" in m] == [16, 16]
+  assert [(m["step"], m["eval/num_images"]) for m in lines if "eval/num_images" in m] == [(8, 64)]
+  from PIL import Image  # pylint: disable=g-import-not-at-top
+  with Image.open(os.path.join(workdir, "examples.png")) as picture:
+    assert picture.mode == "RGB" and picture.width > 4 * 224
