@@ -474,7 +474,7 @@ def _log_eval(step: int, metrics: dict, writer, last: dict):
 
 def _write_examples(workdir: str, evaluator, writer, step: int):
   """WORKDIR/examples.png and the same picture in TensorBoard: the last evaluation's first held-out examples."""
-  if jax.process_index() != 0 or getattr(evaluator, "shown", None) is None:
+  if jax.process_index() != 0 or evaluator.shown is None:
     return
   picture = evaluator.picture()
   path = os.path.join(workdir, "examples.png")

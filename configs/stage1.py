@@ -8,10 +8,10 @@ Paper recipe (default; ViT-g/14 at 224px, global batch 1680, 250k steps; BLIP-2 
       --config.tokenizer=/ckpt/bert-base-uncased --config.data.name=coco_captions \
       --config.data.data_dir=/data/tfds
 
-Built-in demo (no downloads; synthetic shapes, a small random frozen ViT and a small Q-Former). On a 2-core
-x86_64 CPU the whole run (dataset generation, compile, 1,000 steps of batch 64, evaluation) took 9 min 47 s
-and reached held-out retrieval R@1 0.564 (text->image) and 0.532 (image->text) on 1,000 distinct captions,
-after the ITM rerank (README has the table):
+Built-in demo (no downloads; synthetic shapes, a small random frozen ViT and a small Q-Former): 800 steps of
+batch 64, evaluated every 200 steps on 200 held-out images and at the end on 1,000 distinct unseen captions.
+Over seeds 0-4 and on 8 fake devices it reached held-out R@1 0.96-0.99 both ways after the ITM rerank, in
+about 5 minutes on a 2-core x86_64 CPU (README has the table):
 
   python -m blip2_jax.train --config=configs/stage1.py:demo --workdir=workdirs/stage1_demo
 
