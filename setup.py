@@ -33,7 +33,9 @@ setuptools.setup(
         # torch is the numerical reference of the parity tests, and reads LAVIS .pth checkpoints
         # (blip2_jax.lavis, weights-only); nothing else in the package imports it. pytest-xdist runs the suite
         # on two worker processes (pytest.ini): most of its time is single-threaded XLA compilation.
-        "test": ["pytest>=8", "pytest-xdist>=3.5", "torch==2.13.0"],
+        # ruff (lint and format, ruff.toml) and import-linter (the layer contracts, .importlinter) run in .ci/run;
+        # ruff is pinned because its formatter's output may change between versions.
+        "test": ["pytest>=8", "pytest-xdist>=3.5", "torch==2.13.0", "ruff==0.17.6", "import-linter==2.17"],
         "lavis": ["torch>=2.4"],
     },
 )

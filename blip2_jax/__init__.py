@@ -2,8 +2,9 @@
 
 
 def __getattr__(name):
-  # Lazy, so `python -m blip2_jax.train` does not import the pretrained-model API (and its dependencies) first.
+  # Lazy: importing any submodule (blip2_jax.models.vit, ...) runs this file first, and the API pulls in the whole
+  # package with transformers, Orbax and TFDS. Nothing in the package imports blip2_jax itself.
   if name == "Blip2":
-    from blip2_jax.pretrained import Blip2  # pylint: disable=g-import-not-at-top
+    from blip2_jax.api import Blip2  # pylint: disable=g-import-not-at-top
     return Blip2
   raise AttributeError(f"module 'blip2_jax' has no attribute {name!r}")

@@ -12,7 +12,7 @@ Everything runs on random weights and random inputs of the config's shapes, so i
 names a directory; its weights are never read).
 
 --mode=train (default): the trainer's own jitted update (same shardings, donation and dtypes) on a random batch
-with train.dummy_batch's structure (random token ids, all-ones masks; OPT's label_mask is ones after the first
+with state.dummy_batch's structure (random token ids, all-ones masks; OPT's label_mask is ones after the first
 token). Reports compile time, step time, samples/s, model FLOPs and MFU. Model FLOPs are counted by XLA on the
 forward graphs (before partitioning, so they are the global batch's FLOPs on any mesh):
 - stage 1: the frozen ViT forward once + the Q-Former forward and backward (3 x its forward);
@@ -32,9 +32,10 @@ like). Without a tokenizer for random weights, the prompt is PROMPT_LENGTH rando
 as "</s>a photo of" is 4 tokens; T5: "</s>" last). Reports compile time, time per batch, images/s and tokens/s.
 
 --compare=transformers (stage 2): builds transformers' PyTorch `Blip2ForConditionalGeneration` at the same sizes
-(pretrained.hf_config_from_ours; random init) on the same accelerator (cuda if torch sees one, else CPU), with the
-ViT and the LLM in config.frozen_dtype and the Q-Former, query tokens and language projection in float32 (fp32
-master weights) run under torch.autocast in config.model.qformer.dtype, as our config computes them. It times
+(benchmark_torch.py, from hf.hf_config_from_ours; random init) on the same accelerator (cuda if torch sees one,
+else CPU), with the ViT and the LLM in config.frozen_dtype and the Q-Former, query tokens and language projection
+in float32 (fp32 master weights) run under torch.autocast in config.model.qformer.dtype, as our config computes
+them. It times
 - train: the forward and LM loss on the same batch (num_query_tokens image placeholder tokens first in input_ids,
   as transformers >= 4.47 wants; no KV cache), backward, and an AdamW step (config.optimizer's lr, betas, weight
   decay) over the Q-Former, query tokens and language_projection (the ViT and the LLM have requires_grad=False
@@ -47,7 +48,6 @@ preallocate 75% of it: --compare sets XLA_PYTHON_CLIENT_PREALLOCATE=false unless
 (it must happen before JAX first touches the GPU; exporting it yourself, as in the commands above, is safest).
 """
 import contextlib
-import gc
 import json
 import os
 import time
@@ -56,14 +56,19 @@ from absl import app
 from absl import flags
 from absl import logging as absl_logging
 import jax
-import ml_collections
 from ml_collections import config_flags
 import numpy as np
+import transformers
 
+from blip2_jax import benchmark_torch
 from blip2_jax import cli
+from blip2_jax import hf
 from blip2_jax import partitioning
+from blip2_jax import state as state_lib
+from blip2_jax import tasks
 from blip2_jax import train
 from blip2_jax.models import layers
+from blip2_jax.models import llms
 from blip2_jax.models import vit as vit_lib
 
 FLAGS = flags.FLAGS
@@ -138,7 +143,7 @@ def _flops(fn, *args) -> float:
 def _check_config(config, mode: str, compare: str):
   if mode not in ("train", "generate"):
     raise ValueError(f"--mode={mode!r}: choose train or generate.")
-  stage2 = train.is_stage2(config)
+  stage2 = state_lib.kind(config) != llms.RETRIEVAL
   if not stage2 and (mode == "generate" or compare):
     what = "--mode=generate" if mode == "generate" else f"--compare={compare}"
     raise ValueError(f"{what} needs a stage-2 config (configs/stage2_opt.py or stage2_t5.py); stage 1 has "
@@ -149,12 +154,12 @@ def _check_config(config, mode: str, compare: str):
 
 
 def random_batch(config, batch_size: int, vocab_size: int, seed: int = 0) -> dict:
-  """Host arrays with train.dummy_batch's keys and shapes: normal images, token ids in [4, vocab_size - 1) (clear of
+  """Host arrays with state.dummy_batch's keys and shapes: normal images, token ids in [4, vocab_size - 1) (clear of
   special ids, and of the last id, which the transformers comparison uses as its image placeholder), all-ones
   masks, label_mask ones after the first token ("</s>" is never a label)."""
   rng = np.random.default_rng(seed)
   out = {}
-  for key, x in jax.eval_shape(lambda: train.dummy_batch(config)).items():
+  for key, x in jax.eval_shape(lambda: state_lib.dummy_batch(config)).items():
     shape = (batch_size,) + x.shape[1:]
     if key == "image":
       out[key] = rng.standard_normal(shape, np.float32)
@@ -182,13 +187,13 @@ def run(config, steps: int, devices=None) -> dict:
 
   devices: the devices of the mesh (default: all)."""
   _check_config(config, "train", "")
-  stage2 = train.is_stage2(config)
-  tokenizer = None if stage2 else train.load_tokenizer(config)  # stage 2 on random weights needs none
-  setup = train.build(config, tokenizer, devices)
+  stage2 = state_lib.kind(config) != llms.RETRIEVAL
+  tokenizer = None if stage2 else state_lib.load_tokenizer(config)  # stage 2 on random weights needs none
+  setup = state_lib.build(config, tokenizer, devices)
   vocab = setup.model.cfg.llm.vocab_size if stage2 else len(tokenizer)
   b = config.global_batch_size
   host = random_batch(config, b, vocab)
-  batch = train.global_batch(_local(host), setup.batch_sharding)
+  batch = state_lib.global_batch(_local(host), setup.batch_sharding)
   state, frozen = setup.init(jax.random.PRNGKey(0))
   forward = _forward_flops(setup, partitioning.merge(state["params"], frozen), batch, stage2)
   model_flops = forward["vit"] + 3 * forward["qformer"] + 2 * forward.get("llm", 0.0)
@@ -285,28 +290,27 @@ def _forward_flops(setup, params, batch, stage2: bool) -> dict:
 # Generation
 # --------------------------------------------------------------------------------------------------------------
 
-def _llm_special_ids(config) -> dict:
-  """The frozen LLM's bos (OPT) / eos / pad ids (transformers' defaults where its config leaves them out)."""
-  import transformers  # pylint: disable=g-import-not-at-top
-  from blip2_jax import pretrained  # pylint: disable=g-import-not-at-top
-  hf = transformers.AutoConfig.for_model(**pretrained._llm_hf_config(config))  # pylint: disable=protected-access
-  return {"bos": getattr(hf, "bos_token_id", None), "eos": hf.eos_token_id, "pad": hf.pad_token_id,
-          "vocab_size": hf.vocab_size, "kind": hf.model_type}
+def llm_special_ids(config) -> dict:
+  """The frozen LLM's bos / eos / pad ids (transformers' defaults where its config leaves them out)."""
+  llm = transformers.AutoConfig.for_model(**hf.llm_hf_config(config))
+  return {"bos": getattr(llm, "bos_token_id", None), "eos": llm.eos_token_id, "pad": llm.pad_token_id,
+          "vocab_size": llm.vocab_size, "kind": llm.model_type}
 
 
 def prompt_ids(config, batch_size: int, seed: int = 1) -> tuple[np.ndarray, np.ndarray]:
-  """A tokenizer-free stand-in for "a photo of": PROMPT_LENGTH ids, the same for every image (OPT: "</s>" + 3
-  random ids; T5: 3 random ids + "</s>"), and an all-ones mask."""
-  ids = _llm_special_ids(config)
+  """A tokenizer-free stand-in for "a photo of": PROMPT_LENGTH ids, the same for every image, as the LLM's
+  tokenizer frames a prompt (a decoder-only LLM: BOS "</s>" + 3 random ids; an encoder-decoder: 3 random ids +
+  EOS "</s>"), and an all-ones mask."""
+  ids = llm_special_ids(config)
   body = list(np.random.default_rng(seed).integers(4, ids["vocab_size"] - 1, PROMPT_LENGTH - 1))
-  row = [ids["bos"]] + body if ids["kind"] == "opt" else body + [ids["eos"]]
+  row = body + [ids["eos"]] if llms.family(ids["kind"]).encoder_decoder else [ids["bos"]] + body
   out = np.tile(np.asarray(row, np.int32), (batch_size, 1))
   return out, np.ones_like(out)
 
 
 def greedy_options(config, new_tokens: int) -> tuple:
   """tasks._generate's options: greedy, exactly new_tokens tokens (EOS is blocked until the last one)."""
-  ids = _llm_special_ids(config)
+  ids = llm_special_ids(config)
   return tuple(sorted(dict(max_new_tokens=new_tokens, min_new_tokens=new_tokens, num_beams=1,
                            eos_token_id=ids["eos"], pad_token_id=ids["pad"]).items()))
 
@@ -314,17 +318,16 @@ def greedy_options(config, new_tokens: int) -> tuple:
 def run_generate(config, steps: int, new_tokens: int, devices=None) -> dict:
   """Greedy captioning of exactly new_tokens tokens per image at config.global_batch_size, through tasks._generate
   (soft prompt + prompt + the whole search, one jitted program)."""
-  from blip2_jax import tasks  # pylint: disable=g-import-not-at-top
   _check_config(config, "generate", "")
-  setup = train.build(config, None, devices)
+  setup = state_lib.build(config, None, devices)
   state, frozen = setup.init(jax.random.PRNGKey(0))
   params = partitioning.merge(state["params"], frozen)
   del state  # the optimizer state
-  module = setup.model.clone(cfg=ml_collections.FrozenConfigDict(setup.model.cfg))  # jit's static argument
+  module = layers.frozen_config(setup.model)  # jit's static argument
   b = config.global_batch_size
-  images = random_batch(config, b, _llm_special_ids(config)["vocab_size"])["image"]  # the same as transformers'
+  images = random_batch(config, b, llm_special_ids(config)["vocab_size"])["image"]  # the same as transformers'
   ids, mask = prompt_ids(config, b)
-  inputs = train.global_batch(_local({"image": images, "ids": ids, "mask": mask}), setup.batch_sharding)
+  inputs = state_lib.global_batch(_local({"image": images, "ids": ids, "mask": mask}), setup.batch_sharding)
   args = (params, inputs["image"], inputs["ids"], inputs["mask"])
 
   def timed(new_tokens):
@@ -359,139 +362,18 @@ def run_generate(config, steps: int, new_tokens: int, devices=None) -> dict:
   }
 
 
-# --------------------------------------------------------------------------------------------------------------
-# transformers' PyTorch BLIP-2 at the same configuration
-# --------------------------------------------------------------------------------------------------------------
-
-def compare_transformers(config, mode: str, steps: int, new_tokens: int = 30) -> dict:
-  """transformers' Blip2ForConditionalGeneration at this config's sizes (random init), timed like ours: a training
-  step (mode 'train') or greedy generation of exactly new_tokens tokens (mode 'generate'); see the module
-  docstring. Frees the model and torch's cached GPU memory before returning."""
-  import torch  # pylint: disable=g-import-not-at-top
-  _check_config(config, mode, "transformers")
-  device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-  try:
-    return _time_transformers(config, mode, steps, new_tokens, device)
-  finally:  # the model, optimizer and batch died with _time_transformers' frame
-    gc.collect()
-    if device.type == "cuda":
-      torch.cuda.empty_cache()
-
-
-def _time_transformers(config, mode, steps, new_tokens, device) -> dict:
-  import torch  # pylint: disable=g-import-not-at-top
-  import transformers  # pylint: disable=g-import-not-at-top
-  from blip2_jax import pretrained  # pylint: disable=g-import-not-at-top
-  cfg = train.model_config(config, None)
-  if not cfg.qformer.vocab_size:  # 0 = "the tokenizer's"; unused in stage 2 (no Q-Former text side)
-    cfg.qformer.vocab_size = 30523
-  special = _llm_special_ids(config)
-  image_token = special["vocab_size"] - 1  # a valid id that random_batch and prompt_ids never produce
-  hf_config = transformers.Blip2Config.from_dict(pretrained.hf_config_from_ours(
-      cfg, cfg.llm.kind, pretrained._llm_hf_config(config), image_token))  # pylint: disable=protected-access
-  frozen_dtype = getattr(torch, config.frozen_dtype)
-  compute_dtype = getattr(torch, config.model.qformer.dtype)
-
-  # Built in float32 on the device; the frozen towers then go to config.frozen_dtype, while the Q-Former, query
-  # tokens and projection keep fp32 master weights and compute in the config's Q-Former dtype (autocast).
-  with torch.device(device):
-    model = transformers.Blip2ForConditionalGeneration(hf_config)
-  model.vision_model.to(frozen_dtype).requires_grad_(False).eval()
-  model.language_model.to(frozen_dtype).requires_grad_(False).eval()
-  model.qformer.train(mode == "train")
-  model.language_projection.train(mode == "train")
-  if compute_dtype != torch.float32:
-    for m in (model.qformer, model.language_projection):
-      m.forward = torch.autocast(device.type, dtype=compute_dtype)(m.forward)
-  else:  # HF casts the query output to the ViT's dtype before the projection
-    model.language_projection.register_forward_pre_hook(lambda m, args: tuple(a.float() for a in args))
-
-  b, q = config.global_batch_size, cfg.num_query_tokens
-  host = random_batch(config, b, special["vocab_size"])
-  pixels = torch.from_numpy(host["image"]).permute(0, 3, 1, 2).to(device, frozen_dtype)
-  placeholders = torch.full((b, q), image_token, dtype=torch.long, device=device)
-
-  def with_queries(ids, mask):  # transformers >= 4.47: one image placeholder per query, first
-    ids = torch.cat([placeholders, torch.from_numpy(ids).long().to(device)], dim=1)
-    return ids, torch.cat([torch.ones_like(placeholders), torch.from_numpy(mask).long().to(device)], dim=1)
-
-  if mode == "train":
-    input_ids, attention_mask = with_queries(host["text_ids"], host["text_mask"])
-    targets, target_mask = ((host["target_ids"], host["target_mask"]) if cfg.llm.kind == "t5" else
-                            (host["text_ids"], host["label_mask"]))
-    labels = torch.from_numpy(np.where(target_mask > 0, targets, -100)).long().to(device)
-    opt = config.optimizer
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=opt.lr,
-                                  betas=(opt.b1, opt.b2), weight_decay=opt.weight_decay)
-
-    def loss_fn():
-      inputs = dict(pixel_values=pixels, input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
-      if cfg.llm.kind == "t5":
-        return model(**inputs, labels=labels).loss
-      # HF's own OPT loss, written out: transformers 5.24's ForCausalLMLoss .view()s the text positions' logits,
-      # which fails when they are a non-contiguous slice (an fp32 LLM; bf16 ones are copied by its .float()).
-      logits = model(**inputs).logits
-      logits = logits[:, -labels.shape[1]:-1].float()
-      return torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1),
-                                               ignore_index=-100)
-
-    def call():
-      loss = loss_fn()
-      loss.backward()
-      optimizer.step()
-      optimizer.zero_grad(set_to_none=True)
-      return loss.detach()
-  else:
-    input_ids, attention_mask = with_queries(*prompt_ids(config, b))
-
-    def call():
-      with torch.inference_mode():
-        return model.generate(pixel_values=pixels, input_ids=input_ids, attention_mask=attention_mask,
-                              max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False, num_beams=1,
-                              pad_token_id=special["pad"], eos_token_id=special["eos"])
-
-  sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-  for _ in range(WARMUP):
-    out = call()
-  sync()
-  t0 = time.perf_counter()
-  for _ in range(steps):
-    out = call()
-  sync()
-  seconds = (time.perf_counter() - t0) / steps
-
-  if mode == "train":  # the image encoder's share, as ours reports it
-    with torch.no_grad():
-      model.vision_model(pixel_values=pixels)
-      sync()
-      t0 = time.perf_counter()
-      for _ in range(steps):
-        model.vision_model(pixel_values=pixels)
-      sync()
-    vit_seconds = (time.perf_counter() - t0) / steps
-
-  attention = model.language_model.config._attn_implementation  # pylint: disable=protected-access
-  result = {"transformers_device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-            "transformers_version": f"transformers {transformers.__version__}, torch {torch.__version__}",
-            "transformers_attention": attention}
-  if mode == "train":
-    return dict(result, transformers_step_s=round(seconds, 4), transformers_samples_per_s=round(b / seconds, 1),
-                transformers_loss=round(float(out), 4), transformers_vit_forward_s=round(vit_seconds, 4),
-                transformers_trainable_params=sum(p.numel() for p in model.parameters() if p.requires_grad))
-  generated = out.shape[1] - (1 if cfg.llm.kind == "t5" else input_ids.shape[1])  # T5: + decoder start token
-  if generated != new_tokens:
-    raise AssertionError(f"transformers generated {generated} tokens, expected {new_tokens}.")
-  return dict(result, transformers_batch_s=round(seconds, 4), transformers_images_per_s=round(b / seconds, 1),
-              transformers_tokens_per_s=round(b * new_tokens / seconds, 1))
-
-
 def benchmark(config, mode: str = "train", steps: int = 20, new_tokens: int = 30, compare: str = "",
               devices=None) -> dict:
   """Ours (with compare='transformers', theirs first, then ours) -> one dict, with ours / theirs.
 
   devices: the devices of our mesh (default: all)."""
   _check_config(config, mode, compare)
-  theirs = compare_transformers(config, mode, steps, new_tokens) if compare else {}
+  theirs = {}
+  if compare:
+    special = llm_special_ids(config)
+    theirs = benchmark_torch.compare_transformers(
+        config, mode, steps, new_tokens, batch=random_batch(config, config.global_batch_size, special["vocab_size"]),
+        prompt=prompt_ids(config, config.global_batch_size), special_ids=special, warmup=WARMUP)
   if mode == "train":
     ours = run(config, steps, devices)
   else:
@@ -528,6 +410,7 @@ def main(argv):
 
 
 if __name__ == "__main__":
+  # Tests import this module's functions: its flags exist only when it is the program.
   config_flags.DEFINE_config_file("config", None, "Config to benchmark.", lock_config=True)
   flags.DEFINE_enum("mode", "train", ["train", "generate"],
                     "train: the trainer's update step (stage 1 or 2); generate: greedy captioning (stage 2).")

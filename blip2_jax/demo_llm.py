@@ -31,6 +31,7 @@ import time
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import optax
 import safetensors.numpy
@@ -38,6 +39,8 @@ import tokenizers
 import transformers
 from tokenizers import decoders, normalizers, pre_tokenizers, processors
 
+from blip2_jax import losses as losses_lib
+from blip2_jax import optim
 from blip2_jax import weights
 from blip2_jax.data import pipeline
 from blip2_jax.data import synthetic_shapes
@@ -190,18 +193,25 @@ def _training_captions(data_cfg, tok) -> list[str]:
   return captions
 
 
-def _optimizer(steps: int):
-  schedule = optax.warmup_cosine_decay_schedule(0.0, LR, int(WARMUP_FRACTION * steps), steps, LR / 10)
-  # No weight decay on biases and norm scales, as in BLIP-2's recipe.
-  decay_mask = lambda params: jax.tree.map(lambda p: p.ndim > 1, params)
-  return optax.chain(optax.clip_by_global_norm(1.0),
-                     optax.adamw(schedule, b1=0.9, b2=0.98, weight_decay=WEIGHT_DECAY, mask=decay_mask))
+def _optimizer_config(steps: int) -> ml_collections.ConfigDict:
+  """The demo's AdamW in the fields of a config's `optimizer` section (see blip2_jax.optim): warmup from 0 over
+  the first WARMUP_FRACTION of the steps, then cosine decay to LR / 10; gradients clipped to global norm 1."""
+  return ml_collections.ConfigDict(dict(
+      lr=LR, warmup_steps=int(WARMUP_FRACTION * steps), warmup_lr=0.0, min_lr=LR / 10,
+      b1=0.9, b2=0.98, weight_decay=WEIGHT_DECAY, grad_clip=1.0))
+
+
+def _decay_mask(params):
+  """Weight decay on every leaf of more than one dimension. The LLM's layers are scanned, so its per-layer biases
+  and norm scales are 2-D and decayed too (optim.decay_mask exempts them by name); the demo LLMs were made, and
+  their demo results measured, with this mask."""
+  return jax.tree.map(lambda p: p.ndim > 1, params)
 
 
 def _fit(loss_fn, params, next_batch, steps: int) -> tuple[dict, list[float]]:
   """`steps` AdamW steps of loss_fn(params, *batch), each on a new batch from `next_batch()`; returns the trained
   parameters and the loss of every step."""
-  tx = _optimizer(steps)
+  tx, _ = optim.make_optimizer(_optimizer_config(steps), steps, mask=_decay_mask)
 
   @jax.jit
   def step(params, opt_state, *batch):
@@ -215,11 +225,6 @@ def _fit(loss_fn, params, next_batch, steps: int) -> tuple[dict, list[float]]:
     params, opt_state, loss = step(params, opt_state, *next_batch())
     losses.append(loss)
   return params, [float(x) for x in losses]
-
-
-def _cross_entropy(logits, labels, mask):
-  losses = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
-  return jnp.sum(losses * mask) / jnp.maximum(jnp.sum(mask), 1)
 
 
 # --- the context window ------------------------------------------------------------------------------------------
@@ -253,7 +258,7 @@ def _train_opt(tok, captions, steps, seed):
     return model.apply({"params": params}, embeds, jnp.ones_like(inputs))[0]
 
   def loss_fn(params, tokens, labels):
-    return _cross_entropy(logits(params, tokens[:, :-1]), tokens[:, 1:], labels[:, 1:])
+    return losses_lib.lm_loss(logits(params, tokens[:, :-1]), tokens[:, 1:], labels[:, 1:])
 
   batches = _opt_batches(tok, captions, BATCH_SIZE["opt"], np.random.default_rng([seed, 1]))
   params, losses = _fit(loss_fn, params, batches, steps)
@@ -305,7 +310,7 @@ def _train_t5(tok, captions, steps, seed):
     embeds = model.apply({"params": params}, enc_ids, method="embed")
     decoder_ids = jnp.pad(labels[:, :-1], ((0, 0), (1, 0)), constant_values=cfg.decoder_start_token_id)
     logits = model.apply({"params": params}, embeds, enc_mask, decoder_ids)
-    return _cross_entropy(logits, labels, label_mask)
+    return losses_lib.lm_loss(logits, labels, label_mask)
 
   batches = _t5_batches(tok, captions, length, BATCH_SIZE["t5"], np.random.default_rng([seed, 1]))
   params, losses = _fit(loss_fn, params, batches, steps)
@@ -325,14 +330,13 @@ def _t5_batches(tok, captions, length, batch_size, rng):
     prefixes, suffixes = [], []
     chosen = rng.integers(len(captions), size=batch_size)
     for i in chosen:
-      words = captions[i].split(" ")
+      # The draws in data.pipeline.train_preprocess's order: whether to use the prompt, then where to cut.
       if rng.random() < PROMPT_FRACTION:
-        prefixes.append(PROMPT)
-        suffixes.append(captions[i])
+        prefix, suffix = PROMPT, captions[i]
       else:
-        cut = int(rng.integers(len(words)))  # the suffix keeps at least one word
-        prefixes.append(" ".join(words[:cut]))
-        suffixes.append(" ".join(words[cut:]))
+        prefix, suffix = pipeline.split_prefix_lm(captions[i], rng)
+      prefixes.append(prefix)
+      suffixes.append(suffix)
     enc, dec = encode(prefixes), encode(suffixes)
     windows = np.stack([_context_window(rng, ids[i], fillers) for i in chosen])
     enc_ids = np.concatenate([windows, enc.input_ids], axis=1)
@@ -340,7 +344,6 @@ def _t5_batches(tok, captions, length, batch_size, rng):
     return tuple(jnp.asarray(a, jnp.int32) for a in (enc_ids, enc_mask, dec.input_ids, dec.attention_mask))
 
   return next_batch
-
 
 
 def _write_flan_t5_tying(path):

@@ -27,8 +27,10 @@ from ml_collections import config_flags
 
 from blip2_jax import cli
 from blip2_jax import partitioning
+from blip2_jax import state as state_lib
 from blip2_jax import train
 from blip2_jax.data import pipeline
+from blip2_jax.models import llms
 from blip2_jax.models import masks
 
 FLAGS = flags.FLAGS
@@ -91,14 +93,14 @@ def make_stats_fn(setup, probe_batch: dict):
 def diagnose(config, out_path: str, steps: int, probe_size: int = 64, devices=None) -> list[dict]:
   """Trains `steps` steps of a stage-1 config and writes (and returns) the statistics rows; devices: the mesh's
   devices (default: all)."""
-  if train.is_stage2(config):
+  if state_lib.kind(config) != llms.RETRIEVAL:
     raise ValueError("blip2_jax.diagnose reads a stage-1 config (configs/stage1.py); this one is stage 2.")
-  tokenizer = train.load_tokenizer(config)
-  setup = train.build(config, tokenizer, devices)
+  tokenizer = state_lib.load_tokenizer(config)
+  setup = state_lib.build(config, tokenizer, devices)
   train_iter = pipeline.make_train_iterator(config.data, tokenizer, global_batch_size=config.global_batch_size,
                                             seed=config.seed)
   state, frozen = setup.init(jax.random.PRNGKey(config.seed))
-  state, frozen = train.load_pretrained(config, setup, state, frozen)
+  state, frozen = state_lib.load_pretrained(config, setup, state, frozen)
   eval_set = pipeline.load_eval_set(config.data, tokenizer)
   probe_batch = {"image": jnp.asarray(eval_set["images"][:probe_size]),
                  "text_ids": jnp.asarray(eval_set["text_ids"][:probe_size]),
@@ -109,7 +111,7 @@ def diagnose(config, out_path: str, steps: int, probe_size: int = 64, devices=No
   rows, metrics, t0 = [], None, time.time()
   with open(out_path, "w", encoding="utf-8") as f:
     for step in range(steps + 1):
-      batch = train.global_batch(next(train_iter), setup.batch_sharding)
+      batch = state_lib.global_batch(next(train_iter), setup.batch_sharding)
       if step in at:
         row = {"step": step, **jax.device_get(stats_fn(state["params"], frozen, batch, jax.random.PRNGKey(step)))}
         if metrics is not None:

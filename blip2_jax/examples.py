@@ -9,14 +9,15 @@ import textwrap
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
-from blip2_jax.data import pipeline
+from blip2_jax.data import images as images_lib
+from blip2_jax.data import tokenizer as tokenizer_lib
 
 RIGHT, WRONG, NEUTRAL = (40, 170, 60), (210, 40, 40), (110, 110, 110)
 
 
 def to_uint8(images: np.ndarray) -> np.ndarray:
   """CLIP-normalised float images [N, S, S, 3] (the pipeline's) back to uint8 RGB."""
-  pixels = np.asarray(images, np.float32) * pipeline.CLIP_STD + pipeline.CLIP_MEAN
+  pixels = np.asarray(images, np.float32) * images_lib.CLIP_STD + images_lib.CLIP_MEAN
   return np.clip(np.round(pixels * 255.0), 0, 255).astype(np.uint8)
 
 
@@ -60,7 +61,6 @@ def retrieval_texts(captions: list[str], i2t: np.ndarray, img2txt: list, n: int)
 def caption_texts(predictions: list[str], references: list[list[str]], n: int) -> list:
   """Stage 2: for each of the first n images, the generated caption (green if it equals a reference after
   LAVIS's cleaning) and the first reference."""
-  from blip2_jax.data import tokenizer as tokenizer_lib  # pylint: disable=g-import-not-at-top
   clean = tokenizer_lib.clean_caption
   out = []
   for pred, refs in list(zip(predictions, references))[:n]:

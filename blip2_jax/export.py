@@ -1,8 +1,9 @@
 r"""Export to the Hugging Face layout: `python -m blip2_jax.export --workdir=DIR --out=PATH`.
 
 Writes a directory that transformers loads with `Blip2ForImageTextRetrieval.from_pretrained(PATH)` (a stage-1
-workdir) or `Blip2ForConditionalGeneration.from_pretrained(PATH)` (a stage-2 workdir), with the same outputs: config.json, model.safetensors (sharded past 5 GB) and the tokenizer. `temp` and
-the Q-Former's LM head are not written: transformers' BLIP-2 has no place for them.
+workdir) or `Blip2ForConditionalGeneration.from_pretrained(PATH)` (a stage-2 workdir), with the same outputs:
+config.json, model.safetensors (sharded past 5 GB) and the tokenizer. `temp` and the Q-Former's LM head are not
+written: transformers' BLIP-2 has no place for them.
 """
 import logging
 
@@ -10,12 +11,13 @@ from absl import app
 from absl import flags
 from absl import logging as absl_logging
 
+from blip2_jax.api import Blip2
+
 FLAGS = flags.FLAGS
 
 
 def main(argv):
   del argv
-  from blip2_jax.pretrained import Blip2  # pylint: disable=g-import-not-at-top
   if not FLAGS.workdir or not FLAGS.out:
     raise app.UsageError("--workdir and --out are required.")
   absl_logging.set_verbosity(absl_logging.WARNING)

@@ -19,20 +19,12 @@ from absl import app
 from absl import flags
 from absl import logging as absl_logging
 import numpy as np
-from PIL import Image
+import tqdm
+
+from blip2_jax.api import Blip2
+from blip2_jax.data import images as images_lib
 
 FLAGS = flags.FLAGS
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")
-
-
-def load_image(path: str, size: int) -> np.ndarray:
-  from blip2_jax.data import pipeline  # pylint: disable=g-import-not-at-top
-  try:
-    image = Image.open(path)
-    image = image.convert("RGB")
-  except Exception as e:  # pylint: disable=broad-except  (PIL raises many types for bad files)
-    raise ValueError(f"Cannot decode image {path}: {type(e).__name__}: {e}") from None
-  return pipeline.eval_preprocess(image, size)
 
 
 def run(model, images: np.ndarray, prompt: str | None, question: str | None, settings: dict) -> list[str]:
@@ -58,12 +50,11 @@ def main(argv):
     if FLAGS.prompt is not None and not FLAGS.prompt.strip():
       raise ValueError("--prompt is empty: leave it out to caption, or give the text the answer should follow.")
     if FLAGS.image:
-      load_image(FLAGS.image, 8)
-    from blip2_jax.pretrained import Blip2  # pylint: disable=g-import-not-at-top
+      images_lib.load_image(FLAGS.image, 8)
     model = Blip2.load(FLAGS.model, dtype=FLAGS.dtype)
     size = model.cfg.vit.image_size
     if FLAGS.image:
-      print(run(model, load_image(FLAGS.image, size)[None], FLAGS.prompt, FLAGS.question, settings)[0])
+      print(run(model, images_lib.load_image(FLAGS.image, size)[None], FLAGS.prompt, FLAGS.question, settings)[0])
       return
     _folder(model, size, settings)
   except (FileNotFoundError, ValueError) as e:
@@ -71,24 +62,24 @@ def main(argv):
 
 
 def _folder(model, size: int, settings: dict):
-  from tqdm import tqdm  # pylint: disable=g-import-not-at-top
-  files = sorted(f for f in os.listdir(FLAGS.images) if f.lower().endswith(IMAGE_SUFFIXES))
+  suffixes = images_lib.IMAGE_SUFFIXES
+  files = sorted(f for f in os.listdir(FLAGS.images) if f.lower().endswith(suffixes))
   if not files:
-    raise FileNotFoundError(f"No image files ({', '.join(IMAGE_SUFFIXES)}) in {FLAGS.images}.")
+    raise FileNotFoundError(f"No image files ({', '.join(suffixes)}) in {FLAGS.images}.")
   bs, done, skipped = FLAGS.batch_size, 0, 0
-  with open(FLAGS.out, "w", encoding="utf-8") as out, tqdm(total=len(files), unit="img") as bar:
+  with open(FLAGS.out, "w", encoding="utf-8") as out, tqdm.tqdm(total=len(files), unit="img") as bar:
     for start in range(0, len(files), bs):
       names, arrays = [], []
       for name in files[start:start + bs]:
         try:
-          arrays.append(load_image(os.path.join(FLAGS.images, name), size))
+          arrays.append(images_lib.load_image(os.path.join(FLAGS.images, name), size))
           names.append(name)
         except ValueError as e:
           skipped += 1
           logging.warning("%s; skipped.", e)
       if arrays:
         n = len(arrays)
-        batch = np.stack(arrays + [arrays[-1]] * (bs - n))  # a full batch: one compiled program for every batch
+        batch = images_lib.pad_rows(np.stack(arrays), bs)  # a full batch: one compiled program for every batch
         for name, text in zip(names, run(model, batch, FLAGS.prompt, FLAGS.question, settings)[:n]):
           out.write(json.dumps({"image": name, "text": text}) + "\n")
           done += 1

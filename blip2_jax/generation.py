@@ -2,7 +2,8 @@
 
 `generate(decoder, prefix_embeds, prefix_mask, ...)` runs the prefill and the whole decoding loop (a
 lax.while_loop that stops once every sequence is finished) in one jitted program, compiled once per distinct
-(shapes, options). A decoder adapter (`OPTDecoder`, `T5Decoder`) turns a frozen LLM into two functions:
+(shapes, options). A decoder adapter (`opt.OPTDecoder`, `t5.T5Decoder`, named by the LLM registry
+models/llms.py) turns a frozen LLM into two functions:
 `prefill(prefix_embeds, prefix_mask, max_new_tokens) -> (logits [B, V], state)` and
 `step(tokens [N], state) -> (logits [N, V], state)`, where every leaf of `state` has the batch first, so beam
 search reorders a whole decoding state with one gather on axis 0; its `start_ids` are the tokens HF's input_ids
@@ -43,12 +44,9 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
-from flax import struct
 from jax import lax
 
-from blip2_jax.models import opt, t5
 
 # HF's "very large negative" score for candidates that must not be chosen; added in float32 exactly as HF does.
 _NEG = -1.0e9
@@ -57,100 +55,6 @@ _NEG = -1.0e9
 class Generation(NamedTuple):
   tokens: jax.Array         # [B, max_new_tokens] int32, pad_token_id after EOS
   scores: jax.Array | None  # beam search: [B] float32, HF's sequences_scores; None for greedy and sampling
-
-
-def _frozen(module):
-  """The module with its config frozen: jit takes the module as static data, which must be hashable."""
-  return module.clone(cfg=ml_collections.FrozenConfigDict(module.cfg))
-
-
-# --- decoder adapters ---------------------------------------------------------------------------------------
-
-@struct.dataclass
-class OPTDecoder:
-  """OPTForCausalLM decoding from a prefix of embeddings (queries + left-padded prompt).
-
-  state: {"cache": one KV cache per layer, "mask": [N, S] valid cache slots, "position": [N] next position,
-  "index": [N] next cache slot (the same in every row)}. Positions count real tokens only (HF: cumsum(mask) - 1),
-  so left padding shifts nothing. The prefill runs the scanned layers; each step runs them unrolled
-  (`opt.decode_step`) on `layer_params`, the layers' weights split once per generate call (this holds a second
-  copy of the LLM's layer weights while generating).
-  """
-  module: opt.OPTForCausalLM = struct.field(pytree_node=False)
-  params: Any
-  layer_params: Any
-
-  @property
-  def start_ids(self) -> tuple[int, ...]:
-    return ()  # nothing precedes the prompt in HF's input_ids
-
-  @classmethod
-  def create(cls, module: opt.OPTForCausalLM, params) -> "OPTDecoder":
-    return cls(_frozen(module), params, opt.split_layers(params))
-
-  def prefill(self, prefix_embeds, prefix_mask, max_new_tokens: int):
-    b, p, _ = prefix_embeds.shape
-    # The last generated token is never fed back, so the cache needs one slot fewer than prefix + new tokens.
-    slots = p + max_new_tokens - 1
-    cache = opt.init_cache(self.module.cfg, b, slots, jnp.dtype(self.module.cfg.dtype))
-    real = prefix_mask.astype(jnp.int32)
-    mask = jnp.zeros((b, slots), jnp.int32).at[:, :p].set(real)
-    positions = jnp.cumsum(real, axis=1) * real - 1
-    logits, cache = self.module.apply({"params": self.params}, prefix_embeds, mask, positions=positions,
-                                      cache=cache, cache_index=0)
-    state = {"cache": opt.split_cache(cache), "mask": mask, "position": real.sum(axis=1),
-             "index": jnp.full((b,), p, jnp.int32)}
-    return logits[:, -1], state
-
-  def step(self, tokens, state):
-    index = state["index"][0]
-    mask = lax.dynamic_update_slice(state["mask"], jnp.ones((tokens.shape[0], 1), jnp.int32), (0, index))
-    embeds = self.module.apply({"params": self.params}, tokens[:, None], method="embed")
-    logits, cache = opt.decode_step(self.module, self.params, self.layer_params, embeds, mask,
-                                    state["position"][:, None], state["cache"], index)
-    state = {"cache": cache, "mask": mask, "position": state["position"] + 1, "index": state["index"] + 1}
-    return logits[:, 0], state
-
-
-@struct.dataclass
-class T5Decoder:
-  """T5ForConditionalGeneration: the prefix is the encoder input; the decoder starts from decoder_start_token_id.
-
-  state: {"cache": one cache per decoder layer (its self-attention slots and the encoder's cross-attention
-  keys/values), "encoder_mask": [N, S_enc], "index": [N] next cache slot (the same in every row)}. The prefill
-  runs the scanned layers; each step runs them unrolled (`t5.decode_step`) on `layer_params`, the decoder layers'
-  weights split once per generate call (a second copy of them while generating), as OPTDecoder does.
-  """
-  module: t5.T5ForConditionalGeneration = struct.field(pytree_node=False)
-  params: Any
-  layer_params: Any
-
-  @classmethod
-  def create(cls, module: t5.T5ForConditionalGeneration, params) -> "T5Decoder":
-    return cls(_frozen(module), params, t5.split_layers(params))
-
-  @property
-  def start_ids(self) -> tuple[int, ...]:
-    return (self.module.cfg.decoder_start_token_id,)  # HF's decoder input_ids begin with it
-
-  def prefill(self, prefix_embeds, prefix_mask, max_new_tokens: int):
-    b = prefix_embeds.shape[0]
-    start = jnp.full((b, 1), self.module.cfg.decoder_start_token_id, jnp.int32)
-
-    def run(m, embeds, mask, start):
-      # Slots: the start token, then every generated token but the last.
-      cache = m.init_cache(m.encode(embeds, mask), mask, max_new_tokens)
-      return m.decode(start, None, None, cache=cache, cache_index=0)
-
-    logits, cache = self.module.apply({"params": self.params}, prefix_embeds, prefix_mask, start, method=run)
-    return logits[:, 0], {"cache": t5.split_cache(cache), "encoder_mask": cache["encoder_mask"],
-                          "index": jnp.ones((b,), jnp.int32)}
-
-  def step(self, tokens, state):
-    index = state["index"][0]
-    logits, caches = t5.decode_step(self.module, self.params, self.layer_params, tokens[:, None],
-                                    state["encoder_mask"], state["cache"], index)
-    return logits[:, 0], {"cache": caches, "encoder_mask": state["encoder_mask"], "index": state["index"] + 1}
 
 
 # --- logits processors (HF's order) -------------------------------------------------------------------------
@@ -345,7 +249,7 @@ def generate(decoder, prefix_embeds, prefix_mask, *, max_new_tokens: int, eos_to
              prompt_ids=None, rng=None) -> Generation:
   """Generates up to `max_new_tokens` tokens after the prefix; see the module docstring for the exact rules.
 
-  decoder: an adapter (`OPTDecoder.create(module, params)`, `T5Decoder.create(...)`). prefix_embeds [B, P, D]
+  decoder: an adapter (a model file's decoder, e.g. `opt.OPTDecoder.create(module, params)`). prefix_embeds [B, P, D]
   and prefix_mask [B, P] (1 = real): OPT's whole input, left-padded; T5's encoder input. prompt_ids [B, L]
   int: the prompt's token ids for the repetition penalty, as HF counts the input_ids it is given (negative
   entries, e.g. padding, are skipped). rng: a PRNG key, needed when do_sample. Returns `Generation(tokens,

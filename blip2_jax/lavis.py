@@ -120,7 +120,7 @@ def _read_state_dict(path: Path) -> Mapping:
   if not path.is_file():
     raise FileNotFoundError(f"No LAVIS checkpoint at {path}: give the .pth file (e.g. blip2_pretrained.pth).")
   try:
-    import torch  # pylint: disable=g-import-not-at-top
+    import torch  # pylint: disable=g-import-not-at-top  (optional: only LAVIS .pth files need it)
   except ImportError:
     raise ImportError(f"Reading the LAVIS checkpoint {path} needs PyTorch: `pip install torch` (CPU is enough) "
                       "to load .pth files.") from None

@@ -5,6 +5,7 @@ import os
 
 import jax
 import numpy as np
+from tensorboardX import SummaryWriter
 
 
 class MetricWriter:
@@ -15,7 +16,6 @@ class MetricWriter:
       return
     os.makedirs(workdir, exist_ok=True)
     self._jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a", encoding="utf-8")
-    from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
     self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
 
   def write(self, step: int, metrics: dict) -> None:

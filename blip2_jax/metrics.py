@@ -6,10 +6,14 @@
 - VQA (VQAv2, OK-VQA): the accuracy of the official VQA evaluation (`vqaEval.py`) after its answer normalisation
   (`normalize_answer`).
 
-Retrieval recall lives next to its evaluator, in `blip2_jax/evaluate.py` (`recall_at_k`).
+Retrieval recall lives with the retrieval protocol, in `blip2_jax/retrieval.py` (`recall_at_k`).
 """
 import re
 from collections.abc import Hashable, Mapping, Sequence
+
+import numpy as np
+
+from blip2_jax.data import tokenizer as tokenizer_lib
 
 # ---------------------------------------------------------------------------------------------------------------
 # Caption tokenisation: what the COCO caption evaluation (pycocoevalcap's PTBTokenizer) does to a caption.
@@ -141,7 +145,7 @@ def caption_scores(predictions: Mapping[Hashable, str],
   Returns:
     {"bleu1", "bleu2", "bleu3", "bleu4", "cider"} -> float.
   """
-  try:
+  try:  # imported here, so that the VQA metric and the caption tokenizer work without it
     from pycocoevalcap.bleu.bleu import Bleu  # pylint: disable=g-import-not-at-top
     from pycocoevalcap.cider.cider import Cider  # pylint: disable=g-import-not-at-top
   except ImportError as e:
@@ -251,3 +255,11 @@ def vqa_accuracy(predictions: Mapping[Hashable, str], answers: Mapping[Hashable,
     matches = sum(h == predicted for h in humans)
     per_question[qid] = sum(min(1.0, (matches - (h == predicted)) / 3) for h in humans) / len(humans)
   return {"accuracy": 100.0 * sum(per_question.values()) / len(per_question), "per_question": per_question}
+
+
+def caption_metrics(predictions: dict, references: dict) -> dict:
+  """Exact match (the caption equals one of its references after LAVIS's cleaning) and metrics.caption_scores
+  (BLEU-1..4, CIDEr-D): image id -> caption, image id -> its reference captions."""
+  clean = tokenizer_lib.clean_caption
+  exact = np.mean([clean(p) in {clean(r) for r in references[i]} for i, p in predictions.items()])
+  return {"exact_match": float(exact), **caption_scores(predictions, references)}

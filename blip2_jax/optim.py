@@ -21,12 +21,14 @@ def decay_mask(params):
   return traverse_util.unflatten_dict(mask)
 
 
-def make_optimizer(cfg: ml_collections.ConfigDict, total_steps: int):
-  """Returns (optax transformation, schedule). The transformation only ever sees the trainable tree."""
+def make_optimizer(cfg: ml_collections.ConfigDict, total_steps: int, mask=decay_mask):
+  """Returns (optax transformation, schedule). The transformation only ever sees the trainable tree.
+
+  mask: params -> a tree of bools, True where weight decay applies (default: decay_mask)."""
   schedule = learning_rate_schedule(cfg, total_steps)
   parts = []
   if cfg.grad_clip > 0:
     parts.append(optax.clip_by_global_norm(cfg.grad_clip))
   parts.append(optax.adamw(schedule, b1=cfg.b1, b2=cfg.b2, eps=1e-8, weight_decay=cfg.weight_decay,
-                           mask=decay_mask))
+                           mask=mask))
   return optax.chain(*parts), schedule

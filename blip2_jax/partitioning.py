@@ -11,6 +11,7 @@ import flax.linen as nn
 from flax import traverse_util
 import jax
 import jax.experimental.mesh_utils
+from jax.experimental import multihost_utils
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
@@ -95,3 +96,8 @@ def merge(trainable: dict, frozen: dict, sep: str = "/") -> dict:
   flat = traverse_util.flatten_dict(trainable, sep=sep)
   flat.update(traverse_util.flatten_dict(frozen, sep=sep))
   return traverse_util.unflatten_dict(flat, sep=sep)
+
+
+def host_copy(tree):
+  """Full numpy copies of (possibly multi-host sharded) arrays, on every process."""
+  return jax.tree.map(lambda x: np.asarray(multihost_utils.process_allgather(x, tiled=True)), tree)

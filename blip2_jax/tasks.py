@@ -11,29 +11,18 @@ folder of images with prompts of different lengths compiles a handful of program
 import functools
 
 import jax
-import ml_collections
 import numpy as np
 
 from blip2_jax import generation
+from blip2_jax.models import layers
+from blip2_jax.models import llms
 from blip2_jax.models.blip2 import Blip2LLM
 
 PROMPT_BUCKET = 8
 CAPTION_PROMPT = "a photo of"
-# Zero-shot VQA prompts of the paper / LAVIS.
-VQA_PROMPTS = {"opt": "Question: {} Answer:", "t5": "Question: {} Short answer:"}
 # Paper / LAVIS inference settings.
 CAPTION_SETTINGS = dict(num_beams=5, max_new_tokens=30, min_new_tokens=8)
 VQA_SETTINGS = dict(num_beams=5, max_new_tokens=10, min_new_tokens=1, length_penalty=-1.0)
-
-
-def eos_token_id(tokenizer, kind: str) -> int:
-  """OPT: the "\\n" token (BLIP-2 ends captions with it); T5: the tokenizer's </s>."""
-  if kind == "opt":
-    ids = tokenizer("\n", add_special_tokens=False).input_ids
-    if len(ids) != 1:
-      raise ValueError(f"The OPT tokenizer splits '\\n' into {ids}; BLIP-2 needs it as one token (its EOS).")
-    return ids[0]
-  return tokenizer.eos_token_id
 
 
 def _prefix(module: Blip2LLM, params, images, ids, mask):
@@ -45,19 +34,15 @@ def _prefix(module: Blip2LLM, params, images, ids, mask):
 @functools.partial(jax.jit, static_argnums=(0, 5))
 def _generate(module: Blip2LLM, params, images, ids, mask, options, rng):
   """One program per (module, shapes, options): the image's soft prompt, the prompt, and the whole search."""
-  from blip2_jax.models import opt, t5  # pylint: disable=g-import-not-at-top
   embeds, prefix_mask = _prefix(module, params, images, ids, mask)
-  llm_cfg = module.cfg.llm
-  if llm_cfg.kind == "opt":
-    adapter = generation.OPTDecoder.create(opt.OPTForCausalLM(llm_cfg), params["language_model"])
-  else:
-    adapter = generation.T5Decoder.create(t5.T5ForConditionalGeneration(llm_cfg), params["language_model"])
+  family = llms.family(module.cfg.llm.kind)
+  adapter = family.decoder.create(family.module(module.cfg.llm), params["language_model"])
   return generation.generate(adapter, embeds, prefix_mask, rng=rng, **dict(options)).tokens
 
 
-def tokenize_prompts(tokenizer, prompts: list[str], kind: str) -> tuple[np.ndarray, np.ndarray]:
-  """Prompt ids and mask, [B, L] with L a multiple of PROMPT_BUCKET: OPT left-padded ("</s>" + prompt), T5
-  right-padded (prompt + "</s>")."""
+def tokenize_prompts(tokenizer, prompts: list[str], family: llms.LLMFamily) -> tuple[np.ndarray, np.ndarray]:
+  """Prompt ids and mask, [B, L] with L a multiple of PROMPT_BUCKET, padded on the family's side: OPT left
+  ("</s>" + prompt), T5 right (prompt + "</s>")."""
   out = tokenizer(list(prompts), add_special_tokens=True)
   ids = out["input_ids"]
   length = max(len(x) for x in ids)
@@ -66,7 +51,7 @@ def tokenize_prompts(tokenizer, prompts: list[str], kind: str) -> tuple[np.ndarr
   arr = np.full((len(ids), length), pad, np.int32)
   mask = np.zeros((len(ids), length), np.int32)
   for i, x in enumerate(ids):
-    if kind == "opt":
+    if family.padding_side == "left":
       arr[i, length - len(x):], mask[i, length - len(x):] = x, 1
     else:
       arr[i, :len(x)], mask[i, :len(x)] = x, 1
@@ -85,18 +70,18 @@ def generate_text(module: Blip2LLM, params, tokenizer, images, prompts, *, max_n
   prompts = [prompts] * len(images) if isinstance(prompts, str) else list(prompts)
   if len(prompts) != len(images):
     raise ValueError(f"{len(prompts)} prompts for {len(images)} images: give one prompt, or one per image.")
-  kind = cfg.llm.kind
-  ids, mask = tokenize_prompts(tokenizer, prompts, kind)
-  if kind == "opt":
+  family = llms.family(cfg.llm.kind)
+  ids, mask = tokenize_prompts(tokenizer, prompts, family)
+  if "max_position_embeddings" in cfg.llm:  # learned positions (OPT); T5's relative positions have no limit
     needed = cfg.num_query_tokens + ids.shape[1] + max_new_tokens
     if needed > cfg.llm.max_position_embeddings:
       raise ValueError(f"Prompt too long: {cfg.num_query_tokens} queries + {ids.shape[1]} prompt tokens (padded) + "
                        f"{max_new_tokens} new tokens exceed the LLM's {cfg.llm.max_position_embeddings} positions.")
   options = dict(max_new_tokens=max_new_tokens, min_new_tokens=min_new_tokens, num_beams=num_beams,
                  length_penalty=length_penalty, repetition_penalty=repetition_penalty, do_sample=do_sample,
-                 top_p=top_p, temperature=temperature, eos_token_id=eos_token_id(tokenizer, kind),
+                 top_p=top_p, temperature=temperature, eos_token_id=family.eos_token_id(tokenizer),
                  pad_token_id=tokenizer.pad_token_id)
-  module = module.clone(cfg=ml_collections.FrozenConfigDict(module.cfg))  # hashable: jit's static argument
+  module = layers.frozen_config(module)  # hashable: jit's static argument
   rng = jax.random.PRNGKey(seed) if do_sample else None
   tokens = _generate(module, params, images, ids, mask, tuple(sorted(options.items())), rng)
   texts = tokenizer.batch_decode(np.asarray(tokens), skip_special_tokens=True)
@@ -113,6 +98,6 @@ def answer(module, params, tokenizer, images, questions, **settings) -> list[str
   questions = [questions] * len(images) if isinstance(questions, str) else list(questions)
   if any(not q.strip() for q in questions):
     raise ValueError("An empty question: VQA needs a question per image.")
-  template = VQA_PROMPTS[module.cfg.llm.kind]
+  template = llms.family(module.cfg.llm.kind).vqa_prompt
   return generate_text(module, params, tokenizer, images, [template.format(q.strip()) for q in questions],
                        **{**VQA_SETTINGS, **settings})

@@ -23,6 +23,7 @@ from pathlib import Path
 
 import flax.linen as nn
 import jax
+import ml_collections
 import numpy as np
 from flax import traverse_util
 from safetensors import safe_open
@@ -316,7 +317,6 @@ def load_qformer_from_blip2(path, params_template) -> tuple[dict, set[str]]:
   those are never filled. A checkpoint tensor with no counterpart in the model (more layers, cross-attention
   where the config has none) is an error: the config does not describe the checkpoint.
   """
-  import ml_collections  # pylint: disable=g-import-not-at-top
   ckpt = read_safetensors_dir(path)
   template = nn.unbox(params_template)
   qformer = template["qformer"]

@@ -79,7 +79,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # --- data -------------------------------------------------------------------------------------------------
   c.data = ml_collections.ConfigDict(dict(
       # TFDS builder name, read as array_record through grain; data_dir None = the TFDS default.
-      name="coco_captions", data_dir=ml_collections.config_dict.placeholder(str), builder_kwargs={}, train_split="train", eval_split="test",
+      name="coco_captions", data_dir=ml_collections.config_dict.placeholder(str), builder_kwargs={},
+      train_split="train", eval_split="test",
       image_size=224, crop_scale=(0.5, 1.0), flip=True, max_text_len=32,
       num_threads=16, prefetch=4, eval_max_examples=ml_collections.config_dict.placeholder(int)))
 

@@ -93,7 +93,7 @@ def stage2_config(kind: str, variant: str) -> ml_collections.ConfigDict:
       name="coco_captions", data_dir=ml_collections.config_dict.placeholder(str), builder_kwargs={},
       train_split="train", eval_split="test", image_size=224, crop_scale=(0.5, 1.0), flip=True, max_text_len=32,
       num_threads=16, prefetch=4, eval_max_examples=ml_collections.config_dict.placeholder(int),
-      text_format=kind, prompt="",
+      prompt="",
       # OPT: data.prompt goes before every caption. T5: the share of examples that are data.prompt -> the whole
       # caption (the captioning fine-tune format) instead of a prefix-LM split (paper: 0, no prompt).
       prompt_fraction=0.0))

@@ -18,7 +18,7 @@ import tempfile
 
 def _load(path, dtype):
   import jax  # pylint: disable=g-import-not-at-top
-  from blip2_jax.pretrained import Blip2  # pylint: disable=g-import-not-at-top
+  from blip2_jax.api import Blip2  # pylint: disable=g-import-not-at-top
   jax.numpy.zeros(1).block_until_ready()  # backend up before the baseline
   before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
   model = Blip2.from_pretrained(path, dtype=dtype)

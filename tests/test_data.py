@@ -10,6 +10,7 @@ import pytest
 from PIL import Image
 
 from blip2_jax.data import pipeline
+from blip2_jax.data import images as images_lib
 from blip2_jax.data import synthetic_shapes as shapes
 from blip2_jax.data import tokenizer as tokenizer_lib
 
@@ -150,7 +151,7 @@ def test_train_batch_shapes_and_normalisation(data_dir, tok):
     assert batch["image"].shape == (8, 48, 48, 3) and batch["image"].dtype == np.float32
     assert batch["text_ids"].shape == batch["text_mask"].shape == (8, 24)
     assert batch["text_ids"].dtype == batch["text_mask"].dtype == np.int32
-    lo, hi = -pipeline.CLIP_MEAN / pipeline.CLIP_STD, (1 - pipeline.CLIP_MEAN) / pipeline.CLIP_STD
+    lo, hi = -images_lib.CLIP_MEAN / images_lib.CLIP_STD, (1 - images_lib.CLIP_MEAN) / images_lib.CLIP_STD
     pixels = batch["image"].reshape(-1, 3)
     assert (pixels >= lo - 1e-5).all() and (pixels <= hi + 1e-5).all()
     assert np.allclose(pixels.min(0), lo, atol=1e-5)  # the black background maps to -mean/std
@@ -217,7 +218,7 @@ def test_flip_mirrors_image_and_swaps_left_right(data_dir):
         np.testing.assert_array_equal(out["image"], plain["image"][:, ::-1])
         assert out["caption"] == pipeline.swap_left_right(ex["caption"]) != ex["caption"]
         # ...and the swapped caption describes the mirrored picture.
-        pixels = np.round((out["image"] * pipeline.CLIP_STD + pipeline.CLIP_MEAN) * 255).astype(np.uint8)
+        pixels = np.round((out["image"] * images_lib.CLIP_STD + images_lib.CLIP_MEAN) * 255).astype(np.uint8)
         assert read_scene(pixels) == set(out["caption"].split(", "))
     assert 0 < flipped < 16
 
@@ -226,8 +227,8 @@ def test_t5_prompt_fraction_mixes_prompt_to_caption_examples_with_prefix_lm_spli
     ex = pipeline._decode(raw_examples(data_dir, "test")[0], 0)
     caption = tokenizer_lib.clean_caption(ex["caption"])
     for fraction in (0.0, 0.5):
-        cfg = make_cfg(data_dir, flip=False, text_format="t5", prompt="a photo of", prompt_fraction=fraction)
-        outs = [pipeline.train_preprocess(ex, np.random.default_rng(seed), cfg) for seed in range(200)]
+        cfg = make_cfg(data_dir, flip=False, prompt="a photo of", prompt_fraction=fraction)
+        outs = [pipeline.train_preprocess(ex, np.random.default_rng(seed), cfg, "t5") for seed in range(200)]
         prompted = [o for o in outs if o["prefix"] == "a photo of"]
         assert all(o["suffix"] == caption for o in prompted)
         # The others are prefix-LM splits: the caption cut at a word boundary, at least one word after the cut.
@@ -236,12 +237,12 @@ def test_t5_prompt_fraction_mixes_prompt_to_caption_examples_with_prefix_lm_spli
                 assert o["suffix"] and " ".join(filter(None, (o["prefix"], o["suffix"]))) == caption
         assert (60 < len(prompted) < 140) if fraction else not prompted
 
-    with pytest.raises(ValueError, match="prompt_fraction=0.5 is for text_format 't5'.*OPT puts data.prompt"):
-        pipeline.make_train_iterator(make_cfg(data_dir, text_format="opt", prompt="a", prompt_fraction=0.5), tok,
-                                     global_batch_size=8, seed=0)
+    with pytest.raises(ValueError, match="prompt_fraction=0.5 is for encoder-decoder LLMs.*data.prompt before every"):
+        pipeline.make_train_iterator(make_cfg(data_dir, prompt="a", prompt_fraction=0.5), tok,
+                                     global_batch_size=8, seed=0, kind="opt")
     with pytest.raises(ValueError, match="prompt_fraction=0.5 needs a config.data.prompt"):
-        pipeline.make_train_iterator(make_cfg(data_dir, text_format="t5", prompt="", prompt_fraction=0.5), tok,
-                                     global_batch_size=8, seed=0)
+        pipeline.make_train_iterator(make_cfg(data_dir, prompt="", prompt_fraction=0.5), tok,
+                                     global_batch_size=8, seed=0, kind="t5")
 
 
 def write_coco(root, captions_per_image, bad=()):
@@ -299,7 +300,7 @@ def test_eval_set_one_image_per_example_without_shared_ids(data_dir, tok):
     assert evals["txt2img"].tolist() == list(range(40)) and evals["img2txt"] == [[i] for i in range(40)]
     first = raw_examples(data_dir, "test")[0]
     assert evals["captions"][0] == first["caption"].decode()
-    want = pipeline.normalize(Image.fromarray(decode(first)))  # 48 -> 48 bicubic is the identity
+    want = images_lib.normalize(Image.fromarray(decode(first)))  # 48 -> 48 bicubic is the identity
     np.testing.assert_allclose(evals["images"][0], want, atol=1e-5)
 
 
@@ -314,7 +315,7 @@ def test_coco_captions_grouped_by_image_id(tmp_path, tok):
         for t in texts:
             assert evals["txt2img"][t] == i
             k = int(evals["captions"][t].split()[1])  # "image k text c"
-            level = (evals["images"][i] * pipeline.CLIP_STD + pipeline.CLIP_MEAN) * 255
+            level = (evals["images"][i] * images_lib.CLIP_STD + images_lib.CLIP_MEAN) * 255
             assert np.allclose(level, 60 * k, atol=1)
 
     missing = dict(kwargs, test_annotations=str(tmp_path / "nope.json"))

@@ -22,6 +22,7 @@ from blip2_jax.data import synthetic_shapes
 from blip2_jax.models import opt
 from blip2_jax.models import t5
 from configs import stage1
+from helpers import rel_error
 
 # OPT: enough to read its context (it learns that after ~200). T5: enough to see it learn; reading its context
 # needs the default steps, which take too long for a test.
@@ -66,11 +67,6 @@ def _ours(module, root):
   return model, cfg, weights.tree_from_hf(saved.__getitem__, module.weight_map(cfg), template, dtype=np.float32)
 
 
-def _rel(ours, theirs, where):
-  ours, theirs = np.asarray(ours)[where], theirs.detach().numpy()[where]
-  return float(np.abs(ours - theirs).max() / np.abs(theirs).max())
-
-
 # --- tokenizers --------------------------------------------------------------------------------------------------
 
 def test_opt_tokenizer_is_word_level_with_opts_special_tokens():
@@ -112,7 +108,7 @@ def test_opt_directory_loads_in_transformers_with_our_logits(opt_dir):
   ours = forward(params, ids, mask)
   with torch.no_grad():
     theirs = hf(input_ids=torch.from_numpy(batch.input_ids), attention_mask=torch.from_numpy(batch.attention_mask))
-  assert _rel(ours, theirs.logits, batch.attention_mask.astype(bool)) < TOL
+  assert rel_error(ours, theirs.logits, batch.attention_mask.astype(bool)) < TOL
 
 
 def test_t5_directory_loads_in_transformers_as_flan_t5_with_our_logits(t5_dir):
@@ -130,7 +126,7 @@ def test_t5_directory_loads_in_transformers_as_flan_t5_with_our_logits(t5_dir):
   with torch.no_grad():
     theirs = hf(input_ids=torch.from_numpy(enc.input_ids), attention_mask=torch.from_numpy(enc.attention_mask),
                 decoder_input_ids=torch.from_numpy(decoder_ids))
-  assert _rel(ours, theirs.logits, np.s_[:]) < TOL
+  assert rel_error(ours, theirs.logits, np.s_[:]) < TOL
 
 
 # --- what pretraining teaches ------------------------------------------------------------------------------------

@@ -21,14 +21,16 @@ import transformers
 from PIL import Image
 
 from blip2_jax import demo_llm
-from blip2_jax import evaluate
-from blip2_jax import generate
+from blip2_jax import eval_files
+from blip2_jax.data import annotations
+from blip2_jax.data import images as images_lib
 from blip2_jax import metrics
 from blip2_jax import partitioning
 from blip2_jax.data import tokenizer as tokenizer_lib
-from blip2_jax.pretrained import Blip2
+from blip2_jax.api import Blip2
 from conftest import one_device_env
-from test_pretrained import IMAGE, OPT_TEXT, QUERIES, VISION, _qformer, _randomise
+from helpers import randomise
+from test_pretrained import IMAGE, OPT_TEXT, QUERIES, VISION, _qformer
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FAST = dict(num_beams=1, max_new_tokens=4, min_new_tokens=1)  # generation settings that compile quickly
@@ -48,7 +50,7 @@ def _save_hf(kind: str, out):
     config = transformers.Blip2Config(vision_config=VISION, qformer_config=_qformer(False), text_config=text,
                                       num_query_tokens=QUERIES)
     model = transformers.Blip2ForConditionalGeneration(config)
-  _randomise(model, seed=0).save_pretrained(out)
+  randomise(model, seed=0).save_pretrained(out)
   tok.save_pretrained(out)
   return model, str(out)
 
@@ -89,7 +91,7 @@ def _coco(path, captions: dict):
 
 
 def _load(folder, names, size=IMAGE):
-  return np.stack([generate.load_image(str(folder / n), size) for n in names])
+  return np.stack([images_lib.load_image(str(folder / n), size) for n in names])
 
 
 # --- captioning ----------------------------------------------------------------------------------------------
@@ -106,9 +108,9 @@ def test_captions_match_the_model_and_metrics_match_the_predictions(models, tmp_
   refs = {"a.png": [direct[0] + ".", "large red circle top left"],  # the caption itself: an exact match
           "b.jpg": ["small blue square", "zebra zebra"], "c.png": ["nothing"],
           "d.png": ["green triangle bottom right", "yellow circle"]}
-  samples = evaluate.load_captions(_coco(tmp_path / "captions.json", refs), str(folder))
+  samples = annotations.load_captions(_coco(tmp_path / "captions.json", refs), str(folder))
   with caplog.at_level(logging.WARNING, logger="blip2_jax"):
-    report = evaluate.evaluate_captions(model, samples, batch_size=2, **FAST)
+    report = eval_files.evaluate_captions(model, samples, batch_size=2, **FAST)
 
   assert [p["image"] for p in report["predictions"]] == ["a.png", "b.jpg", "d.png"]
   assert [p["image_id"] for p in report["predictions"]] == [1, 2, 4]
@@ -151,7 +153,7 @@ def _solid_images(folder, names, corrupt=()):
       (folder / name).write_bytes(b"GIF89a broken")
     else:
       Image.new("RGB", (12 + i, 10), (40 * i, 255 - 30 * i, 17 * i)).save(folder / name)
-  return {n: f"{generate.load_image(str(folder / n), 8).mean():.5f}" for n in names if n not in corrupt}
+  return {n: f"{images_lib.load_image(str(folder / n), 8).mean():.5f}" for n in names if n not in corrupt}
 
 
 def test_each_caption_and_answer_belongs_to_its_image_and_question(tmp_path):
@@ -160,8 +162,8 @@ def test_each_caption_and_answer_belongs_to_its_image_and_question(tmp_path):
   names = ["a.png", "b.png", "c.png", "d.png", "e.png"]
   means = _solid_images(tmp_path / "images", names, corrupt={"c.png"})
   model = _Echo()
-  samples = evaluate.load_captions(_coco(tmp_path / "c.json", {n: ["x"] for n in names}), str(tmp_path / "images"))
-  report = evaluate.evaluate_captions(model, samples, batch_size=2)
+  samples = annotations.load_captions(_coco(tmp_path / "c.json", {n: ["x"] for n in names}), str(tmp_path / "images"))
+  report = eval_files.evaluate_captions(model, samples, batch_size=2)
   assert {p["image"]: p["prediction"] for p in report["predictions"]} == {n: means[n] for n in ["a.png", "b.png",
                                                                                                  "d.png", "e.png"]}
   assert set(model.shapes) == {(2, 8, 8, 3)} and report["skipped_images"] == ["c.png"]
@@ -172,7 +174,8 @@ def test_each_caption_and_answer_belongs_to_its_image_and_question(tmp_path):
   qpath.write_text(json.dumps({"questions": [{"question_id": q, "image_id": 10 + q, "question": f"q{q}?"}
                                              for q, _ in questions],
                                "images": [{"id": 10 + q, "file_name": n} for q, n in questions]}))
-  report = evaluate.evaluate_vqa(model, evaluate.load_vqa(str(qpath), None, str(tmp_path / "images")), batch_size=2)
+  questions_read = annotations.load_vqa(str(qpath), None, str(tmp_path / "images"))
+  report = eval_files.evaluate_vqa(model, questions_read, batch_size=2)
   assert [(p["question_id"], p["prediction"]) for p in report["predictions"]] == [
       (q, f"{means[n]} q{q}?") for q, n in questions if n != "c.png"]
   assert set(model.shapes) == {(2, 8, 8, 3)} and len(model.shapes) == 3  # [a a] [c d] -> [d, pad], [d e]
@@ -184,7 +187,7 @@ def test_karpathy_list_and_limit(tmp_path):
   path = tmp_path / "karpathy.json"
   path.write_text(json.dumps([{"image": "y.png", "caption": ["one", "two"]}, {"image": "x.png", "caption": "three"},
                               {"image": "x.png", "caption": "four"}, {"image": "z.png", "caption": ["five"]}]))
-  samples = evaluate.load_captions(str(path), str(folder), limit=2)
+  samples = annotations.load_captions(str(path), str(folder), limit=2)
   assert [(s["image"], s["captions"]) for s in samples] == [("y.png", ["one", "two"]), ("x.png", ["three", "four"])]
   assert samples[0]["path"] == os.path.join(str(folder), "y.png")
 
@@ -202,10 +205,10 @@ def test_vqa_answers_results_file_and_accuracy(models, tmp_path):
                {"question_id": 72, "image_id": 7, "question": "is it large?"}]
   qpath = tmp_path / "questions.json"
   qpath.write_text(json.dumps({"questions": questions}))
-  samples = evaluate.load_vqa(str(qpath), None, str(folder))
+  samples = annotations.load_vqa(str(qpath), None, str(folder))
   assert [s["image"] for s in samples] == ["COCO_val2014_000000000007.png", "000000000042.png",
                                            "COCO_val2014_000000000007.png"]
-  report = evaluate.evaluate_vqa(model, samples, batch_size=2, **FAST)
+  report = eval_files.evaluate_vqa(model, samples, batch_size=2, **FAST)
   answers = {p["question_id"]: p["prediction"] for p in report["predictions"]}
   assert list(answers) == [71, 421, 72] and "metrics" not in report
   # Questions about one image are batched together (sorted by file: 42 first, then both of 7).
@@ -219,7 +222,7 @@ def test_vqa_answers_results_file_and_accuracy(models, tmp_path):
   apath.write_text(json.dumps({"annotations": [
       {"question_id": q, "image_id": 0, "answer_type": "yes/no" if q == 72 else "other",
        "answers": [{"answer": a, "answer_id": j + 1} for j, a in enumerate(h)]} for q, h in humans.items()]}))
-  scored = evaluate.evaluate_vqa(model, evaluate.load_vqa(str(qpath), str(apath), str(folder)), batch_size=2,
+  scored = eval_files.evaluate_vqa(model, annotations.load_vqa(str(qpath), str(apath), str(folder)), batch_size=2,
                                  **FAST)
   assert {p["question_id"]: p["prediction"] for p in scored["predictions"]} == answers
   assert {p["question_id"]: p["accuracy"] for p in scored["predictions"]} == pytest.approx(
@@ -242,9 +245,9 @@ def test_retrieval_matches_brute_force_ranking(models, tmp_path):
               "q.png": ["blue triangle bottom right", "a large blue triangle"],
               "r.png": ["green square top right", "yellow circle, white square"],
               "s.png": ["purple triangle top left", "small white circle bottom left"]}
-  samples = evaluate.load_captions(_coco(tmp_path / "captions.json", captions), str(folder))
+  samples = annotations.load_captions(_coco(tmp_path / "captions.json", captions), str(folder))
   k = 3
-  report = evaluate.evaluate_retrieval(model, samples, batch_size=3, k_test=k)
+  report = eval_files.evaluate_retrieval(model, samples, batch_size=3, k_test=k)
 
   texts = [c for n in names for c in captions[n]]
   ids, mask = tokenizer_lib.tokenize(model.tokenizer, [tokenizer_lib.clean_caption(t) for t in texts], 16)
@@ -266,8 +269,8 @@ def test_retrieval_matches_brute_force_ranking(models, tmp_path):
   txt2img = np.repeat(np.arange(4), 2)
   i2t_rank = [min(list(i2t[i]).index(t) for t in (2 * i, 2 * i + 1)) for i in range(4)]
   t2i_rank = [list(t2i[t]).index(txt2img[t]) for t in range(8)]
-  assert [im["top"] for im in report["images"]] == i2t[:, :evaluate.NUM_TOP].tolist()
-  assert [t["top"] for t in report["texts"]] == t2i[:, :evaluate.NUM_TOP].tolist()
+  assert [im["top"] for im in report["images"]] == i2t[:, :eval_files.NUM_TOP].tolist()
+  assert [t["top"] for t in report["texts"]] == t2i[:, :eval_files.NUM_TOP].tolist()
   assert [im["rank"] for im in report["images"]] == i2t_rank
   assert [t["rank"] for t in report["texts"]] == t2i_rank
   assert [t["text"] for t in report["texts"]] == texts and [im["texts"] for im in report["images"]] == [
@@ -287,34 +290,34 @@ def test_input_errors_are_one_sentence_naming_the_file(models, tmp_path):
   folder = _write_images(tmp_path / "images", ["a.png", "b.png"], corrupt={"a.png", "b.png"})
   good = _coco(tmp_path / "captions.json", {"a.png": ["x"], "b.png": ["y"]})
   with pytest.raises(FileNotFoundError, match=r"Image .*missing\.png \(named in .*missing\.json\) does not exist"):
-    evaluate.load_captions(_coco(tmp_path / "missing.json", {"missing.png": ["x"]}), str(folder))
+    annotations.load_captions(_coco(tmp_path / "missing.json", {"missing.png": ["x"]}), str(folder))
   with pytest.raises(FileNotFoundError, match="nowhere.json does not exist"):
-    evaluate.load_captions(str(tmp_path / "nowhere.json"), str(folder))
+    annotations.load_captions(str(tmp_path / "nowhere.json"), str(folder))
   with pytest.raises(FileNotFoundError, match="Image folder .*nofolder does not exist"):
-    evaluate.load_captions(good, str(tmp_path / "nofolder"))
+    annotations.load_captions(good, str(tmp_path / "nofolder"))
   vqa_file = tmp_path / "vqa.json"
   vqa_file.write_text(json.dumps({"annotations": [{"question_id": 1, "answers": [{"answer": "yes"}]}]}))
   with pytest.raises(ValueError, match=r"vqa\.json is not a COCO captions file .*no key 'images'"):
-    evaluate.load_captions(str(vqa_file), str(folder))
+    annotations.load_captions(str(vqa_file), str(folder))
   with pytest.raises(ValueError, match=r"captions\.json is not a VQAv2 questions file .*no key 'questions'"):
-    evaluate.load_vqa(good, None, str(folder))
+    annotations.load_vqa(good, None, str(folder))
   (tmp_path / "broken.json").write_text("{not json")
   with pytest.raises(ValueError, match="broken.json is not JSON"):
-    evaluate.load_captions(str(tmp_path / "broken.json"), str(folder))
+    annotations.load_captions(str(tmp_path / "broken.json"), str(folder))
   with pytest.raises(FileNotFoundError, match=r"No image for image_id 9 .*COCO_val2014_000000000009\.jpg"):
     (tmp_path / "q.json").write_text(json.dumps({"questions": [{"question_id": 1, "image_id": 9,
                                                                 "question": "why?"}]}))
-    evaluate.load_vqa(str(tmp_path / "q.json"), None, str(folder))
+    annotations.load_vqa(str(tmp_path / "q.json"), None, str(folder))
   # Every image corrupt: nothing to score is an error, not an empty report.
   with pytest.raises(ValueError, match="None of the 2 images could be decoded"):
-    evaluate.evaluate_captions(models["opt"][1], evaluate.load_captions(good, str(folder)), batch_size=2, **FAST)
+    eval_files.evaluate_captions(models["opt"][1], annotations.load_captions(good, str(folder)), batch_size=2, **FAST)
   with pytest.raises(ValueError, match="None of the 2 images could be decoded"):
-    evaluate.evaluate_retrieval(models["retrieval"][1], evaluate.load_captions(good, str(folder)), batch_size=2)
+    eval_files.evaluate_retrieval(models["retrieval"][1], annotations.load_captions(good, str(folder)), batch_size=2)
   # A model of the wrong stage.
   with pytest.raises(ValueError, match="--task=retrieval needs a stage-1 model"):
-    evaluate.evaluate_retrieval(models["opt"][1], [])
+    eval_files.evaluate_retrieval(models["opt"][1], [])
   with pytest.raises(ValueError, match="--task=vqa needs a stage-2 model"):
-    evaluate.evaluate_vqa(models["retrieval"][1], [])
+    eval_files.evaluate_vqa(models["retrieval"][1], [])
 
 
 def test_cli_refuses_a_stage1_model_for_captioning_in_one_line(models, tmp_path):

@@ -2,8 +2,8 @@
 import numpy as np
 import pytest
 
-from blip2_jax import evaluate, examples
-from blip2_jax.data import pipeline
+from blip2_jax import evaluators, examples
+from blip2_jax.data import images as images_lib
 
 
 def test_grid_places_each_image_and_colours_its_text():
@@ -26,7 +26,7 @@ def test_grid_places_each_image_and_colours_its_text():
 
 def test_to_uint8_inverts_the_pipelines_normalisation():
   pixels = np.random.default_rng(0).integers(0, 256, (2, 4, 4, 3)).astype(np.uint8)
-  normalised = np.stack([pipeline.normalize(p) for p in pixels])
+  normalised = np.stack([images_lib.normalize(p) for p in pixels])
   np.testing.assert_array_equal(examples.to_uint8(normalised), pixels)
 
 
@@ -40,8 +40,8 @@ def test_first_images_keeps_their_texts_and_renumbers_them():
   data = {"images": np.arange(4)[:, None], "text_ids": np.arange(7)[:, None] + 10,
           "text_mask": np.ones((7, 1), np.int32), "txt2img": np.array([0, 0, 1, 2, 1, 3, 2]),
           "img2txt": [[0, 1], [2, 4], [3, 6], [5]], "captions": list("abcdefg")}
-  sub = evaluate._first_images(data, 2)  # pylint: disable=protected-access
+  sub = evaluators._first_images(data, 2)  # pylint: disable=protected-access
   assert sub["images"].tolist() == [[0], [1]]
   assert sub["captions"] == ["a", "b", "c", "e"] and sub["text_ids"][:, 0].tolist() == [10, 11, 12, 14]
   assert sub["txt2img"].tolist() == [0, 0, 1, 1] and sub["img2txt"] == [[0, 1], [2, 3]]
-  assert evaluate._first_images(data, None) is data and evaluate._first_images(data, 4) is data  # pylint: disable=protected-access
+  assert evaluators._first_images(data, None) is data and evaluators._first_images(data, 4) is data  # pylint: disable=protected-access

@@ -16,22 +16,13 @@ from flax import struct
 
 from blip2_jax import generation, weights
 from blip2_jax.models import opt, t5
+from helpers import randomise
 
 VOCAB, WIDTH, MAX_NEW = 64, 32, 10
 F32 = np.dtype("float32")
 OPT_PAD, T5_PAD = 1, 0
 # Prompts of 6, 3, 5 and 1 tokens.
 LENGTHS = np.array([6, 3, 5, 1])
-
-
-def _randomise(model, embeddings, seed):
-  g = torch.Generator().manual_seed(seed)
-  with torch.no_grad():
-    for name, p in model.named_parameters():
-      is_norm_scale = p.ndim == 1 and "norm" in name and name.endswith("weight")
-      p.copy_((1.0 if is_norm_scale else 0.0) + 0.5 * torch.randn(p.shape, generator=g))
-    embeddings.copy_(2.0 * embeddings / embeddings.norm(dim=1, keepdim=True))
-  return model.eval()
 
 
 def _prompts(pad: int, *, left: bool, seed=0):
@@ -63,14 +54,13 @@ def opt_models():
   config = transformers.OPTConfig(vocab_size=VOCAB, hidden_size=WIDTH, num_hidden_layers=2, ffn_dim=64,
                                   num_attention_heads=4, max_position_embeddings=64, word_embed_proj_dim=WIDTH,
                                   pad_token_id=OPT_PAD)
-  model = transformers.OPTForCausalLM(config)
-  model = _randomise(model, model.model.decoder.embed_tokens.weight, seed=1)
+  model = randomise(transformers.OPTForCausalLM(config), seed=1, std=0.5, embedding_norm=2.0)
   cfg = opt.config_from_hf(config)
   args = (jnp.zeros((1, 4, WIDTH)), jnp.ones((1, 4), jnp.int32))
   template = jax.eval_shape(lambda: opt.OPTForCausalLM(cfg).init(jax.random.PRNGKey(0), *args))["params"]
   state_dict = model.state_dict()
   params = weights.tree_from_hf(lambda n: state_dict[n].numpy(), opt.weight_map(cfg), template, dtype=F32)
-  return model, generation.OPTDecoder.create(opt.OPTForCausalLM(cfg), params)
+  return model, opt.OPTDecoder.create(opt.OPTForCausalLM(cfg), params)
 
 
 @pytest.fixture(scope="module")
@@ -81,14 +71,13 @@ def t5_models():
                                  relative_attention_max_distance=20, dropout_rate=0.0, feed_forward_proj="gated-gelu",
                                  dense_act_fn="gelu", tie_word_embeddings=False, pad_token_id=T5_PAD,
                                  decoder_start_token_id=T5_PAD)
-  model = transformers.T5ForConditionalGeneration(config)
-  model = _randomise(model, model.shared.weight, seed=1)
+  model = randomise(transformers.T5ForConditionalGeneration(config), seed=1, std=0.5, embedding_norm=2.0)
   cfg = t5.config_from_hf(model.config)
   args = (jnp.zeros((1, 4, WIDTH)), jnp.ones((1, 4), jnp.int32), jnp.zeros((1, 2), jnp.int32))
   template = jax.eval_shape(lambda: t5.T5ForConditionalGeneration(cfg).init(jax.random.PRNGKey(0), *args))["params"]
   state_dict = model.state_dict()
   params = weights.tree_from_hf(lambda n: state_dict[n].numpy(), t5.weight_map(cfg), template, dtype=F32)
-  return model, generation.T5Decoder.create(t5.T5ForConditionalGeneration(cfg), params)
+  return model, t5.T5Decoder.create(t5.T5ForConditionalGeneration(cfg), params)
 
 
 def _opt_inputs(model):
@@ -196,7 +185,7 @@ _TRACES = []
 @struct.dataclass
 class _CountingDecoder:
   """An adapter that counts how often jit traces the generation program (once per compile)."""
-  inner: generation.OPTDecoder
+  inner: opt.OPTDecoder
 
   @property
   def start_ids(self):
@@ -217,7 +206,7 @@ def test_top_k_sampling_is_reproducible_stays_in_the_top_k_and_compiles_once(opt
   _TRACES.clear()
   first = _opt_generate(_CountingDecoder(decoder), model, rng=jax.random.PRNGKey(1), **options)
   # A new adapter built from an equal module and new arrays of the same shapes reuses the compiled program.
-  rebuilt = generation.OPTDecoder.create(opt.OPTForCausalLM(decoder.module.cfg.as_configdict()),
+  rebuilt = opt.OPTDecoder.create(opt.OPTForCausalLM(decoder.module.cfg.as_configdict()),
                                          jax.tree.map(jnp.array, decoder.params))
   again = _opt_generate(_CountingDecoder(rebuilt), model, rng=jax.random.PRNGKey(1), **options)
   other = _opt_generate(_CountingDecoder(decoder), model, rng=jax.random.PRNGKey(2), **options)

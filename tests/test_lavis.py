@@ -16,11 +16,11 @@ import ml_collections
 import numpy as np
 import pytest
 import torch
-import transformers
 from flax import traverse_util
 
 from blip2_jax import lavis, weights
 from blip2_jax.models.blip2 import Blip2Qformer
+from helpers import hf_blip2_retrieval, rel_error
 
 VOCAB, MAX_POS, QUERIES, WIDTH, TOL = 50, 16, 8, 32, 1e-5
 
@@ -105,24 +105,7 @@ def _lavis_state_dict(hf_model, seed=0) -> dict:
 
 @pytest.fixture(scope="module")
 def hf_blip2():
-  config = transformers.Blip2Config(
-      vision_config=dict(hidden_size=WIDTH, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                         image_size=32, patch_size=8, layer_norm_eps=1e-6, qkv_bias=True),
-      qformer_config=dict(hidden_size=WIDTH, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
-                          cross_attention_frequency=2, encoder_hidden_size=WIDTH, vocab_size=VOCAB,
-                          use_qformer_text_input=True, max_position_embeddings=MAX_POS),
-      num_query_tokens=QUERIES, image_text_hidden_size=16, image_token_index=None)
-  torch.manual_seed(0)
-  model = transformers.Blip2ForImageTextRetrieval(config)
-  g = torch.Generator().manual_seed(0)
-  with torch.no_grad():  # std 0.2 everywhere, norm scales around 1, so no wrong name or transpose hides
-    for name, p in model.named_parameters():
-      is_norm_scale = p.ndim == 1 and name.endswith("weight") and "norm" in name.lower()
-      p.copy_((1.0 if is_norm_scale else 0.0) + 0.2 * torch.randn(p.shape, generator=g))
-    for module in model.modules():
-      if isinstance(module, transformers.models.blip_2.modeling_blip_2.Blip2Attention):
-        module.qkv.bias[WIDTH:2 * WIDTH] = 0.0  # the fused bias is cat(q, 0, v)
-  return model.eval()
+  return hf_blip2_retrieval(width=WIDTH, vocab=VOCAB, max_pos=MAX_POS, queries=QUERIES)
 
 
 @pytest.fixture(scope="module")
@@ -151,13 +134,6 @@ def _save(tmp_path, obj, name="ckpt.pth"):
   path = tmp_path / name
   torch.save(obj, path)
   return path
-
-
-def _rel(ours, theirs):
-  theirs = np.asarray(theirs.detach(), np.float32)
-  ours = np.asarray(ours, np.float32)
-  assert ours.shape == theirs.shape
-  return float(np.abs(ours - theirs).max() / np.abs(theirs).max())
 
 
 def _inputs():
@@ -202,13 +178,13 @@ def ours_and_hf(hf_blip2, loaded):
 def test_itm_logits_match_hf(ours_and_hf):
   (ours, _), (theirs, _) = ours_and_hf
   assert ours.shape == (3, 2)
-  assert _rel(ours, theirs) < TOL
+  assert rel_error(ours, theirs) < TOL
 
 
 def test_itc_scores_match_hf(ours_and_hf):
   (_, ours), (_, theirs) = ours_and_hf
   assert ours.shape == (3, 3)
-  assert _rel(ours, theirs) < TOL
+  assert rel_error(ours, theirs) < TOL
 
 
 def test_temp_and_lm_head_are_the_files(loaded, lavis_sd):

@@ -19,6 +19,7 @@ from flax import traverse_util
 
 from blip2_jax import weights
 from blip2_jax.models import opt
+from helpers import randomise, rel_error
 
 VOCAB, WIDTH, MAX_POS, TOL = 100, 32, 64, 1e-5
 # Three rows: no padding, left padding (batched generation) and right padding.
@@ -36,12 +37,7 @@ def _hf_config(**overrides):
 def _hf_model(config, seed=0):
   torch.manual_seed(seed)
   model = transformers.OPTForCausalLM(config)
-  g = torch.Generator().manual_seed(seed)
-  with torch.no_grad():
-    for name, p in model.named_parameters():
-      is_norm_scale = p.ndim == 1 and name.endswith("weight") and "norm" in name
-      p.copy_((1.0 if is_norm_scale else 0.0) + 0.2 * torch.randn(p.shape, generator=g))
-  return model.eval()
+  return randomise(model, seed)
 
 
 def _state_dict(model):
@@ -56,14 +52,6 @@ def _abstract(cfg):
 def _load(cfg, state_dict):
   return weights.tree_from_hf(state_dict.__getitem__, opt.weight_map(cfg), _abstract(cfg),
                               dtype=np.dtype(np.float32))
-
-
-def _rel(ours, theirs, where=None):
-  ours, theirs = np.asarray(ours, np.float32), np.asarray(theirs, np.float32)
-  assert ours.shape == theirs.shape
-  if where is not None:
-    ours, theirs = ours[where], theirs[where]
-  return float(np.abs(ours - theirs).max() / np.abs(theirs).max())
 
 
 @functools.lru_cache(maxsize=None)
@@ -109,7 +97,7 @@ def test_logits_match_hf_from_ids_with_padding(hf_opt, cfg, params):
   with torch.no_grad():
     theirs = hf_opt(input_ids=torch.from_numpy(ids), attention_mask=torch.from_numpy(MASK)).logits
   assert ours.dtype == jnp.float32
-  assert _rel(ours, theirs, MASK.astype(bool)) < TOL
+  assert rel_error(ours, theirs, MASK.astype(bool)) < TOL
 
 
 def test_logits_match_hf_from_embeddings(hf_opt, cfg, params):
@@ -119,7 +107,7 @@ def test_logits_match_hf_from_embeddings(hf_opt, cfg, params):
   ours = forward(params, jnp.asarray(embeds), jnp.asarray(MASK))
   with torch.no_grad():
     theirs = hf_opt(inputs_embeds=torch.from_numpy(embeds), attention_mask=torch.from_numpy(MASK)).logits
-  assert _rel(ours, theirs, MASK.astype(bool)) < TOL
+  assert rel_error(ours, theirs, MASK.astype(bool)) < TOL
 
 
 def test_logits_range_gives_those_positions_logits(cfg, params):
@@ -143,7 +131,7 @@ def test_gelu_without_biases_matches_hf():
   ours = forward(params, embed(params, jnp.asarray(ids)), jnp.asarray(MASK))
   with torch.no_grad():
     theirs = hf(input_ids=torch.from_numpy(ids), attention_mask=torch.from_numpy(MASK)).logits
-  assert _rel(ours, theirs, MASK.astype(bool)) < TOL
+  assert rel_error(ours, theirs, MASK.astype(bool)) < TOL
 
 
 # --- KV cache ----------------------------------------------------------------------------------------------
@@ -166,7 +154,7 @@ def test_prefill_then_token_steps_match_full_forward(cfg, params):
     steps.append(logits)
   assert cached._cache_size() == 2  # the prefill and one step program for every step
   assert jax.tree.map(jnp.shape, cache) == jax.tree.map(jnp.shape, opt.init_cache(cfg, b, slots, jnp.float32))
-  assert _rel(jnp.concatenate(steps, axis=1), full, MASK.astype(bool)) < TOL
+  assert rel_error(jnp.concatenate(steps, axis=1), full, MASK.astype(bool)) < TOL
 
 
 def test_cache_reorders_with_one_gather_on_the_batch_axis(cfg, params):
@@ -198,8 +186,8 @@ def test_remat_policies_give_identical_logits_and_gradients(hf_opt, params):
     loss = lambda e, model=model: jnp.sum(weight * model.apply({"params": params}, e, jnp.asarray(MASK))[0])
     results[policy] = jax.jit(jax.value_and_grad(loss))(x)
   for policy, (value, grad) in results.items():
-    assert _rel(value, results["none"][0]) < 1e-6, policy
-    assert _rel(grad, results["none"][1]) < 1e-6, policy
+    assert rel_error(value, results["none"][0]) < 1e-6, policy
+    assert rel_error(grad, results["none"][1]) < 1e-6, policy
 
 
 def test_bfloat16_compute_returns_float32_logits(hf_opt, cfg, params):
@@ -212,7 +200,7 @@ def test_bfloat16_compute_returns_float32_logits(hf_opt, cfg, params):
   assert x.dtype == jnp.bfloat16
   ours = forward(frozen, x, mask)
   assert ours.dtype == jnp.float32
-  assert _rel(ours, reference, MASK.astype(bool)) < 0.05
+  assert rel_error(ours, reference, MASK.astype(bool)) < 0.05
 
 
 # --- parameters and weights --------------------------------------------------------------------------------

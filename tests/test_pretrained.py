@@ -15,8 +15,9 @@ import torch
 import transformers
 
 from blip2_jax import partitioning
-from blip2_jax.pretrained import Blip2
+from blip2_jax.api import Blip2
 from conftest import one_device_env
+from helpers import randomise, rel_error
 
 TOL = 1e-5
 WIDTH, QUERIES, VOCAB_QF, IMAGE = 32, 4, 40, 32
@@ -40,18 +41,6 @@ T5_TEXT = dict(model_type="t5", vocab_size=64, d_model=24, d_kv=8, d_ff=48, num_
 IMAGE_TOKEN = 63  # HF >= 4.47 puts num_query_tokens of these in front of the prompt ids
 
 
-def _randomise(model, seed):
-  g = torch.Generator().manual_seed(seed)
-  with torch.no_grad():
-    for name, p in model.named_parameters():
-      is_norm_scale = p.ndim == 1 and name.endswith("weight") and "norm" in name.lower()
-      p.copy_((1.0 if is_norm_scale else 0.0) + 0.2 * torch.randn(p.shape, generator=g))
-    for module in model.modules():
-      if isinstance(module, transformers.models.blip_2.modeling_blip_2.Blip2Attention):
-        module.qkv.bias[WIDTH:2 * WIDTH] = 0.0  # the fused bias is cat(q, 0, v)
-  return model.eval()
-
-
 def _hf_model(kind: str, seed=0):
   if kind == "retrieval":
     config = transformers.Blip2Config(vision_config=VISION, qformer_config=_qformer(True),
@@ -63,14 +52,7 @@ def _hf_model(kind: str, seed=0):
                                       num_query_tokens=QUERIES, image_token_index=IMAGE_TOKEN)
     cls = transformers.Blip2ForConditionalGeneration
   torch.manual_seed(seed)
-  return _randomise(cls(config), seed)
-
-
-def _rel(ours, theirs):
-  theirs = np.asarray(theirs.detach() if isinstance(theirs, torch.Tensor) else theirs, np.float32)
-  ours = np.asarray(ours, np.float32)
-  assert ours.shape == theirs.shape, (ours.shape, theirs.shape)
-  return float(np.abs(ours - theirs).max() / np.abs(theirs).max())
+  return randomise(cls(config), seed)
 
 
 def _images(batch=3, seed=0):
@@ -130,8 +112,8 @@ def test_vision_and_query_outputs_match_hf(saved, loaded, kind):
   with torch.no_grad():
     vision = hf.vision_model(pixel_values=px).last_hidden_state
     queries = hf.qformer(query_embeds=hf.query_tokens.expand(3, -1, -1), encoder_hidden_states=vision)[0]
-  assert _rel(ours.vision_features(x), vision) < TOL
-  assert _rel(ours.query_output(x), queries) < TOL
+  assert rel_error(ours.vision_features(x), vision) < TOL
+  assert rel_error(ours.query_output(x), queries) < TOL
 
 
 def test_retrieval_itm_and_itc_match_hf(saved, loaded):
@@ -143,8 +125,8 @@ def test_retrieval_itm_and_itc_match_hf(saved, loaded):
              use_image_text_matching_head=True).logits_per_image
     itc = hf(pixel_values=px, input_ids=torch.from_numpy(ids), attention_mask=torch.from_numpy(mask),
              use_image_text_matching_head=False).logits_per_image
-  assert _rel(ours.itm_logits(x, ids, mask), itm) < TOL
-  assert _rel(ours.itc_scores(x, ids, mask), itc) < TOL
+  assert rel_error(ours.itm_logits(x, ids, mask), itm) < TOL
+  assert rel_error(ours.itc_scores(x, ids, mask), itc) < TOL
 
 
 def _hf_opt_logits(hf, px, ids, mask):
@@ -166,7 +148,7 @@ def test_opt_llm_logits_match_hf(saved, loaded):
   hf, ours = saved["opt"][0], loaded["opt"]
   x, px = _images()
   ids, mask = _texts(OPT_TEXT["vocab_size"], left_pad=True)
-  assert _rel(ours.lm_logits(x, ids, mask), _hf_opt_logits(hf, px, ids, mask)) < TOL
+  assert rel_error(ours.lm_logits(x, ids, mask), _hf_opt_logits(hf, px, ids, mask)) < TOL
 
 
 def test_t5_llm_logits_match_hf(saved, loaded):
@@ -175,7 +157,7 @@ def test_t5_llm_logits_match_hf(saved, loaded):
   ids, mask = _texts(T5_TEXT["vocab_size"])
   dec = np.random.default_rng(2).integers(2, 60, size=(3, 5))
   dec[:, 0] = 0
-  assert _rel(ours.lm_logits(x, ids, mask, dec), _hf_t5_logits(hf, px, ids, mask, dec)) < TOL
+  assert rel_error(ours.lm_logits(x, ids, mask, dec), _hf_t5_logits(hf, px, ids, mask, dec)) < TOL
 
 
 def test_sharded_and_bf16_checkpoints(saved, loaded, tmp_path):
@@ -197,8 +179,8 @@ def test_sharded_and_bf16_checkpoints(saved, loaded, tmp_path):
   low = Blip2.from_pretrained(tmp_path / "bf16", dtype="bfloat16", mesh=_one_device_mesh())
   assert low.params["visual_encoder"]["blocks_0"]["fc1"]["kernel"].dtype == jnp.bfloat16
   assert low.params["qformer"]["layers_0"]["attention"]["query"]["kernel"].dtype == jnp.float32
-  assert _rel(low.itm_logits(x, ids, mask), ours.itm_logits(x, ids, mask)) < 2e-2
-  assert _rel(low.itc_scores(x, ids, mask), ours.itc_scores(x, ids, mask)) < 2e-2
+  assert rel_error(low.itm_logits(x, ids, mask), ours.itm_logits(x, ids, mask)) < 2e-2
+  assert rel_error(low.itc_scores(x, ids, mask), ours.itc_scores(x, ids, mask)) < 2e-2
 
 
 @pytest.mark.parametrize("kind", ["retrieval", "opt", "t5"])
@@ -215,14 +197,14 @@ def test_export_reloads_in_transformers_with_the_same_outputs(saved, loaded, kin
       with torch.no_grad():
         a = hf(pixel_values=px, input_ids=t_ids, attention_mask=t_mask, use_image_text_matching_head=itm)
         b = again(pixel_values=px, input_ids=t_ids, attention_mask=t_mask, use_image_text_matching_head=itm)
-      assert _rel(b.logits_per_image, a.logits_per_image) < TOL
+      assert rel_error(b.logits_per_image, a.logits_per_image) < TOL
   elif kind == "opt":
     ids, mask = _texts(OPT_TEXT["vocab_size"], left_pad=True)
-    assert _rel(_hf_opt_logits(again, px, ids, mask), _hf_opt_logits(hf, px, ids, mask)) < TOL
+    assert rel_error(_hf_opt_logits(again, px, ids, mask), _hf_opt_logits(hf, px, ids, mask)) < TOL
   else:
     ids, mask = _texts(T5_TEXT["vocab_size"])
     dec = np.zeros((3, 4), np.int64)
-    assert _rel(_hf_t5_logits(again, px, ids, mask, dec), _hf_t5_logits(hf, px, ids, mask, dec)) < TOL
+    assert rel_error(_hf_t5_logits(again, px, ids, mask, dec), _hf_t5_logits(hf, px, ids, mask, dec)) < TOL
 
 
 def test_stage1_workdir_exports_to_hf_retrieval(stage1_workdir, tmp_path):
@@ -251,8 +233,8 @@ def test_stage1_workdir_exports_to_hf_retrieval(stage1_workdir, tmp_path):
     itc = hf(pixel_values=px, input_ids=torch.from_numpy(ids), attention_mask=torch.from_numpy(mask)).logits_per_image
   # The stage-1 config keeps LAVIS's ln_vision eps 1e-5 beside the ViT's 1e-6; HF's config has one eps for both,
   # so the export writes 1e-6 and the ln_vision outputs differ by about 5e-6 relative.
-  assert _rel(ours.itm_logits(x, ids, mask), itm) < 1e-4
-  assert _rel(ours.itc_scores(x, ids, mask), itc) < 1e-4
+  assert rel_error(ours.itm_logits(x, ids, mask), itm) < 1e-4
+  assert rel_error(ours.itc_scores(x, ids, mask), itc) < 1e-4
 
 
 # --- bad input ---------------------------------------------------------------------------------------------

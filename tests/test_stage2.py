@@ -13,9 +13,9 @@ import torch
 import transformers
 from flax import traverse_util
 
-from blip2_jax import train
-from blip2_jax.data import pipeline
-from blip2_jax.pretrained import Blip2
+from blip2_jax import state as state_lib
+from blip2_jax.data import images as images_lib
+from blip2_jax.api import Blip2
 from configs import stage2_opt, stage2_t5
 from conftest import one_device_env
 
@@ -63,10 +63,10 @@ def test_trains_reports_captions_and_keeps_llm_frozen(workdirs, kind):
   ours = ("language_model/layers/fc1/kernel" if kind == "opt"
           else "language_model/encoder/layers/self_attention/q/kernel")
   np.testing.assert_array_equal(params[ours][0], stored[first].T)
-  config = train.resolve_demo_llm(CONFIGS[kind].get_config("tiny"), workdir)
+  config = state_lib.resolve_demo_llm(CONFIGS[kind].get_config("tiny"), workdir)
   config.data.data_dir = os.path.dirname(workdir)
   from blip2_jax import checkpointing  # pylint: disable=g-import-not-at-top
-  setup = train.build(config, train.load_tokenizer(config), devices=jax.devices()[:1])
+  setup = state_lib.build(config, state_lib.load_tokenizer(config), devices=jax.devices()[:1])
   opt_state_paths = {"/".join(str(getattr(k, "key", k)) for k in path)
                      for path, _ in jax.tree_util.tree_flatten_with_path(setup.abstract_state["opt_state"])[0]}
   assert not any("language_model" in p or "visual_encoder" in p for p in opt_state_paths)
@@ -155,8 +155,8 @@ def test_generate_bad_input_is_one_line(workdirs, tmp_path):
   pil, pixels = Image.new("RGB", (100, 64), (0, 0, 255)), np.full((30, 20, 3), 200, np.uint8)
   batch = model.pixels([pil, tmp_path / "x.png", pixels])
   assert batch.shape == (3, size, size, 3) and batch.dtype == np.float32
-  np.testing.assert_array_equal(batch[0], pipeline.eval_preprocess(pil, size))
-  np.testing.assert_array_equal(batch[2], pipeline.eval_preprocess(Image.fromarray(pixels), size))
+  np.testing.assert_array_equal(batch[0], images_lib.eval_preprocess(pil, size))
+  np.testing.assert_array_equal(batch[2], images_lib.eval_preprocess(Image.fromarray(pixels), size))
   assert model.generate([pil, tmp_path / "x.png", pixels], "a photo of", max_new_tokens=4) == \
       model.generate(batch, "a photo of", max_new_tokens=4)
   with pytest.raises(ValueError, match=r"^Image 1 is a float array of shape \(10, 10, 3\): float arrays must be "):

@@ -22,6 +22,7 @@ from transformers.models.t5.modeling_t5 import T5Attention
 
 from blip2_jax import weights
 from blip2_jax.models import t5
+from helpers import randomise, rel_error
 
 VOCAB, WIDTH, ENC_LEN, DEC_LEN, TOL = 64, 32, 13, 8, 1e-5
 F32 = np.dtype("float32")
@@ -40,17 +41,10 @@ def _hf_config(variant: str) -> transformers.T5Config:
   return transformers.T5Config(**common, feed_forward_proj="relu", tie_word_embeddings=True)
 
 
-def _randomise(model, g):
-  with torch.no_grad():
-    for name, p in model.named_parameters():
-      p.copy_((1.0 if "layer_norm" in name else 0.0) + 0.2 * torch.randn(p.shape, generator=g))
-  return model.eval()
-
-
 def _checkpoint(variant: str, root):
   """(the HF model, the tensors its save_pretrained wrote, our config)."""
   g = torch.Generator().manual_seed(0)
-  model = _randomise(transformers.T5ForConditionalGeneration(_hf_config(variant)), g)
+  model = randomise(transformers.T5ForConditionalGeneration(_hf_config(variant)), g)
   model.save_pretrained(root / "saved")
   if variant == "flan":
     # transformers >= 5 ties a fresh model's lm_head to `shared` whatever the config says; a real Flan-T5
@@ -103,13 +97,6 @@ def _with(cfg, **changes):
   return cfg
 
 
-def _rel(ours, theirs):
-  theirs = np.asarray(theirs.detach() if isinstance(theirs, torch.Tensor) else theirs, np.float32)
-  ours = np.asarray(ours, np.float32)
-  assert ours.shape == theirs.shape
-  return float(np.abs(ours - theirs).max() / np.abs(theirs).max())
-
-
 def _inputs(seed=0):
   """Encoder ids with right and left padding, decoder ids with one padded key."""
   rng = np.random.default_rng(seed)
@@ -158,7 +145,7 @@ def test_logits_match_hf(checkpoints, variant):
                 decoder_input_ids=torch.from_numpy(decoder_ids),
                 decoder_attention_mask=torch.from_numpy(decoder_mask)).logits
   assert ours.dtype == jnp.float32
-  assert _rel(ours, theirs) < TOL
+  assert rel_error(ours, theirs) < TOL
 
   embeds = np.random.default_rng(1).normal(size=(3, ENC_LEN, WIDTH)).astype(np.float32)
   ours = forward(params, embeds, mask, decoder_ids, decoder_mask)
@@ -166,7 +153,7 @@ def test_logits_match_hf(checkpoints, variant):
     theirs = hf(inputs_embeds=torch.from_numpy(embeds), attention_mask=torch.from_numpy(mask),
                 decoder_input_ids=torch.from_numpy(decoder_ids),
                 decoder_attention_mask=torch.from_numpy(decoder_mask)).logits
-  assert _rel(ours, theirs) < TOL
+  assert rel_error(ours, theirs) < TOL
 
 
 # --- cached decoding ------------------------------------------------------------------------------------------
@@ -197,7 +184,7 @@ def test_cached_decoding_matches_full_forward(flan):
     logits, cache = decode(params, decoder_ids[:, i:i + 1], cache, jnp.int32(i))
     steps.append(logits)
   assert decode._cache_size() == 2  # the prefill and one step function for every step
-  assert _rel(jnp.concatenate(steps, axis=1), full) < TOL
+  assert rel_error(jnp.concatenate(steps, axis=1), full) < TOL
 
   with pytest.raises(ValueError, match="encoder_out=None"):
     model.apply(params, decoder_ids[:, :1], embeds, mask, cache=cache, cache_index=0, method="decode")
@@ -226,7 +213,7 @@ def test_unrolled_decode_step_matches_full_forward(flan):
     logits, caches = step(params["params"], layer_params, decoder_ids[:, i:i + 1], caches, jnp.int32(i))
     steps.append(logits)
   assert step._cache_size() == 1
-  assert _rel(jnp.concatenate(steps, axis=1), full) < TOL
+  assert rel_error(jnp.concatenate(steps, axis=1), full) < TOL
 
 
 # --- remat, precision, parameters -----------------------------------------------------------------------------
@@ -248,7 +235,7 @@ def test_remat_policies_give_identical_values_and_gradients(flan):
   reference = results.pop("none")
   for value, grad in results.values():
     # Recomputation may fuse and round differently, so equal up to float32 rounding.
-    assert _rel(value, reference[0]) < TOL and _rel(grad, reference[1]) < TOL
+    assert rel_error(value, reference[0]) < TOL and rel_error(grad, reference[1]) < TOL
 
 
 def test_bfloat16_compute_returns_float32_logits(flan):
@@ -260,7 +247,7 @@ def test_bfloat16_compute_returns_float32_logits(flan):
   bf16_params = jax.tree.map(lambda p: p.astype(jnp.bfloat16), params)  # as the frozen LLM is held
   logits = _jit(bf16_cfg, "__call__")(bf16_params, embeds, mask, decoder_ids, decoder_mask)
   assert logits.dtype == jnp.float32
-  assert _rel(logits, reference) < 0.1  # 0.039 here; HF's own bfloat16 run of this checkpoint is 0.041 off
+  assert rel_error(logits, reference) < 0.1  # 0.039 here; HF's own bfloat16 run of this checkpoint is 0.041 off
 
 
 @BOTH

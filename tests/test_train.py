@@ -12,6 +12,7 @@ import pytest
 from flax import traverse_util
 
 from blip2_jax import checkpointing
+from blip2_jax import state as state_lib
 from blip2_jax import train
 from configs import stage1
 from conftest import STAGE1_STEPS, one_device_env
@@ -48,8 +49,8 @@ def random_batch(config, vocab, seed=0):
 def run_steps(config, devices, mesh, batches, init_state=None):
   config = config.copy_and_resolve_references()
   config.sharding.mesh = mesh
-  tok = train.load_tokenizer(config)
-  setup = train.build(config, tok, devices=devices)
+  tok = state_lib.load_tokenizer(config)
+  setup = state_lib.build(config, tok, devices=devices)
   state, frozen = setup.init(jax.random.PRNGKey(0))
   if init_state is not None:  # the same starting values, placed on this mesh
     state = jax.device_put(init_state[0], setup.state_shardings)
@@ -57,7 +58,7 @@ def run_steps(config, devices, mesh, batches, init_state=None):
   step = train.make_train_step(setup)
   losses = []
   for b in batches:
-    state, metrics = step(state, frozen, train.global_batch(b, setup.batch_sharding))
+    state, metrics = step(state, frozen, state_lib.global_batch(b, setup.batch_sharding))
     losses.append(float(metrics["loss"]))
   return jax.device_get(state), jax.device_get(frozen), losses, setup
 
@@ -65,7 +66,7 @@ def run_steps(config, devices, mesh, batches, init_state=None):
 def test_mesh_data4_fsdp2_equals_one_device(data_dir):
   assert jax.device_count() == 8, "conftest.py must give 8 fake CPU devices"
   config = tiny_config(data_dir, global_batch_size=16)
-  vocab = len(train.load_tokenizer(config))
+  vocab = len(state_lib.load_tokenizer(config))
   batches = [random_batch(config, vocab, seed=i) for i in range(3)]
   s1, f1, l1, setup1 = run_steps(config, jax.devices()[:1], {"data": 1, "fsdp": 1, "tensor": 1}, batches)
   init = jax.device_get(setup1.init(jax.random.PRNGKey(0)))
@@ -93,15 +94,15 @@ def test_mesh_data4_fsdp2_equals_one_device(data_dir):
 
 def test_frozen_weights_untouched_and_outside_optimizer(data_dir):
   config = tiny_config(data_dir, global_batch_size=8)
-  vocab = len(train.load_tokenizer(config))
-  tok = train.load_tokenizer(config)
-  setup = train.build(config, tok, devices=jax.devices()[:1])
+  vocab = len(state_lib.load_tokenizer(config))
+  tok = state_lib.load_tokenizer(config)
+  setup = state_lib.build(config, tok, devices=jax.devices()[:1])
   state, frozen = setup.init(jax.random.PRNGKey(0))
   before = jax.device_get(frozen)
   params_before = jax.device_get(state["params"])
   step = train.make_train_step(setup)
   for i in range(2):
-    state, _ = step(state, frozen, train.global_batch(random_batch(config, vocab, i), setup.batch_sharding))
+    state, _ = step(state, frozen, state_lib.global_batch(random_batch(config, vocab, i), setup.batch_sharding))
   chex.assert_trees_all_equal(jax.device_get(frozen), before)
   assert set(before) == {"visual_encoder"}
   # Nothing of the frozen tower in the trainable tree or anywhere in the optimizer state.
@@ -129,8 +130,8 @@ def _metrics(workdir):
 
 
 def _restore_params(workdir, step, config):
-  tok = train.load_tokenizer(config)
-  setup = train.build(config, tok, devices=jax.devices()[:1])
+  tok = state_lib.load_tokenizer(config)
+  setup = state_lib.build(config, tok, devices=jax.devices()[:1])
   mngr = checkpointing.manager(workdir, 10)
   abstract = checkpointing.abstract_like(setup.abstract_state, setup.state_shardings)
   state, data_state = checkpointing.restore(mngr, step, abstract)
@@ -265,17 +266,17 @@ def test_trainer_reads_frozen_vit_from_hf_blip2_checkpoint(data_dir, tmp_path):
       p.normal_(0, 0.2)
   hf.save_pretrained(tmp_path / "hf")
   config.init.vision_weights = str(tmp_path / "hf")
-  tok = train.load_tokenizer(config)
-  setup = train.build(config, tok, devices=jax.devices()[:1])
+  tok = state_lib.load_tokenizer(config)
+  setup = state_lib.build(config, tok, devices=jax.devices()[:1])
   mngr = checkpointing.manager(str(tmp_path / "wd"), 2)
-  state, frozen, _ = train.restore_or_init(config, setup, mngr)
+  state, frozen, _ = state_lib.restore_or_init(config, setup, mngr)
   sd = {k: t.detach().numpy() for k, t in hf.vision_model.state_dict().items()}
   np.testing.assert_array_equal(frozen["visual_encoder"]["blocks_0"]["fc1"]["kernel"],
                                 sd["encoder.layers.0.mlp.fc1.weight"].T)
   np.testing.assert_array_equal(state["params"]["ln_vision"]["scale"], sd["post_layernorm.weight"])
   before = jax.device_get(frozen)
   step = train.make_train_step(setup)
-  state, _ = step(state, frozen, train.global_batch(random_batch(config, len(tok)), setup.batch_sharding))
+  state, _ = step(state, frozen, state_lib.global_batch(random_batch(config, len(tok)), setup.batch_sharding))
   chex.assert_trees_all_equal(jax.device_get(frozen), before)
 
 

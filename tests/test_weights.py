@@ -21,6 +21,7 @@ from flax import traverse_util
 from blip2_jax import weights
 from blip2_jax.models import masks
 from blip2_jax.models.blip2 import Blip2Qformer
+from helpers import hf_blip2_retrieval, randomise, rel_error
 
 VOCAB, MAX_POS, QUERIES, WIDTH, TOL = 50, 16, 8, 32, 1e-5
 
@@ -53,28 +54,9 @@ def _template(cfg, seed=0):
   return jax.tree.map(lambda s: rng.normal(size=s.shape).astype(np.float32), nn.unbox(_abstract(cfg)))
 
 
-def _randomise(model, seed):
-  g = torch.Generator().manual_seed(seed)
-  with torch.no_grad():
-    for name, p in model.named_parameters():
-      is_norm_scale = p.ndim == 1 and name.endswith("weight") and "norm" in name.lower()
-      p.copy_((1.0 if is_norm_scale else 0.0) + 0.2 * torch.randn(p.shape, generator=g))
-    for module in model.modules():
-      if isinstance(module, transformers.models.blip_2.modeling_blip_2.Blip2Attention):
-        module.qkv.bias[WIDTH:2 * WIDTH] = 0.0  # the fused bias is cat(q, 0, v)
-  return model.eval()
-
-
 def _apply(cfg, params, *args, method):
   # One compiled program per call: eager op-by-op dispatch compiles every primitive and is several times slower.
   return jax.jit(functools.partial(Blip2Qformer(cfg).apply, method=method))({"params": params}, *args)
-
-
-def _rel(ours, theirs):
-  theirs = np.asarray(theirs.detach() if isinstance(theirs, torch.Tensor) else theirs, np.float32)
-  ours = np.asarray(ours, np.float32)
-  assert ours.shape == theirs.shape
-  return float(np.abs(ours - theirs).max() / np.abs(theirs).max())
 
 
 def _merge(*trees):
@@ -92,15 +74,7 @@ def _flat(tree):
 
 @pytest.fixture(scope="module")
 def hf_blip2():
-  config = transformers.Blip2Config(
-      vision_config=dict(hidden_size=WIDTH, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                         image_size=32, patch_size=8, layer_norm_eps=1e-6, qkv_bias=True),
-      qformer_config=dict(hidden_size=WIDTH, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
-                          cross_attention_frequency=2, encoder_hidden_size=WIDTH, vocab_size=VOCAB,
-                          use_qformer_text_input=True, max_position_embeddings=MAX_POS),
-      num_query_tokens=QUERIES, image_text_hidden_size=16, image_token_index=None)
-  torch.manual_seed(0)
-  return _randomise(transformers.Blip2ForImageTextRetrieval(config), seed=0)
+  return hf_blip2_retrieval(width=WIDTH, vocab=VOCAB, max_pos=MAX_POS, queries=QUERIES)
 
 
 @pytest.fixture(scope="module")
@@ -108,7 +82,7 @@ def blip2_dirs(hf_blip2, tmp_path_factory):
   root = tmp_path_factory.mktemp("blip2")
   hf_blip2.save_pretrained(root / "single")
   hf_blip2.save_pretrained(root / "sharded", max_shard_size="20KB")
-  bf16 = _randomise(type(hf_blip2)(hf_blip2.config), seed=0).to(torch.bfloat16)
+  bf16 = randomise(type(hf_blip2)(hf_blip2.config), seed=0).to(torch.bfloat16)
   bf16.save_pretrained(root / "bf16_sharded", max_shard_size="20KB")
   return {name: root / name for name in ("single", "sharded", "bf16_sharded")}
 
@@ -147,7 +121,7 @@ def test_vision_matches_hf(hf_blip2, loaded):
   ours = _apply(_config(), params, ours_in, method="encode_image")
   with torch.no_grad():
     theirs = hf_blip2.vision_model(torch_in).last_hidden_state
-  assert _rel(ours, theirs) < TOL
+  assert rel_error(ours, theirs) < TOL
 
 
 def test_vision_interpolated_position_embeddings_match_hf(hf_blip2, loaded):
@@ -157,7 +131,7 @@ def test_vision_interpolated_position_embeddings_match_hf(hf_blip2, loaded):
   with torch.no_grad():
     theirs = hf_blip2.vision_model(torch_in, interpolate_pos_encoding=True).last_hidden_state
   assert ours.shape == (3, 37, WIDTH)
-  assert _rel(ours, theirs) < TOL
+  assert rel_error(ours, theirs) < TOL
 
 
 def test_query_features_match_hf(hf_blip2, loaded):
@@ -169,7 +143,7 @@ def test_query_features_match_hf(hf_blip2, loaded):
                               encoder_hidden_states=image_embeds).last_hidden_state
   ours, _ = _apply(_config(), params, jnp.asarray(image_embeds.numpy()),
                                           method="query_features")
-  assert _rel(ours, theirs) < TOL
+  assert rel_error(ours, theirs) < TOL
   # HF keeps neither the learnable temperature nor the Q-Former's LM head.
   assert unfilled == {"temp", "qformer/lm_transform/kernel", "qformer/lm_transform/bias",
                       "qformer/lm_norm/scale", "qformer/lm_norm/bias", "qformer/lm_bias"}
@@ -184,7 +158,7 @@ def test_itm_logits_match_hf(hf_blip2, loaded):
   ours = _apply(_config(), params, ours_img, ids, mask,
                 method=lambda m, images, *text: m.itm_logits(m.encode_image(images), *text))
   assert ours.shape == (3, 2)
-  assert _rel(ours, theirs) < TOL
+  assert rel_error(ours, theirs) < TOL
 
 
 def test_itc_similarity_matches_hf(hf_blip2, loaded):
@@ -201,7 +175,7 @@ def test_itc_similarity_matches_hf(hf_blip2, loaded):
 
   ours = _apply(_config(), params, ours_img, ids, mask, method=itc_similarity)
   assert ours.shape == (3, 3)
-  assert _rel(ours, theirs) < TOL
+  assert rel_error(ours, theirs) < TOL
 
 
 def test_sharded_checkpoint_loads_identically(blip2_dirs, template, loaded):
@@ -241,7 +215,7 @@ def hf_bert(tmp_path_factory):
                                    num_attention_heads=4, intermediate_size=64, max_position_embeddings=MAX_POS,
                                    hidden_act="gelu", layer_norm_eps=1e-12)
   torch.manual_seed(0)
-  bert = _randomise(transformers.BertForMaskedLM(config), seed=1)
+  bert = randomise(transformers.BertForMaskedLM(config), seed=1)
   with torch.no_grad():
     bert.bert.embeddings.token_type_embeddings.weight.zero_()  # the Q-Former has none (LAVIS drops them)
   root = tmp_path_factory.mktemp("bert")
@@ -274,12 +248,12 @@ def test_qformer_from_bert_matches_bert(hf_bert, bert_template):
   theirs_hidden, theirs_logits = out.hidden_states[-1], out.logits
 
   hidden = _apply(cfg, params, ids, mask, method=_text_hidden)
-  assert _rel(hidden, theirs_hidden) < TOL
+  assert rel_error(hidden, theirs_hidden) < TOL
   cls = _apply(cfg, params, ids, mask, method="text_features")
-  assert _rel(cls, theirs_hidden[:, 0]) < TOL
+  assert rel_error(cls, theirs_hidden[:, 0]) < TOL
   logits = _apply(cfg, params, ids, mask, method=_lm_logits)
   assert logits.shape[-1] == BERT_VOCAB + 1
-  assert _rel(logits[..., :BERT_VOCAB], theirs_logits) < TOL
+  assert rel_error(logits[..., :BERT_VOCAB], theirs_logits) < TOL
 
   flat, init = _flat(params), _flat(bert_template)
   for path in flat:

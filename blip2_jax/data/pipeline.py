@@ -8,7 +8,6 @@ crop_scale, flip, max_text_len, num_threads, prefetch, eval_max_examples.
 """
 
 import collections
-import io
 import logging
 import re
 import threading
@@ -18,13 +17,12 @@ import numpy as np
 import tensorflow_datasets as tfds
 from PIL import Image
 
+from blip2_jax.data import images as images_lib
 from blip2_jax.data import tokenizer as tokenizer_lib
 from blip2_jax.data.coco_captions import CocoCaptions
 from blip2_jax.data.synthetic_shapes import SyntheticShapes
+from blip2_jax.models import llms
 
-# CLIP's normalisation, which EVA-CLIP and hence BLIP-2 use.
-CLIP_MEAN = np.array((0.48145466, 0.4578275, 0.40821073), np.float32)
-CLIP_STD = np.array((0.26862954, 0.26130258, 0.27577711), np.float32)
 CROP_RATIO = (3 / 4, 4 / 3)  # torchvision's RandomResizedCrop default, which LAVIS keeps
 
 # Builders that ship with the package prepare their own data on first use (generate it, or convert local
@@ -76,8 +74,7 @@ def _decode(example: dict, index: int) -> dict:
     """Decodes the image bytes to an RGB PIL image, or sets it to None (and counts it) if it is broken."""
     global _skipped
     try:
-        image = Image.open(io.BytesIO(example["image"]))
-        image = image.convert("RGB")  # forces the full decode, so truncated files fail here
+        image = images_lib.decode(example["image"])
     except Exception as e:  # PIL raises a grab-bag of types for bad data; any of them means "skip"
         with _skipped_lock:
             _skipped += 1
@@ -124,12 +121,9 @@ def swap_left_right(caption: str) -> str:
     return _LEFT_RIGHT.sub(lambda m: "right" if m.group(1) == "left" else "left", caption)
 
 
-def normalize(image: Image.Image) -> np.ndarray:
-    """uint8 RGB -> float32 HWC in [0, 1], then CLIP mean/std."""
-    return (np.asarray(image, np.float32) / 255.0 - CLIP_MEAN) / CLIP_STD
-
-
-def train_preprocess(example: dict, rng: np.random.Generator, data_cfg) -> dict:
+def train_preprocess(example: dict, rng: np.random.Generator, data_cfg, kind: str = llms.RETRIEVAL) -> dict:
+    """An augmented training example of the model `kind` (models/llms.py): the normalised image and the cleaned
+    caption, which an encoder-decoder LLM's prefix-LM splits into a prefix and a suffix."""
     image = random_resized_crop(example["image"], data_cfg.image_size, data_cfg.crop_scale, rng)
     caption = tokenizer_lib.clean_caption(example["caption"])
     if data_cfg.flip and rng.random() < 0.5:
@@ -137,8 +131,8 @@ def train_preprocess(example: dict, rng: np.random.Generator, data_cfg) -> dict:
         # the words instead, so the caption stays true (skipping the flip would lose the augmentation).
         image = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
         caption = swap_left_right(caption)
-    out = {"image": normalize(image), "caption": caption}
-    if data_cfg.get("text_format", "qformer") == "t5":
+    out = {"image": images_lib.normalize(image), "caption": caption}
+    if kind != llms.RETRIEVAL and llms.family(kind).encoder_decoder:
         if data_cfg.get("prompt_fraction", 0.0) and rng.random() < data_cfg.prompt_fraction:
             out["prefix"], out["suffix"] = data_cfg.prompt, caption  # the captioning format: prompt -> caption
         else:
@@ -154,16 +148,13 @@ def split_prefix_lm(caption: str, rng: np.random.Generator) -> tuple[str, str]:
     return " ".join(words[:cut]), " ".join(words[cut:])
 
 
-def eval_preprocess(image: Image.Image, image_size: int) -> np.ndarray:
-    return normalize(image.resize((image_size, image_size), Image.BICUBIC))
-
-
 # ------------------------------------------------------------------------------------------- training
 
 
-def make_train_iterator(data_cfg, tokenizer, *, global_batch_size: int, seed: int, process_index: int = 0,
-                        process_count: int = 1):
-    """An endless iterator of this process's batches: {'image' f32 [b,S,S,3], 'text_ids', 'text_mask' i32 [b,L]}.
+def make_train_iterator(data_cfg, tokenizer, *, global_batch_size: int, seed: int, kind: str = llms.RETRIEVAL,
+                        process_index: int = 0, process_count: int = 1):
+    """An endless iterator of this process's batches: {'image' f32 [b,S,S,3], 'text_ids', 'text_mask' i32 [b,L],
+    and the other text fields the model `kind` reads (see _tokenize_batch)}.
 
     b = global_batch_size // process_count. The iterator is a grain DatasetIterator: `get_state()` is a
     JSON-serialisable dict and `set_state(state)` resumes with exactly the batches that would have come
@@ -172,7 +163,7 @@ def make_train_iterator(data_cfg, tokenizer, *, global_batch_size: int, seed: in
     if global_batch_size % process_count:
         raise ValueError(f"global_batch_size {global_batch_size} is not divisible by the number of processes "
                          f"{process_count}; pick a multiple of {process_count}.")
-    _check_prompt_fraction(data_cfg)
+    _check_prompt_fraction(data_cfg, kind)
     source = get_source(data_cfg, data_cfg.train_split)
     ds = (
         grain.MapDataset.source(source)
@@ -183,27 +174,27 @@ def make_train_iterator(data_cfg, tokenizer, *, global_batch_size: int, seed: in
         .shuffle()  # a new order each epoch (grain mixes the epoch into the seed)
         .repeat()
         .filter(lambda ex: ex["image"] is not None)
-        .random_map(lambda ex, rng: train_preprocess(ex, rng, data_cfg))
+        .random_map(lambda ex, rng: train_preprocess(ex, rng, data_cfg, kind))
         .to_iter_dataset(grain.ReadOptions(num_threads=data_cfg.num_threads,
                                            prefetch_buffer_size=data_cfg.prefetch))
         # Batch after to_iter_dataset: grain can't batch a MapDataset after a filter (its length is unknown).
         .batch(global_batch_size // process_count, drop_remainder=True)
         # Tokenise whole batches in the consuming thread: one call per batch is fast, and a HF fast
         # tokenizer shared by grain's worker threads can fail with "Already borrowed".
-        .map(lambda batch: _tokenize_batch(batch, tokenizer, data_cfg))
+        .map(lambda batch: _tokenize_batch(batch, tokenizer, data_cfg, kind))
     )
     return iter(ds)
 
 
-def _check_prompt_fraction(data_cfg):
+def _check_prompt_fraction(data_cfg, kind: str):
     fraction = data_cfg.get("prompt_fraction", 0.0)
     if not fraction:
         return
-    fmt = data_cfg.get("text_format", "qformer")
-    if fmt != "t5":
-        raise ValueError(f"config.data.prompt_fraction={fraction} is for text_format 't5' (the share of prompt -> "
-                         f"caption examples beside the prefix-LM ones); with {fmt!r} set it to 0"
-                         + (" (OPT puts data.prompt before every caption)." if fmt == "opt" else "."))
+    if kind == llms.RETRIEVAL or not llms.family(kind).encoder_decoder:
+        raise ValueError(f"config.data.prompt_fraction={fraction} is for encoder-decoder LLMs such as T5 (the share "
+                         f"of prompt -> caption examples beside the prefix-LM ones); with a {kind!r} model set it to 0"
+                         + ("." if kind == llms.RETRIEVAL else " (a decoder-only LLM has data.prompt before every "
+                            "caption)."))
     if not 0.0 <= fraction <= 1.0:
         raise ValueError(f"config.data.prompt_fraction={fraction} is not in [0, 1].")
     if not data_cfg.get("prompt"):
@@ -211,36 +202,37 @@ def _check_prompt_fraction(data_cfg):
                          "caption (e.g. 'a photo of').")
 
 
-def _tokenize_batch(batch: dict, tokenizer, data_cfg) -> dict:
-    """The text side of a batch, as the model of `data_cfg.text_format` reads it:
-    - 'qformer' (stage 1): text_ids, text_mask ([CLS] caption [SEP], BERT);
-    - 'opt' (stage 2): text_ids, text_mask of "</s>" + prompt + caption + "\n", and label_mask (caption and
-      "\n" only);
-    - 't5' (stage 2, prefix-LM): text_ids, text_mask of the prefix + "</s>"; target_ids, target_mask of the
-      suffix + "</s>" (for data.prompt_fraction of the examples the prefix is data.prompt, the suffix the whole
-      caption)."""
-    fmt, max_len = data_cfg.get("text_format", "qformer"), data_cfg.max_text_len
+def _tokenize_batch(batch: dict, tokenizer, data_cfg, kind: str) -> dict:
+    """The text side of a batch, as the model `kind` reads it:
+    - retrieval (stage 1): text_ids, text_mask ([CLS] caption [SEP], BERT);
+    - a decoder-only LLM (OPT): text_ids, text_mask of the tokenizer's BOS ("</s>") + prompt + caption + the
+      family's caption_end ("\n"), and label_mask (caption and end only);
+    - an encoder-decoder LLM (T5, prefix-LM): text_ids, text_mask of the prefix + "</s>"; target_ids, target_mask
+      of the suffix + "</s>" (for data.prompt_fraction of the examples the prefix is data.prompt, the suffix the
+      whole caption)."""
+    max_len = data_cfg.max_text_len
     out = {"image": batch["image"]}
-    if fmt == "qformer":
+    if kind == llms.RETRIEVAL:
         out["text_ids"], out["text_mask"] = tokenizer_lib.tokenize(tokenizer, [str(c) for c in batch["caption"]],
                                                                    max_len)
-    elif fmt == "opt":
-        out.update(tokenize_opt(tokenizer, [str(c) for c in batch["caption"]], data_cfg.prompt, max_len))
-    elif fmt == "t5":
+        return out
+    family = llms.family(kind)
+    if not family.encoder_decoder:
+        out.update(tokenize_decoder_only(tokenizer, [str(c) for c in batch["caption"]], data_cfg.prompt, max_len,
+                                         family.caption_end or tokenizer.eos_token))
+    else:
         out["text_ids"], out["text_mask"] = tokenizer_lib.tokenize(tokenizer, [str(c) for c in batch["prefix"]],
                                                                    max_len)
         out["target_ids"], out["target_mask"] = tokenizer_lib.tokenize(
             tokenizer, [str(c) for c in batch["suffix"]], max_len)
-    else:
-        raise ValueError(f"config.data.text_format={fmt!r} is not one of 'qformer', 'opt', 't5'.")
     return out
 
 
-def tokenize_opt(tokenizer, captions: list[str], prompt: str, max_len: int) -> dict:
-    """BLIP-2's OPT text: "</s>" (the tokenizer's bos) + prompt + caption + "\n"; label_mask is 1 on the caption
-    and the "\n" (EOS) tokens, 0 on bos, prompt and pads (LAVIS Blip2OPT)."""
+def tokenize_decoder_only(tokenizer, captions: list[str], prompt: str, max_len: int, end: str) -> dict:
+    """BLIP-2's text for a decoder-only LLM: the tokenizer's BOS ("</s>" for OPT) + prompt + caption + end ("\n"
+    for OPT); label_mask is 1 on the caption and end tokens, 0 on BOS, prompt and pads (LAVIS Blip2OPT)."""
     prompt = prompt.rstrip()
-    texts = [f"{prompt} {c}\n" if prompt else f"{c}\n" for c in captions]
+    texts = [f"{prompt} {c}{end}" if prompt else f"{c}{end}" for c in captions]
     ids, mask = tokenizer_lib.tokenize(tokenizer, texts, max_len)
     prompt_len = len(tokenizer(prompt).input_ids)  # bos + prompt tokens
     label_mask = mask * (np.arange(max_len)[None] >= prompt_len)
@@ -265,7 +257,7 @@ def load_eval_set(data_cfg, tokenizer, split: str | None = None) -> dict:
         grain.MapDataset.source(source)[:n]
         .map_with_index(lambda i, ex: _decode(ex, i))
         .filter(lambda ex: ex["image"] is not None)
-        .map(lambda ex: {**ex, "image": eval_preprocess(ex["image"], data_cfg.image_size)})
+        .map(lambda ex: {**ex, "image": images_lib.eval_preprocess(ex["image"], data_cfg.image_size)})
         # Threads decode in parallel, and the order stays that of the split.
         .to_iter_dataset(grain.ReadOptions(num_threads=data_cfg.num_threads,
                                            prefetch_buffer_size=data_cfg.prefetch))

@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import ml_collections
 
 from blip2_jax import losses
-from blip2_jax.models import layers, masks
+from blip2_jax.models import layers, llms, masks
 from blip2_jax.models.qformer import QFormer, init_std
 from blip2_jax.models.vit import VisionTransformer
 
@@ -152,21 +152,18 @@ class Blip2LLM(nn.Module):
   frozen ViT -> ln_vision -> the query side of the Q-Former -> `language_projection` -> soft prompts in front of
   the frozen LLM's input (OPT) or encoder input (T5).
 
-  cfg: vit, qformer (text_input False), num_query_tokens, ln_vision_eps, llm (the LLM's config, with `kind`
-  'opt' or 't5'). The LLM's weights are frozen (config `frozen_params`); gradients reach only its inputs.
+  cfg: vit, qformer (text_input False), num_query_tokens, ln_vision_eps, llm (the LLM's config, with `kind` its
+  family in models/llms.py). The LLM's weights are frozen (config `frozen_params`); gradients reach only its inputs.
   """
   cfg: ml_collections.ConfigDict
 
   def setup(self):
     cfg = self.cfg
     _setup_image_side(self)
-    self.language_projection = layers.dense(_llm_width(cfg.llm), ("embed", None), init_std=init_std(cfg.qformer))
-    if cfg.llm.kind == "opt":
-      from blip2_jax.models import opt  # pylint: disable=g-import-not-at-top
-      self.language_model = opt.OPTForCausalLM(cfg.llm)
-    else:
-      from blip2_jax.models import t5  # pylint: disable=g-import-not-at-top
-      self.language_model = t5.T5ForConditionalGeneration(cfg.llm)
+    self.family = llms.family(cfg.llm.kind)
+    self.language_projection = layers.dense(self.family.width(cfg.llm), ("embed", None),
+                                            init_std=init_std(cfg.qformer))
+    self.language_model = self.family.module(cfg.llm)
 
   def encode_image(self, images):
     return _encode_image(self, images)
@@ -192,14 +189,13 @@ class Blip2LLM(nn.Module):
     [B, Q + T, V]; T5, over the decoder positions [B, T_dec, V]. float32."""
     embeds, mask = self.llm_inputs(self.image_prompt(images, deterministic=deterministic), input_ids,
                                    attention_mask)
-    if self.cfg.llm.kind == "opt":
+    if not self.family.encoder_decoder:
       return self.language_model(embeds, mask)[0]
     if decoder_input_ids is None:
       raise ValueError("A T5 BLIP-2 needs decoder_input_ids (the decoder's input, starting with "
                        "decoder_start_token_id).")
     encoder_out = self.language_model.encode(embeds, mask)
     return self.language_model.decode(decoder_input_ids, encoder_out, mask, decoder_mask=decoder_attention_mask)[0]
-
 
   def losses(self, batch, *, train: bool = True):
     """Stage-2 loss (the trainer's entry point); {'loss', 'loss_lm'}.
@@ -208,12 +204,12 @@ class Blip2LLM(nn.Module):
     label_mask marks the caption and "\n" (not "</s>", the prompt or pads). Position Q - 1 + t predicts text
     token t. T5 (prefix-LM): {'image', 'text_ids', 'text_mask'} (the prefix, for the encoder), 'target_ids',
     'target_mask' (the suffix + "</s>"); the decoder reads the targets shifted right behind
-    decoder_start_token_id."""
+    decoder_start_token_id. Which of the two: the LLM family's `encoder_decoder` (models/llms.py)."""
     det = not train
     prompt = self.image_prompt(batch["image"], deterministic=det)
     embeds, mask = self.llm_inputs(prompt, batch["text_ids"], batch["text_mask"])
     q = prompt.shape[1]
-    if self.cfg.llm.kind == "opt":
+    if not self.family.encoder_decoder:
       # Position q - 1 + t predicts text token t: the queries' other positions need no logits.
       logits = self.language_model(embeds, mask, logits_range=(q - 1, embeds.shape[1] - 1))[0]
       loss = losses.lm_loss(logits, batch["text_ids"], batch["label_mask"])
@@ -226,6 +222,3 @@ class Blip2LLM(nn.Module):
       loss = losses.lm_loss(logits, targets, batch["target_mask"])
     return {"loss": loss, "loss_lm": loss}
 
-
-def _llm_width(llm_cfg) -> int:
-  return llm_cfg.hidden_size if llm_cfg.kind == "opt" else llm_cfg.d_model

@@ -8,6 +8,7 @@ from typing import Any, Sequence
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import ml_collections
 
 Dtype = Any
 
@@ -85,3 +86,8 @@ def attention(q, k, v, mask=None, *, dropout_rate=0.0, deterministic=True, dropo
     keep = jax.random.bernoulli(dropout_rng, 1.0 - dropout_rate, probs.shape)
     probs = jnp.where(keep, probs / (1.0 - dropout_rate), 0.0)
   return jnp.einsum("bhqk,bkhd->bqhd", probs.astype(v.dtype), v)
+
+
+def frozen_config(module: nn.Module) -> nn.Module:
+  """The module with its config frozen: jit takes the module as static data, which must be hashable."""
+  return module.clone(cfg=ml_collections.FrozenConfigDict(module.cfg))

@@ -9,11 +9,14 @@ Decoding uses a KV cache {"k", "v"} of [B, layers, S_max, heads, head_dim], batc
 reorders a whole decoding state with one gather on axis 0. The caller owns the cache's key mask [B, S_max] and
 the positions; new keys/values are written at the traced `cache_index`, so one compiled step serves every step.
 """
+from typing import Any
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
 import transformers
+from flax import struct
 from jax import lax
 
 from blip2_jax.models import layers
@@ -252,3 +255,50 @@ def weight_map(cfg) -> list[tuple[str, str, str]]:
     hf = "model.decoder.layers.{i}." + norm
     out += [(f"layers/{norm}/scale", f"{hf}.weight", "copy"), (f"layers/{norm}/bias", f"{hf}.bias", "copy")]
   return out
+
+# --- decoding adapter for blip2_jax.generation ---------------------------------------------------------------
+
+@struct.dataclass
+class OPTDecoder:
+  """OPTForCausalLM decoding from a prefix of embeddings (queries + left-padded prompt).
+
+  state: {"cache": one KV cache per layer, "mask": [N, S] valid cache slots, "position": [N] next position,
+  "index": [N] next cache slot (the same in every row)}. Positions count real tokens only (HF: cumsum(mask) - 1),
+  so left padding shifts nothing. The prefill runs the scanned layers; each step runs them unrolled
+  (`decode_step`) on `layer_params`, the layers' weights split once per generate call (this holds a second
+  copy of the LLM's layer weights while generating).
+  """
+  module: OPTForCausalLM = struct.field(pytree_node=False)
+  params: Any
+  layer_params: Any
+
+  @property
+  def start_ids(self) -> tuple[int, ...]:
+    return ()  # nothing precedes the prompt in HF's input_ids
+
+  @classmethod
+  def create(cls, module: OPTForCausalLM, params) -> "OPTDecoder":
+    return cls(layers.frozen_config(module), params, split_layers(params))
+
+  def prefill(self, prefix_embeds, prefix_mask, max_new_tokens: int):
+    b, p, _ = prefix_embeds.shape
+    # The last generated token is never fed back, so the cache needs one slot fewer than prefix + new tokens.
+    slots = p + max_new_tokens - 1
+    cache = init_cache(self.module.cfg, b, slots, jnp.dtype(self.module.cfg.dtype))
+    real = prefix_mask.astype(jnp.int32)
+    mask = jnp.zeros((b, slots), jnp.int32).at[:, :p].set(real)
+    positions = jnp.cumsum(real, axis=1) * real - 1
+    logits, cache = self.module.apply({"params": self.params}, prefix_embeds, mask, positions=positions,
+                                      cache=cache, cache_index=0)
+    state = {"cache": split_cache(cache), "mask": mask, "position": real.sum(axis=1),
+             "index": jnp.full((b,), p, jnp.int32)}
+    return logits[:, -1], state
+
+  def step(self, tokens, state):
+    index = state["index"][0]
+    mask = lax.dynamic_update_slice(state["mask"], jnp.ones((tokens.shape[0], 1), jnp.int32), (0, index))
+    embeds = self.module.apply({"params": self.params}, tokens[:, None], method="embed")
+    logits, cache = decode_step(self.module, self.params, self.layer_params, embeds, mask,
+                                    state["position"][:, None], state["cache"], index)
+    state = {"cache": cache, "mask": mask, "position": state["position"] + 1, "index": state["index"] + 1}
+    return logits[:, 0], state

@@ -18,6 +18,7 @@ reorders a whole decoding state with one gather on axis 0. New self-attention ke
 """
 import math
 from collections.abc import Mapping
+from typing import Any
 
 import flax.linen as nn
 import jax
@@ -25,6 +26,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import transformers
+from flax import struct
 from jax import lax
 
 from blip2_jax.models import layers
@@ -377,7 +379,6 @@ class T5ForConditionalGeneration(nn.Module):
     None; the tokens take slots cache_index .. cache_index + T - 1 (an int32 scalar, may be traced; the caller
     keeps it within the cache) and decoder_mask [B, S_max] (or None) marks the valid slots.
     """
-    cfg = self.cfg
     if cache is None:
       _check_mask("encoder_mask", encoder_mask, encoder_out.shape[:2])
       _check_mask("decoder_mask", decoder_mask, decoder_ids.shape)
@@ -467,3 +468,45 @@ def weight_map(cfg) -> list[tuple[str, str, str]]:
   if not cfg.tie_word_embeddings:
     out.append(("lm_head", "lm_head.weight", "linear"))
   return out
+
+# --- decoding adapter for blip2_jax.generation ---------------------------------------------------------------
+
+@struct.dataclass
+class T5Decoder:
+  """T5ForConditionalGeneration: the prefix is the encoder input; the decoder starts from decoder_start_token_id.
+
+  state: {"cache": one cache per decoder layer (its self-attention slots and the encoder's cross-attention
+  keys/values), "encoder_mask": [N, S_enc], "index": [N] next cache slot (the same in every row)}. The prefill
+  runs the scanned layers; each step runs them unrolled (`decode_step`) on `layer_params`, the decoder layers'
+  weights split once per generate call (a second copy of them while generating), as OPTDecoder does.
+  """
+  module: T5ForConditionalGeneration = struct.field(pytree_node=False)
+  params: Any
+  layer_params: Any
+
+  @classmethod
+  def create(cls, module: T5ForConditionalGeneration, params) -> "T5Decoder":
+    return cls(layers.frozen_config(module), params, split_layers(params))
+
+  @property
+  def start_ids(self) -> tuple[int, ...]:
+    return (self.module.cfg.decoder_start_token_id,)  # HF's decoder input_ids begin with it
+
+  def prefill(self, prefix_embeds, prefix_mask, max_new_tokens: int):
+    b = prefix_embeds.shape[0]
+    start = jnp.full((b, 1), self.module.cfg.decoder_start_token_id, jnp.int32)
+
+    def run(m, embeds, mask, start):
+      # Slots: the start token, then every generated token but the last.
+      cache = m.init_cache(m.encode(embeds, mask), mask, max_new_tokens)
+      return m.decode(start, None, None, cache=cache, cache_index=0)
+
+    logits, cache = self.module.apply({"params": self.params}, prefix_embeds, prefix_mask, start, method=run)
+    return logits[:, 0], {"cache": split_cache(cache), "encoder_mask": cache["encoder_mask"],
+                          "index": jnp.ones((b,), jnp.int32)}
+
+  def step(self, tokens, state):
+    index = state["index"][0]
+    logits, caches = decode_step(self.module, self.params, self.layer_params, tokens[:, None],
+                                    state["encoder_mask"], state["cache"], index)
+    return logits[:, 0], {"cache": caches, "encoder_mask": state["encoder_mask"], "index": state["index"] + 1}
