@@ -1,41 +1,42 @@
 """blip2_jax: BLIP-2 (Q-Former pre-training and beyond) in JAX/Flax for CPU, GPU and TPU meshes."""
+
 import setuptools
 
 setuptools.setup(
-    name="blip2_jax",
-    version="0.1.0",
-    description="A JAX/Flax reimplementation of BLIP-2 for TPU and GPU meshes.",
-    long_description=open("README.md", encoding="utf-8").read() if __import__("os").path.exists("README.md") else "",
-    long_description_content_type="text/markdown",
-    python_requires=">=3.11",
-    packages=setuptools.find_packages(include=["blip2_jax", "blip2_jax.*"]),
-    package_data={"blip2_jax": ["data/*.txt"]},
-    install_requires=[
-        "jax>=0.6",
-        "flax>=0.10",
-        "optax>=0.2.4",
-        "orbax-checkpoint>=0.11",
-        "chex>=0.1.88",
-        "ml-collections>=1.0",
-        "transformers>=5.0",
-        "tensorflow-datasets>=4.9.7",
-        "grain>=0.2.10",
-        "pillow>=10",
-        "safetensors>=0.4",
-        "numpy>=1.26",
-        "tqdm>=4.66",
-        "tensorboardX>=2.6",
-        "absl-py>=2.1",
-        # The COCO caption scorers (BLEU, CIDEr-D); only their pure-Python parts are used (no Java).
-        "pycocoevalcap>=1.2",
-    ],
-    extras_require={
-        # torch is the numerical reference of the parity tests, and reads LAVIS .pth checkpoints
-        # (blip2_jax.lavis, weights-only); nothing else in the package imports it. pytest-xdist runs the suite
-        # on two worker processes (pytest.ini): most of its time is single-threaded XLA compilation.
-        # ruff (lint and format, ruff.toml) and import-linter (the layer contracts, .importlinter) run in .ci/run;
-        # ruff is pinned because its formatter's output may change between versions.
-        "test": ["pytest>=8", "pytest-xdist>=3.5", "torch==2.13.0", "ruff==0.17.6", "import-linter==2.17"],
-        "lavis": ["torch>=2.4"],
-    },
+  name="blip2_jax",
+  version="0.1.0",
+  description="A JAX/Flax reimplementation of BLIP-2 for TPU and GPU meshes.",
+  long_description=open("README.md", encoding="utf-8").read() if __import__("os").path.exists("README.md") else "",
+  long_description_content_type="text/markdown",
+  python_requires=">=3.11",
+  packages=setuptools.find_packages(include=["blip2_jax", "blip2_jax.*"]),
+  package_data={"blip2_jax": ["data/*.txt"]},
+  install_requires=[
+    "jax>=0.6",
+    "flax>=0.10",
+    "optax>=0.2.4",
+    "orbax-checkpoint>=0.11",
+    "chex>=0.1.88",
+    "ml-collections>=1.0",
+    "transformers>=5.0",
+    "tensorflow-datasets>=4.9.7",
+    "grain>=0.2.10",
+    "pillow>=10",
+    "safetensors>=0.4",
+    "numpy>=1.26",
+    "tqdm>=4.66",
+    "tensorboardX>=2.6",
+    "absl-py>=2.1",
+    # The COCO caption scorers (BLEU, CIDEr-D); only their pure-Python parts are used (no Java).
+    "pycocoevalcap>=1.2",
+  ],
+  extras_require={
+    # torch is the numerical reference of the parity tests, and reads LAVIS .pth checkpoints
+    # (blip2_jax.lavis, weights-only); nothing else in the package imports it. pytest-xdist runs the suite
+    # on two worker processes (pytest.ini): most of its time is single-threaded XLA compilation.
+    # ruff (lint and format, ruff.toml) and import-linter (the layer contracts, .importlinter) run in .ci/run;
+    # ruff is pinned because its formatter's output may change between versions.
+    "test": ["pytest>=8", "pytest-xdist>=3.5", "torch==2.13.0", "ruff==0.17.6", "import-linter==2.17"],
+    "lavis": ["torch>=2.4"],
+  },
 )

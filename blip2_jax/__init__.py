@@ -6,5 +6,6 @@ def __getattr__(name):
   # package with transformers, Orbax and TFDS. Nothing in the package imports blip2_jax itself.
   if name == "Blip2":
     from blip2_jax.api import Blip2  # pylint: disable=g-import-not-at-top
+
     return Blip2
   raise AttributeError(f"module 'blip2_jax' has no attribute {name!r}")

@@ -11,23 +11,20 @@ model (stage 2, Blip2ForConditionalGeneration) gives LLM logits, captions, VQA a
 Images are [B, H, W, 3] (channels last), normalised as the BLIP-2 processors do (CLIP mean/std); HF's
 pixel_values are the same numbers as [B, 3, H, W]. Reading and building: state.py; the HF layout: hf.py.
 """
+
 import functools
 import json
 import logging
 from pathlib import Path
 
+from flax import traverse_util
 import jax
 import jax.numpy as jnp
 import numpy as np
 import transformers
-from flax import traverse_util
 
-from blip2_jax import hf
-from blip2_jax import losses
-from blip2_jax import partitioning
+from blip2_jax import hf, losses, partitioning, tasks, weights
 from blip2_jax import state as state_lib
-from blip2_jax import tasks
-from blip2_jax import weights
 from blip2_jax.data import images as images_lib
 from blip2_jax.models import llms
 from blip2_jax.models.blip2 import Blip2LLM
@@ -41,8 +38,7 @@ class Blip2:
   `kind` is 'retrieval' (image-text matching and contrastive scores, feature extraction) or the LLM family,
   'opt' / 't5' (LLM logits and generation); models/llms.py."""
 
-  def __init__(self, cfg, kind: str, params: dict, mesh, tokenizer=None, llm_hf_config=None,
-               image_token_index=None):
+  def __init__(self, cfg, kind: str, params: dict, mesh, tokenizer=None, llm_hf_config=None, image_token_index=None):
     self.cfg, self.kind, self.params, self.mesh, self.tokenizer = cfg, kind, params, mesh, tokenizer
     self.llm_hf_config, self.image_token_index = llm_hf_config, image_token_index
     self.module = state_lib.build_module(cfg, kind)
@@ -50,15 +46,23 @@ class Blip2:
   # --- loading -------------------------------------------------------------------------------------------
 
   @classmethod
-  def from_pretrained(cls, path, *, dtype: str = "float32", mesh=None, rules=state_lib.DEFAULT_RULES,
-                      remat_policy: str = "none") -> "Blip2":
+  def from_pretrained(
+    cls, path, *, dtype: str = "float32", mesh=None, rules=state_lib.DEFAULT_RULES, remat_policy: str = "none"
+  ) -> "Blip2":
     """Loads a local HF BLIP-2 directory (`state.load_hf_blip2`). `dtype` applies to the frozen ViT and LLM
     ("bfloat16" halves their memory); `mesh` defaults to all devices on one 'fsdp' axis."""
-    hf_config, cfg, kind, params, mesh = state_lib.load_hf_blip2(path, dtype=dtype, mesh=mesh, rules=rules,
-                                                                 remat_policy=remat_policy)
-    return cls(cfg, kind, params, mesh, _load_tokenizer(Path(path)),
-               llm_hf_config=hf_config.get("text_config") if kind != llms.RETRIEVAL else None,
-               image_token_index=hf_config.get("image_token_index"))
+    hf_config, cfg, kind, params, mesh = state_lib.load_hf_blip2(
+      path, dtype=dtype, mesh=mesh, rules=rules, remat_policy=remat_policy
+    )
+    return cls(
+      cfg,
+      kind,
+      params,
+      mesh,
+      _load_tokenizer(Path(path)),
+      llm_hf_config=hf_config.get("text_config") if kind != llms.RETRIEVAL else None,
+      image_token_index=hf_config.get("image_token_index"),
+    )
 
   @classmethod
   def from_workdir(cls, workdir, *, devices=None) -> "Blip2":
@@ -77,6 +81,7 @@ class Blip2:
   def _jitted(self):
     def apply(method, params, *args):
       return self.module.apply({"params": params}, *args, method=method)
+
     return jax.jit(apply, static_argnums=0)
 
   def _call(self, method, *args):
@@ -112,10 +117,12 @@ class Blip2:
       return self._call(Blip2LLM.__call__, self.pixels(images), input_ids, attention_mask)
     if decoder_input_ids is None:
       raise ValueError(f"An encoder-decoder ({self.kind}) BLIP-2 needs decoder_input_ids for lm_logits.")
-    decoder_attention_mask = (np.ones_like(decoder_input_ids) if decoder_attention_mask is None
-                              else decoder_attention_mask)
-    return self._call(Blip2LLM.__call__, self.pixels(images), input_ids, attention_mask, decoder_input_ids,
-                      decoder_attention_mask)
+    decoder_attention_mask = (
+      np.ones_like(decoder_input_ids) if decoder_attention_mask is None else decoder_attention_mask
+    )
+    return self._call(
+      Blip2LLM.__call__, self.pixels(images), input_ids, attention_mask, decoder_input_ids, decoder_attention_mask
+    )
 
   def itm_logits(self, images, input_ids, attention_mask):
     """Retrieval models: image-text matching logits [B, 2] (index 1 = match) for the pairs (image i, text i)."""
@@ -133,8 +140,7 @@ class Blip2:
     `tasks.generate_text` (max_new_tokens, min_new_tokens, num_beams, length_penalty, repetition_penalty,
     do_sample, top_p, temperature, seed)."""
     self._need_llm(what="generate")
-    return tasks.generate_text(self.module, self.params, self._tokenizer(), self.pixels(images), prompts,
-                                **settings)
+    return tasks.generate_text(self.module, self.params, self._tokenizer(), self.pixels(images), prompts, **settings)
 
   def caption(self, images, **settings) -> list[str]:
     """Captions with the paper's settings (prompt "a photo of", beams 5, 8-30 new tokens) unless overridden."""
@@ -144,13 +150,14 @@ class Blip2:
   def answer(self, images, questions, **settings) -> list[str]:
     """Zero-shot VQA with the paper's prompt and settings (beams 5, at most 10 new tokens, length penalty -1)."""
     self._need_llm(what="answer")
-    return tasks.answer(self.module, self.params, self._tokenizer(), self.pixels(images), questions,
-                        **settings)
+    return tasks.answer(self.module, self.params, self._tokenizer(), self.pixels(images), questions, **settings)
 
   def _tokenizer(self):
     if self.tokenizer is None:
-      raise ValueError("This model has no tokenizer (its directory had no tokenizer files): add the LLM's "
-                       "tokenizer files to the directory.")
+      raise ValueError(
+        "This model has no tokenizer (its directory had no tokenizer files): add the LLM's "
+        "tokenizer files to the directory."
+      )
     return self.tokenizer
 
   @classmethod
@@ -179,9 +186,13 @@ class Blip2:
     out = Path(path)
     out.mkdir(parents=True, exist_ok=True)
     if self.cfg.ln_vision_eps != self.cfg.vit.layer_norm_eps:
-      log.warning("HF's BLIP-2 config has one LayerNorm eps for the ViT and ln_vision (post_layernorm); this "
-                  "model uses %g and %g: the export writes %g for both.", self.cfg.vit.layer_norm_eps,
-                  self.cfg.ln_vision_eps, self.cfg.vit.layer_norm_eps)
+      log.warning(
+        "HF's BLIP-2 config has one LayerNorm eps for the ViT and ln_vision (post_layernorm); this "
+        "model uses %g and %g: the export writes %g for both.",
+        self.cfg.vit.layer_norm_eps,
+        self.cfg.ln_vision_eps,
+        self.cfg.vit.layer_norm_eps,
+      )
     dropped = [p for p in ("temp", "qformer/lm_bias") if p in traverse_util.flatten_dict(self.params, sep="/")]
     if dropped:
       log.info("Not exported (HF's BLIP-2 has no place for them): temp and the Q-Former LM head.")
@@ -226,8 +237,7 @@ def _itc_scores(module, images, input_ids, attention_mask):
 
 def _load_tokenizer(root: Path):
   """The tokenizer saved beside the weights, if any (HF BLIP-2 directories have one)."""
-  if not any((root / f).exists() for f in ("tokenizer_config.json", "tokenizer.json", "vocab.txt",
-                                           "spiece.model")):
+  if not any((root / f).exists() for f in ("tokenizer_config.json", "tokenizer.json", "vocab.txt", "spiece.model")):
     log.info("%s has no tokenizer files; pass token ids yourself.", root)
     return None
   return transformers.AutoTokenizer.from_pretrained(str(root))

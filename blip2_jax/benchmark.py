@@ -47,38 +47,44 @@ before JAX starts; the JAX side then prints both and ours / theirs. When JAX and
 preallocate 75% of it: --compare sets XLA_PYTHON_CLIENT_PREALLOCATE=false unless the environment already sets it
 (it must happen before JAX first touches the GPU; exporting it yourself, as in the commands above, is safest).
 """
+
 import contextlib
 import json
 import os
 import time
 
-from absl import app
-from absl import flags
+from absl import app, flags
 from absl import logging as absl_logging
 import jax
 from ml_collections import config_flags
 import numpy as np
 import transformers
 
-from blip2_jax import benchmark_torch
-from blip2_jax import cli
-from blip2_jax import hf
-from blip2_jax import partitioning
+from blip2_jax import benchmark_torch, cli, hf, partitioning, tasks, train
 from blip2_jax import state as state_lib
-from blip2_jax import tasks
-from blip2_jax import train
-from blip2_jax.models import layers
-from blip2_jax.models import llms
+from blip2_jax.models import layers, llms
 from blip2_jax.models import vit as vit_lib
 
 FLAGS = flags.FLAGS
 
 # Dense bf16 peak FLOP/s per chip, from the vendors' data sheets.
 PEAK_FLOPS = {
-    "H100": 989e12, "H200": 989e12, "H800": 989e12, "GH200": 989e12, "B200": 2250e12,
-    "A100": 312e12, "A800": 312e12, "L4": 121e12, "A10": 125e12,
-    "TPU v4": 275e12, "TPU v5 lite": 197e12, "TPU v5e": 197e12, "TPU v5p": 459e12, "TPU v5": 459e12,
-    "TPU v6 lite": 918e12, "TPU v6e": 918e12,
+  "H100": 989e12,
+  "H200": 989e12,
+  "H800": 989e12,
+  "GH200": 989e12,
+  "B200": 2250e12,
+  "A100": 312e12,
+  "A800": 312e12,
+  "L4": 121e12,
+  "A10": 125e12,
+  "TPU v4": 275e12,
+  "TPU v5 lite": 197e12,
+  "TPU v5e": 197e12,
+  "TPU v5p": 459e12,
+  "TPU v5": 459e12,
+  "TPU v6 lite": 918e12,
+  "TPU v6e": 918e12,
 }
 PROMPT_LENGTH = 4  # "</s>a photo of" in OPT's tokenizer
 WARMUP = 2
@@ -146,11 +152,15 @@ def _check_config(config, mode: str, compare: str):
   stage2 = state_lib.kind(config) != llms.RETRIEVAL
   if not stage2 and (mode == "generate" or compare):
     what = "--mode=generate" if mode == "generate" else f"--compare={compare}"
-    raise ValueError(f"{what} needs a stage-2 config (configs/stage2_opt.py or stage2_t5.py); stage 1 has "
-                     "--mode=train only, without --compare.")
+    raise ValueError(
+      f"{what} needs a stage-2 config (configs/stage2_opt.py or stage2_t5.py); stage 1 has "
+      "--mode=train only, without --compare."
+    )
   if stage2 and config.init.llm_weights == "demo":
-    raise ValueError("config.init.llm_weights='demo' is made by training; the benchmark uses random weights: "
-                     "add --config.init.llm_weights= (sizes from config.model.llm).")
+    raise ValueError(
+      "config.init.llm_weights='demo' is made by training; the benchmark uses random weights: "
+      "add --config.init.llm_weights= (sizes from config.model.llm)."
+    )
 
 
 def random_batch(config, batch_size: int, vocab_size: int, seed: int = 0) -> dict:
@@ -181,6 +191,7 @@ def _local(batch: dict) -> dict:
 # --------------------------------------------------------------------------------------------------------------
 # Training
 # --------------------------------------------------------------------------------------------------------------
+
 
 def run(config, steps: int, devices=None) -> dict:
   """The train-step benchmark (stage 1 or 2): compile time, step time, samples/s, model FLOPs, MFU.
@@ -225,18 +236,25 @@ def run(config, steps: int, devices=None) -> dict:
   n, device = setup.mesh.devices.size, setup.mesh.devices.flat[0]
   peak = peak_flops(device)
   return {
-      "mode": "train", "stage": 2 if stage2 else 1, "device": f"{n} x {device.device_kind}",
-      "mesh": dict(setup.mesh.shape), "global_batch_size": b, "steps_timed": steps,
-      "compile_s": round(compile_s, 2), "step_s": round(step_s, 4), "samples_per_s": round(b / step_s, 1),
-      "loss": round(loss, 4), "trainable_params": sum(x.size for x in jax.tree.leaves(state["params"])),
-      "model_tflop_per_step": _sig(model_flops / 1e12),
-      "model_gflop_per_sample": _sig(model_flops / b / 1e9),
-      "forward_gflop_per_sample": {k: _sig(v / b / 1e9) for k, v in forward.items()},
-      "achieved_tflop_per_s": _sig(model_flops / step_s / 1e12),
-      "mfu": None if peak is None else round(model_flops / step_s / (peak * n), 4),
-      "peak_tflop_per_s_per_device": None if peak is None else peak / 1e12,
-      **({} if vit_s is None else {"vit_forward_s": round(vit_s, 4)}),
-      **({} if vit_cudnn_s is None else {"vit_forward_cudnn_attention_s": vit_cudnn_s}),
+    "mode": "train",
+    "stage": 2 if stage2 else 1,
+    "device": f"{n} x {device.device_kind}",
+    "mesh": dict(setup.mesh.shape),
+    "global_batch_size": b,
+    "steps_timed": steps,
+    "compile_s": round(compile_s, 2),
+    "step_s": round(step_s, 4),
+    "samples_per_s": round(b / step_s, 1),
+    "loss": round(loss, 4),
+    "trainable_params": sum(x.size for x in jax.tree.leaves(state["params"])),
+    "model_tflop_per_step": _sig(model_flops / 1e12),
+    "model_gflop_per_sample": _sig(model_flops / b / 1e9),
+    "forward_gflop_per_sample": {k: _sig(v / b / 1e9) for k, v in forward.items()},
+    "achieved_tflop_per_s": _sig(model_flops / step_s / 1e12),
+    "mfu": None if peak is None else round(model_flops / step_s / (peak * n), 4),
+    "peak_tflop_per_s_per_device": None if peak is None else peak / 1e12,
+    **({} if vit_s is None else {"vit_forward_s": round(vit_s, 4)}),
+    **({} if vit_cudnn_s is None else {"vit_forward_cudnn_attention_s": vit_cudnn_s}),
   }
 
 
@@ -268,15 +286,17 @@ def _forward_flops(setup, params, batch, stage2: bool) -> dict:
   flops = {"vit": _flops(vit, params, batch["image"])}
   image_embeds = jax.eval_shape(vit, params, batch["image"])
   if not stage2:
+
     def qformer(p, e, ids, mask):
-      return model.apply({"params": p}, e, ids, mask, train=False, rngs={"itm": jax.random.PRNGKey(0)},
-                         method="stage1_losses")["loss"]
+      return model.apply(
+        {"params": p}, e, ids, mask, train=False, rngs={"itm": jax.random.PRNGKey(0)}, method="stage1_losses"
+      )["loss"]
+
     flops["qformer"] = _flops(qformer, params, image_embeds, batch["text_ids"], batch["text_mask"])
     return flops
 
   def soft_prompt(p, e):  # Q-Former (query side) + language projection
-    return model.apply({"params": p}, e,
-                       method=lambda m, e: m.language_projection(m.query_features(e)[0]))
+    return model.apply({"params": p}, e, method=lambda m, e: m.language_projection(m.query_features(e)[0]))
 
   def whole(p, b):
     return model.apply({"params": p}, b, train=False, method="losses")["loss"]
@@ -290,11 +310,17 @@ def _forward_flops(setup, params, batch, stage2: bool) -> dict:
 # Generation
 # --------------------------------------------------------------------------------------------------------------
 
+
 def llm_special_ids(config) -> dict:
   """The frozen LLM's bos / eos / pad ids (transformers' defaults where its config leaves them out)."""
   llm = transformers.AutoConfig.for_model(**hf.llm_hf_config(config))
-  return {"bos": getattr(llm, "bos_token_id", None), "eos": llm.eos_token_id, "pad": llm.pad_token_id,
-          "vocab_size": llm.vocab_size, "kind": llm.model_type}
+  return {
+    "bos": getattr(llm, "bos_token_id", None),
+    "eos": llm.eos_token_id,
+    "pad": llm.pad_token_id,
+    "vocab_size": llm.vocab_size,
+    "kind": llm.model_type,
+  }
 
 
 def prompt_ids(config, batch_size: int, seed: int = 1) -> tuple[np.ndarray, np.ndarray]:
@@ -311,8 +337,17 @@ def prompt_ids(config, batch_size: int, seed: int = 1) -> tuple[np.ndarray, np.n
 def greedy_options(config, new_tokens: int) -> tuple:
   """tasks._generate's options: greedy, exactly new_tokens tokens (EOS is blocked until the last one)."""
   ids = llm_special_ids(config)
-  return tuple(sorted(dict(max_new_tokens=new_tokens, min_new_tokens=new_tokens, num_beams=1,
-                           eos_token_id=ids["eos"], pad_token_id=ids["pad"]).items()))
+  return tuple(
+    sorted(
+      dict(
+        max_new_tokens=new_tokens,
+        min_new_tokens=new_tokens,
+        num_beams=1,
+        eos_token_id=ids["eos"],
+        pad_token_id=ids["pad"],
+      ).items()
+    )
+  )
 
 
 def run_generate(config, steps: int, new_tokens: int, devices=None) -> dict:
@@ -351,19 +386,26 @@ def run_generate(config, steps: int, new_tokens: int, devices=None) -> dict:
   # One token: the image side (ViT, Q-Former, projection) and the prefill; the rest is the decoding loop.
   _, first_s, _ = timed(1)
   return {
-      "mode": "generate", "stage": 2,
-      "device": f"{setup.mesh.devices.size} x {setup.mesh.devices.flat[0].device_kind}",
-      "mesh": dict(setup.mesh.shape), "global_batch_size": b, "prompt_tokens": ids.shape[1],
-      "new_tokens": new_tokens, "steps_timed": steps,
-      "compile_s": round(compile_s, 2), "batch_s": round(batch_s, 4), "images_per_s": round(b / batch_s, 1),
-      "tokens_per_s": round(b * new_tokens / batch_s, 1),
-      "first_token_s": round(first_s, 4),
-      "per_token_ms": round(1000 * (batch_s - first_s) / max(new_tokens - 1, 1), 3),
+    "mode": "generate",
+    "stage": 2,
+    "device": f"{setup.mesh.devices.size} x {setup.mesh.devices.flat[0].device_kind}",
+    "mesh": dict(setup.mesh.shape),
+    "global_batch_size": b,
+    "prompt_tokens": ids.shape[1],
+    "new_tokens": new_tokens,
+    "steps_timed": steps,
+    "compile_s": round(compile_s, 2),
+    "batch_s": round(batch_s, 4),
+    "images_per_s": round(b / batch_s, 1),
+    "tokens_per_s": round(b * new_tokens / batch_s, 1),
+    "first_token_s": round(first_s, 4),
+    "per_token_ms": round(1000 * (batch_s - first_s) / max(new_tokens - 1, 1), 3),
   }
 
 
-def benchmark(config, mode: str = "train", steps: int = 20, new_tokens: int = 30, compare: str = "",
-              devices=None) -> dict:
+def benchmark(
+  config, mode: str = "train", steps: int = 20, new_tokens: int = 30, compare: str = "", devices=None
+) -> dict:
   """Ours (with compare='transformers', theirs first, then ours) -> one dict, with ours / theirs.
 
   devices: the devices of our mesh (default: all)."""
@@ -372,8 +414,15 @@ def benchmark(config, mode: str = "train", steps: int = 20, new_tokens: int = 30
   if compare:
     special = llm_special_ids(config)
     theirs = benchmark_torch.compare_transformers(
-        config, mode, steps, new_tokens, batch=random_batch(config, config.global_batch_size, special["vocab_size"]),
-        prompt=prompt_ids(config, config.global_batch_size), special_ids=special, warmup=WARMUP)
+      config,
+      mode,
+      steps,
+      new_tokens,
+      batch=random_batch(config, config.global_batch_size, special["vocab_size"]),
+      prompt=prompt_ids(config, config.global_batch_size),
+      special_ids=special,
+      warmup=WARMUP,
+    )
   if mode == "train":
     ours = run(config, steps, devices)
   else:
@@ -385,8 +434,9 @@ def benchmark(config, mode: str = "train", steps: int = 20, new_tokens: int = 30
     # From the unrounded times: samples/s are rounded to 0.1, too coarse for a CPU's ~1 sample/s.
     out["speedup_vs_transformers"] = round(theirs["transformers_step_s"] / ours["step_s"], 3)
     peak = _peak(theirs["transformers_device"])  # the same model FLOPs per step, at their step time
-    out["transformers_mfu"] = (None if peak is None else
-                               round(ours["model_tflop_per_step"] * 1e12 / theirs["transformers_step_s"] / peak, 4))
+    out["transformers_mfu"] = (
+      None if peak is None else round(ours["model_tflop_per_step"] * 1e12 / theirs["transformers_step_s"] / peak, 4)
+    )
   else:
     out["speedup_vs_transformers"] = round(theirs["transformers_batch_s"] / ours["batch_s"], 3)
   return out
@@ -412,10 +462,18 @@ def main(argv):
 if __name__ == "__main__":
   # Tests import this module's functions: its flags exist only when it is the program.
   config_flags.DEFINE_config_file("config", None, "Config to benchmark.", lock_config=True)
-  flags.DEFINE_enum("mode", "train", ["train", "generate"],
-                    "train: the trainer's update step (stage 1 or 2); generate: greedy captioning (stage 2).")
+  flags.DEFINE_enum(
+    "mode",
+    "train",
+    ["train", "generate"],
+    "train: the trainer's update step (stage 1 or 2); generate: greedy captioning (stage 2).",
+  )
   flags.DEFINE_integer("steps", 20, "Timed steps or batches (after compilation and 2 warm-up calls).")
   flags.DEFINE_integer("new_tokens", 30, "--mode=generate: tokens generated per image (min = max).")
-  flags.DEFINE_enum("compare", "", ["", "transformers"],
-                    "transformers: also time transformers' PyTorch BLIP-2 at the same configuration (stage 2).")
+  flags.DEFINE_enum(
+    "compare",
+    "",
+    ["", "transformers"],
+    "transformers: also time transformers' PyTorch BLIP-2 at the same configuration (stage 2).",
+  )
   app.run(main, flags_parser=cli.parse_flags)

@@ -3,24 +3,26 @@ times ours: the reference side of the benchmark (see benchmark.py's docstring fo
 
 torch is an optional dependency (the [test] extra): it is imported where it is used.
 """
+
 import gc
 import time
 
 import numpy as np
 import transformers
 
-from blip2_jax import hf
-from blip2_jax import state
+from blip2_jax import hf, state
 from blip2_jax.models import llms
 
 
-def compare_transformers(config, mode: str, steps: int, new_tokens: int, *, batch: dict, prompt: tuple,
-                         special_ids: dict, warmup: int) -> dict:
+def compare_transformers(
+  config, mode: str, steps: int, new_tokens: int, *, batch: dict, prompt: tuple, special_ids: dict, warmup: int
+) -> dict:
   """transformers' Blip2ForConditionalGeneration at this config's sizes (random init), timed like ours: a training
   step (mode 'train') on `batch` (host arrays with the training batch's keys) or greedy generation of exactly
   new_tokens tokens (mode 'generate') after `prompt` (ids, mask); see the module docstring. special_ids: the LLM's
   'eos', 'pad' and 'vocab_size'. Frees the model and torch's cached GPU memory before returning."""
   import torch  # pylint: disable=g-import-not-at-top  (optional: the [test] extra)
+
   device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
   try:
     return _time_transformers(config, mode, steps, new_tokens, device, batch, prompt, special_ids, warmup)
@@ -32,12 +34,14 @@ def compare_transformers(config, mode: str, steps: int, new_tokens: int, *, batc
 
 def _time_transformers(config, mode, steps, new_tokens, device, host, prompt, special, warmup) -> dict:
   import torch  # pylint: disable=g-import-not-at-top  (optional: the [test] extra)
+
   cfg = state.model_config(config, None)
   if not cfg.qformer.vocab_size:  # 0 = "the tokenizer's"; unused in stage 2 (no Q-Former text side)
     cfg.qformer.vocab_size = 30523
   image_token = special["vocab_size"] - 1  # a valid id that the benchmark's random batch and prompt never hold
-  hf_config = transformers.Blip2Config.from_dict(hf.hf_config_from_ours(
-      cfg, cfg.llm.kind, hf.llm_hf_config(config), image_token))
+  hf_config = transformers.Blip2Config.from_dict(
+    hf.hf_config_from_ours(cfg, cfg.llm.kind, hf.llm_hf_config(config), image_token)
+  )
   frozen_dtype = getattr(torch, config.frozen_dtype)
   compute_dtype = getattr(torch, config.model.qformer.dtype)
 
@@ -66,12 +70,17 @@ def _time_transformers(config, mode, steps, new_tokens, device, host, prompt, sp
 
   if mode == "train":
     input_ids, attention_mask = with_queries(host["text_ids"], host["text_mask"])
-    targets, target_mask = ((host["target_ids"], host["target_mask"]) if encoder_decoder else
-                            (host["text_ids"], host["label_mask"]))
+    targets, target_mask = (
+      (host["target_ids"], host["target_mask"]) if encoder_decoder else (host["text_ids"], host["label_mask"])
+    )
     labels = torch.from_numpy(np.where(target_mask > 0, targets, -100)).long().to(device)
     opt = config.optimizer
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=opt.lr,
-                                  betas=(opt.b1, opt.b2), weight_decay=opt.weight_decay)
+    optimizer = torch.optim.AdamW(
+      [p for p in model.parameters() if p.requires_grad],
+      lr=opt.lr,
+      betas=(opt.b1, opt.b2),
+      weight_decay=opt.weight_decay,
+    )
 
     def loss_fn():
       inputs = dict(pixel_values=pixels, input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
@@ -80,9 +89,10 @@ def _time_transformers(config, mode, steps, new_tokens, device, host, prompt, sp
       # HF's own OPT loss, written out: transformers 5.24's ForCausalLMLoss .view()s the text positions' logits,
       # which fails when they are a non-contiguous slice (an fp32 LLM; bf16 ones are copied by its .float()).
       logits = model(**inputs).logits
-      logits = logits[:, -labels.shape[1]:-1].float()
-      return torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1),
-                                               ignore_index=-100)
+      logits = logits[:, -labels.shape[1] : -1].float()
+      return torch.nn.functional.cross_entropy(
+        logits.reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1), ignore_index=-100
+      )
 
     def call():
       loss = loss_fn()
@@ -95,9 +105,17 @@ def _time_transformers(config, mode, steps, new_tokens, device, host, prompt, sp
 
     def call():
       with torch.inference_mode():
-        return model.generate(pixel_values=pixels, input_ids=input_ids, attention_mask=attention_mask,
-                              max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False, num_beams=1,
-                              pad_token_id=special["pad"], eos_token_id=special["eos"])
+        return model.generate(
+          pixel_values=pixels,
+          input_ids=input_ids,
+          attention_mask=attention_mask,
+          max_new_tokens=new_tokens,
+          min_new_tokens=new_tokens,
+          do_sample=False,
+          num_beams=1,
+          pad_token_id=special["pad"],
+          eos_token_id=special["eos"],
+        )
 
   sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
   for _ in range(warmup):
@@ -120,15 +138,26 @@ def _time_transformers(config, mode, steps, new_tokens, device, host, prompt, sp
     vit_seconds = (time.perf_counter() - t0) / steps
 
   attention = model.language_model.config._attn_implementation  # pylint: disable=protected-access
-  result = {"transformers_device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-            "transformers_version": f"transformers {transformers.__version__}, torch {torch.__version__}",
-            "transformers_attention": attention}
+  result = {
+    "transformers_device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+    "transformers_version": f"transformers {transformers.__version__}, torch {torch.__version__}",
+    "transformers_attention": attention,
+  }
   if mode == "train":
-    return dict(result, transformers_step_s=round(seconds, 4), transformers_samples_per_s=round(b / seconds, 1),
-                transformers_loss=round(float(out), 4), transformers_vit_forward_s=round(vit_seconds, 4),
-                transformers_trainable_params=sum(p.numel() for p in model.parameters() if p.requires_grad))
+    return dict(
+      result,
+      transformers_step_s=round(seconds, 4),
+      transformers_samples_per_s=round(b / seconds, 1),
+      transformers_loss=round(float(out), 4),
+      transformers_vit_forward_s=round(vit_seconds, 4),
+      transformers_trainable_params=sum(p.numel() for p in model.parameters() if p.requires_grad),
+    )
   generated = out.shape[1] - (1 if encoder_decoder else input_ids.shape[1])  # T5: + decoder start token
   if generated != new_tokens:
     raise AssertionError(f"transformers generated {generated} tokens, expected {new_tokens}.")
-  return dict(result, transformers_batch_s=round(seconds, 4), transformers_images_per_s=round(b / seconds, 1),
-              transformers_tokens_per_s=round(b * new_tokens / seconds, 1))
+  return dict(
+    result,
+    transformers_batch_s=round(seconds, 4),
+    transformers_images_per_s=round(b / seconds, 1),
+    transformers_tokens_per_s=round(b * new_tokens / seconds, 1),
+  )

@@ -4,6 +4,7 @@ iterator's position. Frozen weights are not saved: they come back from their sou
 Saving is asynchronous (the next steps run while the previous state is written); a step directory appears
 only once it is complete, so a crash mid-write leaves the previous checkpoint as the latest.
 """
+
 import os
 
 import jax
@@ -12,20 +13,23 @@ import orbax.checkpoint as ocp
 
 def manager(workdir: str, keep: int) -> ocp.CheckpointManager:
   return ocp.CheckpointManager(
-      os.path.join(os.path.abspath(workdir), "checkpoints"),
-      options=ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=True, create=True),
-      item_names=("state", "data"))
+    os.path.join(os.path.abspath(workdir), "checkpoints"),
+    options=ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=True, create=True),
+    item_names=("state", "data"),
+  )
 
 
 def save(mngr: ocp.CheckpointManager, step: int, state, data_state) -> None:
-  mngr.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
-                                          data=ocp.args.JsonSave(data_state)), force=True)
+  mngr.save(
+    step, args=ocp.args.Composite(state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(data_state)), force=True
+  )
 
 
 def restore(mngr: ocp.CheckpointManager, step: int, abstract_state):
   """abstract_state: a tree of jax.ShapeDtypeStruct carrying the target shardings."""
-  out = mngr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state),
-                                                   data=ocp.args.JsonRestore()))
+  out = mngr.restore(
+    step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state), data=ocp.args.JsonRestore())
+  )
   return out["state"], out["data"]
 
 

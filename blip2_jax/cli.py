@@ -1,4 +1,5 @@
 """Command-line plumbing shared by train, evaluate and benchmark."""
+
 import os
 import sys
 
@@ -42,10 +43,15 @@ def _check_config_files():
     path = flag.config_filename.split(":", 1)[0]
     if not os.path.isfile(path):
       configs = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
-      known = ", ".join(sorted(f"configs/{f}" for f in os.listdir(configs) if f.endswith(".py"))) \
-          if os.path.isdir(configs) else ""
-      sys.exit(f"error: --{name}={flag.config_filename}: no config file {path!r} here ({os.getcwd()})."
-               + (f" The configs are {known}." if known else ""))
+      known = (
+        ", ".join(sorted(f"configs/{f}" for f in os.listdir(configs) if f.endswith(".py")))
+        if os.path.isdir(configs)
+        else ""
+      )
+      sys.exit(
+        f"error: --{name}={flag.config_filename}: no config file {path!r} here ({os.getcwd()})."
+        + (f" The configs are {known}." if known else "")
+      )
     try:
       getattr(flags.FLAGS, name)
     except OSError as e:

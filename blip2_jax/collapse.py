@@ -9,6 +9,7 @@ The trainer feeds the guard every logged metrics dict; after warmup, when the sy
 `config.collapse_patience` logged steps in a row, it logs one warning naming the symptom and the usual remedies.
 Training goes on: a run can still escape, and the checkpoints are the user's to judge.
 """
+
 import logging
 import math
 
@@ -16,10 +17,12 @@ log = logging.getLogger(__name__)
 
 TOLERANCE = 0.01  # relative: within 1% of chance (stage 1); an image gain below 1% of the loss (stage 2)
 
-REMEDIES = ("lower config.optimizer.lr or lengthen config.optimizer.warmup_steps; clip gradients "
-            "(config.optimizer.grad_clip=1.0); for a randomly initialised Q-Former narrower than BERT-base, scale "
-            "config.model.qformer.init_std by sqrt(768 / hidden_size); check that the frozen image encoder's "
-            "features differ between images (real weights, config.init.vision_weights)")
+REMEDIES = (
+  "lower config.optimizer.lr or lengthen config.optimizer.warmup_steps; clip gradients "
+  "(config.optimizer.grad_clip=1.0); for a randomly initialised Q-Former narrower than BERT-base, scale "
+  "config.model.qformer.init_std by sqrt(768 / hidden_size); check that the frozen image encoder's "
+  "features differ between images (real weights, config.init.vision_weights)"
+)
 
 
 class CollapseGuard:
@@ -38,14 +41,18 @@ class CollapseGuard:
       gain, loss = metrics.get("lm_image_gain"), metrics.get("loss_lm")
       if gain is None or loss is None or gain >= TOLERANCE * loss:
         return None
-      return (f"the stage-2 LM loss ({loss:.4f}) is no lower with the right image than with another image of the "
-              f"batch (gain {gain:+.4f}): the Q-Former's soft prompts carry nothing about the image")
+      return (
+        f"the stage-2 LM loss ({loss:.4f}) is no lower with the right image than with another image of the "
+        f"batch (gain {gain:+.4f}): the Q-Former's soft prompts carry nothing about the image"
+      )
     itc = metrics.get("loss_itc")
     if itc is None or abs(itc - self.chance) > TOLERANCE * self.chance:
       return None
-    return (f"loss_itc ({itc:.4f}) is at chance, log(global batch {round(math.exp(self.chance))}) = "
-            f"{self.chance:.4f}: every image is as similar to every text, so the Q-Former's image (or text) "
-            "features no longer depend on their input")
+    return (
+      f"loss_itc ({itc:.4f}) is at chance, log(global batch {round(math.exp(self.chance))}) = "
+      f"{self.chance:.4f}: every image is as similar to every text, so the Q-Former's image (or text) "
+      "features no longer depend on their input"
+    )
 
   def update(self, step: int, metrics: dict) -> str | None:
     if not self.patience or self.warned or step <= self.warmup_steps:
@@ -55,7 +62,9 @@ class CollapseGuard:
     if self.run < self.patience:
       return None
     self.warned = True
-    message = (f"Training looks collapsed at step {step}: {symptom}, for the last {self.run} logged steps. Usual "
-               f"remedies: {REMEDIES}. Training goes on.")
+    message = (
+      f"Training looks collapsed at step {step}: {symptom}, for the last {self.run} logged steps. Usual "
+      f"remedies: {REMEDIES}. Training goes on."
+    )
     log.warning(message)
     return message

@@ -22,6 +22,7 @@ The tokenizer is word level: one token per caption word, "," its own token, plus
 (`<s>` 0, `<pad>` 1, `</s>` 2 as bos, put in front of every text, `<unk>` 3) or of T5 (`<pad>` 0, `</s>` 1 appended,
 `<unk>` 2), so code written for the real tokenizers needs no exceptions.
 """
+
 import json
 import logging
 import os
@@ -36,17 +37,14 @@ import numpy as np
 import optax
 import safetensors.numpy
 import tokenizers
-import transformers
 from tokenizers import decoders, normalizers, pre_tokenizers, processors
+import transformers
 
 from blip2_jax import losses as losses_lib
-from blip2_jax import optim
-from blip2_jax import weights
-from blip2_jax.data import pipeline
-from blip2_jax.data import synthetic_shapes
+from blip2_jax import optim, weights
+from blip2_jax.data import pipeline, synthetic_shapes
 from blip2_jax.data import tokenizer as tokenizer_lib
-from blip2_jax.models import opt
-from blip2_jax.models import t5
+from blip2_jax.models import opt, t5
 
 log = logging.getLogger(__name__)
 
@@ -59,11 +57,18 @@ SPECIAL_TOKENS = {"opt": ("<s>", "<pad>", "</s>", "<unk>"), "t5": ("<pad>", "</s
 FILES = ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json", "demo_llm.json")
 
 # Sizes: tiny, so that pretraining takes seconds on a CPU.
-OPT_SIZES = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, ffn_dim=256,
-                 max_position_embeddings=128)
+OPT_SIZES = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, ffn_dim=256, max_position_embeddings=128)
 # Flan-T5 as BLIP-2 runs it: gated FFN with the exact GELU, an lm_head of its own.
-T5_SIZES = dict(d_model=64, d_kv=16, num_heads=4, d_ff=128, num_layers=2, num_decoder_layers=2,
-                relative_attention_num_buckets=32, relative_attention_max_distance=128)
+T5_SIZES = dict(
+  d_model=64,
+  d_kv=16,
+  num_heads=4,
+  d_ff=128,
+  num_layers=2,
+  num_decoder_layers=2,
+  relative_attention_num_buckets=32,
+  relative_attention_max_distance=128,
+)
 # Measured on the demo's 20,000 captions: OPT reads its context after ~250 steps (the loss falls from the grammar's
 # ~0.6 nats/token to ~0.01; greedy decoding then writes 200 of 200 held-out captions from their windows).
 DEFAULT_STEPS = {"opt": 400, "t5": 800}
@@ -76,6 +81,7 @@ LR, WARMUP_FRACTION, WEIGHT_DECAY = 3e-3, 0.1, 0.01
 
 
 # --- tokenizer ---------------------------------------------------------------------------------------------------
+
 
 def make_tokenizer(kind: str) -> transformers.PreTrainedTokenizerFast:
   """The word-level tokenizer of the demo LLM `kind` ('opt' or 't5'); `len()` of it is the model's vocab size."""
@@ -91,11 +97,17 @@ def make_tokenizer(kind: str) -> transformers.PreTrainedTokenizerFast:
 
   tok = tokenizers.Tokenizer(tokenizers.models.WordLevel(vocab, unk_token="<unk>"))
   # Canonical spacing first ("a ,b" -> "a, b"), so every word starts with a space and gets its WORD_START form.
-  tok.normalizer = normalizers.Sequence([
-      normalizers.Lowercase(), normalizers.Replace(tokenizers.Regex(r"\s+"), " "),
-      normalizers.Replace(tokenizers.Regex(r" ?, ?"), ", "), normalizers.Strip()])
-  tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Metaspace(WORD_START, prepend_scheme="always"),
-                                               pre_tokenizers.Punctuation()])
+  tok.normalizer = normalizers.Sequence(
+    [
+      normalizers.Lowercase(),
+      normalizers.Replace(tokenizers.Regex(r"\s+"), " "),
+      normalizers.Replace(tokenizers.Regex(r" ?, ?"), ", "),
+      normalizers.Strip(),
+    ]
+  )
+  tok.pre_tokenizer = pre_tokenizers.Sequence(
+    [pre_tokenizers.Metaspace(WORD_START, prepend_scheme="always"), pre_tokenizers.Punctuation()]
+  )
   tok.decoder = decoders.Metaspace(WORD_START, prepend_scheme="always")
   tok.add_special_tokens([tokenizers.AddedToken(s, special=True, normalized=False) for s in specials])
   if kind == "opt":
@@ -103,17 +115,25 @@ def make_tokenizer(kind: str) -> transformers.PreTrainedTokenizerFast:
     tok.add_tokens([tokenizers.AddedToken(NEWLINE, special=False, normalized=False)])
     eos = bos = "</s>"
     tok.post_processor = processors.TemplateProcessing(  # OPT's tokenizer puts "</s>" in front of each text
-        single=f"{bos} $A", pair=f"{bos} $A {bos} $B:1", special_tokens=[(bos, vocab[bos])])
+      single=f"{bos} $A", pair=f"{bos} $A {bos} $B:1", special_tokens=[(bos, vocab[bos])]
+    )
   else:
     eos, bos = "</s>", None
     tok.post_processor = processors.TemplateProcessing(  # T5's appends it
-        single=f"$A {eos}", pair=f"$A {eos} $B:1 {eos}:1", special_tokens=[(eos, vocab[eos])])
+      single=f"$A {eos}", pair=f"$A {eos} $B:1 {eos}:1", special_tokens=[(eos, vocab[eos])]
+    )
   return transformers.PreTrainedTokenizerFast(
-      tokenizer_object=tok, bos_token=bos, eos_token=eos, unk_token="<unk>", pad_token="<pad>",
-      model_max_length=OPT_SIZES["max_position_embeddings"] if kind == "opt" else 512)
+    tokenizer_object=tok,
+    bos_token=bos,
+    eos_token=eos,
+    unk_token="<unk>",
+    pad_token="<pad>",
+    model_max_length=OPT_SIZES["max_position_embeddings"] if kind == "opt" else 512,
+  )
 
 
 # --- the demo LLM ------------------------------------------------------------------------------------------------
+
 
 def make_demo_llm(kind: str, out_dir, data_cfg, *, steps: int | None = None, seed: int = 0) -> str:
   """Pretrains the tiny LLM `kind` ('opt' or 't5') on the captions of `data_cfg`'s training split and writes it to
@@ -130,13 +150,21 @@ def make_demo_llm(kind: str, out_dir, data_cfg, *, steps: int | None = None, see
       made = json.load(f)
     if made["kind"] != kind:
       raise ValueError(f"{out_dir} holds a demo {made['kind']} LLM, not a {kind} one; give another out_dir.")
-    log.info("Reusing the demo %s LLM in %s (%d steps, seed %d, final loss %.3f).", kind, out_dir, made["steps"],
-             made["seed"], made["final_loss"])
+    log.info(
+      "Reusing the demo %s LLM in %s (%d steps, seed %d, final loss %.3f).",
+      kind,
+      out_dir,
+      made["steps"],
+      made["seed"],
+      made["final_loss"],
+    )
     return out_dir
   if os.path.isdir(out_dir) and os.listdir(out_dir):
     missing = [f for f in FILES if f not in present]
-    raise ValueError(f"{out_dir} is not empty but not a complete demo LLM (no {', '.join(missing)}); delete it or "
-                     "give another out_dir.")
+    raise ValueError(
+      f"{out_dir} is not empty but not a complete demo LLM (no {', '.join(missing)}); delete it or "
+      "give another out_dir."
+    )
 
   steps = DEFAULT_STEPS[kind] if steps is None else steps
   if steps < 1:
@@ -146,9 +174,16 @@ def make_demo_llm(kind: str, out_dir, data_cfg, *, steps: int | None = None, see
   start = time.time()
   train = _train_opt if kind == "opt" else _train_t5
   hf_config, cfg, params, losses = train(tok, captions, steps, seed)
-  final_loss = float(np.mean(losses[-max(1, steps // 10):]))  # of the last 10% of the steps: one step's is noisy
-  log.info("Pretrained the demo %s LLM on %d captions: %d steps in %.1f s, loss %.3f -> %.3f.", kind, len(captions),
-           steps, time.time() - start, losses[0], final_loss)
+  final_loss = float(np.mean(losses[-max(1, steps // 10) :]))  # of the last 10% of the steps: one step's is noisy
+  log.info(
+    "Pretrained the demo %s LLM on %d captions: %d steps in %.1f s, loss %.3f -> %.3f.",
+    kind,
+    len(captions),
+    steps,
+    time.time() - start,
+    losses[0],
+    final_loss,
+  )
 
   # Written next to out_dir and renamed into place, so an interrupted run never leaves a directory to reuse.
   tmp = f"{os.path.abspath(out_dir)}.incomplete"
@@ -162,8 +197,11 @@ def make_demo_llm(kind: str, out_dir, data_cfg, *, steps: int | None = None, see
   safetensors.numpy.save_file(tensors, os.path.join(tmp, "model.safetensors"), metadata={"format": "pt"})
   tok.save_pretrained(tmp)
   with open(os.path.join(tmp, "demo_llm.json"), "w") as f:
-    json.dump(dict(kind=kind, data=data_cfg.name, num_captions=len(captions), steps=steps, seed=seed,
-                   final_loss=final_loss), f, indent=2)
+    json.dump(
+      dict(kind=kind, data=data_cfg.name, num_captions=len(captions), steps=steps, seed=seed, final_loss=final_loss),
+      f,
+      indent=2,
+    )
   if os.path.isdir(out_dir):
     os.rmdir(out_dir)  # empty (checked above)
   os.replace(tmp, out_dir)
@@ -188,17 +226,28 @@ def _training_captions(data_cfg, tok) -> list[str]:
   ids = tok(captions).input_ids
   for caption, row in zip(captions, ids):
     if tok.unk_token_id in row:
-      raise ValueError(f"Caption {caption!r} of {data_cfg.name!r} has words outside the demo vocabulary: the demo "
-                       "LLM is made for synthetic_shapes captions only.")
+      raise ValueError(
+        f"Caption {caption!r} of {data_cfg.name!r} has words outside the demo vocabulary: the demo "
+        "LLM is made for synthetic_shapes captions only."
+      )
   return captions
 
 
 def _optimizer_config(steps: int) -> ml_collections.ConfigDict:
   """The demo's AdamW in the fields of a config's `optimizer` section (see blip2_jax.optim): warmup from 0 over
   the first WARMUP_FRACTION of the steps, then cosine decay to LR / 10; gradients clipped to global norm 1."""
-  return ml_collections.ConfigDict(dict(
-      lr=LR, warmup_steps=int(WARMUP_FRACTION * steps), warmup_lr=0.0, min_lr=LR / 10,
-      b1=0.9, b2=0.98, weight_decay=WEIGHT_DECAY, grad_clip=1.0))
+  return ml_collections.ConfigDict(
+    dict(
+      lr=LR,
+      warmup_steps=int(WARMUP_FRACTION * steps),
+      warmup_lr=0.0,
+      min_lr=LR / 10,
+      b1=0.9,
+      b2=0.98,
+      weight_decay=WEIGHT_DECAY,
+      grad_clip=1.0,
+    )
+  )
 
 
 def _decay_mask(params):
@@ -229,6 +278,7 @@ def _fit(loss_fn, params, next_batch, steps: int) -> tuple[dict, list[float]]:
 
 # --- the context window ------------------------------------------------------------------------------------------
 
+
 def _context_window(rng, caption_ids, fillers):
   """CONTEXT_SLOTS token ids: the caption's ids, then random ids from `fillers`."""
   fill = rng.choice(fillers, size=CONTEXT_SLOTS - len(caption_ids))
@@ -243,15 +293,28 @@ def _word_ids(tok) -> np.ndarray:
 
 # --- OPT: causal LM after a context window ------------------------------------------------------------------------
 
+
 def _train_opt(tok, captions, steps, seed):
   hf_config = transformers.OPTConfig(
-      vocab_size=len(tok), word_embed_proj_dim=OPT_SIZES["hidden_size"], dropout=0.0, attention_dropout=0.0,
-      activation_dropout=0.0, layerdrop=0.0, pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id,
-      eos_token_id=tok.eos_token_id, architectures=["OPTForCausalLM"], **OPT_SIZES)
+    vocab_size=len(tok),
+    word_embed_proj_dim=OPT_SIZES["hidden_size"],
+    dropout=0.0,
+    attention_dropout=0.0,
+    activation_dropout=0.0,
+    layerdrop=0.0,
+    pad_token_id=tok.pad_token_id,
+    bos_token_id=tok.bos_token_id,
+    eos_token_id=tok.eos_token_id,
+    architectures=["OPTForCausalLM"],
+    **OPT_SIZES,
+  )
   cfg = opt.config_from_hf(hf_config)
   model = opt.OPTForCausalLM(cfg)
-  params = nn.unbox(jax.jit(model.init)(jax.random.PRNGKey(seed), jnp.zeros((1, 8, cfg.hidden_size)),
-                                        jnp.ones((1, 8), jnp.int32))["params"])
+  params = nn.unbox(
+    jax.jit(model.init)(jax.random.PRNGKey(seed), jnp.zeros((1, 8, cfg.hidden_size)), jnp.ones((1, 8), jnp.int32))[
+      "params"
+    ]
+  )
 
   def logits(params, inputs):
     embeds = model.apply({"params": params}, inputs, method="embed")
@@ -284,8 +347,8 @@ def _opt_batches(tok, captions, batch_size, rng):
     for row, i in enumerate(rng.integers(len(ids), size=batch_size)):
       head = np.concatenate([_context_window(rng, ids[i], fillers), [bos], prompt])
       text = np.concatenate([ids[i], [newline]])
-      tokens[row, :len(head) + len(text)] = np.concatenate([head, text])
-      labels[row, len(head):len(head) + len(text)] = 1
+      tokens[row, : len(head) + len(text)] = np.concatenate([head, text])
+      labels[row, len(head) : len(head) + len(text)] = 1
     return jnp.asarray(tokens), jnp.asarray(labels)
 
   return next_batch
@@ -293,18 +356,28 @@ def _opt_batches(tok, captions, batch_size, rng):
 
 # --- T5: prefix LM -----------------------------------------------------------------------------------------------
 
+
 def _train_t5(tok, captions, steps, seed):
   hf_config = transformers.T5Config(
-      vocab_size=len(tok), feed_forward_proj="gated-gelu", dense_act_fn="gelu", tie_word_embeddings=False,
-      dropout_rate=0.0, pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id,
-      decoder_start_token_id=tok.pad_token_id, architectures=["T5ForConditionalGeneration"], **T5_SIZES)
+    vocab_size=len(tok),
+    feed_forward_proj="gated-gelu",
+    dense_act_fn="gelu",
+    tie_word_embeddings=False,
+    dropout_rate=0.0,
+    pad_token_id=tok.pad_token_id,
+    eos_token_id=tok.eos_token_id,
+    decoder_start_token_id=tok.pad_token_id,
+    architectures=["T5ForConditionalGeneration"],
+    **T5_SIZES,
+  )
   cfg = t5.config_from_hf(hf_config, has_lm_head=True)
   model = t5.T5ForConditionalGeneration(cfg)
   # The longest text either side can get: a whole caption (or the prompt) with its "</s>", rounded up.
   length = -(-max(len(row) for row in tok([*captions, PROMPT]).input_ids) // 8) * 8
   zeros = jnp.zeros((1, length), jnp.int32)
-  params = nn.unbox(jax.jit(model.init)(jax.random.PRNGKey(seed), jnp.zeros((1, length, cfg.d_model)), zeros + 1,
-                                        zeros)["params"])
+  params = nn.unbox(
+    jax.jit(model.init)(jax.random.PRNGKey(seed), jnp.zeros((1, length, cfg.d_model)), zeros + 1, zeros)["params"]
+  )
 
   def loss_fn(params, enc_ids, enc_mask, labels, label_mask):
     embeds = model.apply({"params": params}, enc_ids, method="embed")

@@ -15,33 +15,34 @@ Trains with the trainer's own update step (no checkpoints, no evaluation) and, a
 - the training metrics of the step (loss_itc, loss_itm, loss_itg, lr, temp, grad_norm).
 The README's "Stability" section reads these to explain why a recipe learns or collapses.
 """
+
 import json
 import time
 
-from absl import app
-from absl import flags
+from absl import app, flags
+from flax import traverse_util
 import jax
 import jax.numpy as jnp
-from flax import traverse_util
 from ml_collections import config_flags
 
-from blip2_jax import cli
-from blip2_jax import partitioning
+from blip2_jax import cli, partitioning, train
 from blip2_jax import state as state_lib
-from blip2_jax import train
 from blip2_jax.data import pipeline
-from blip2_jax.models import llms
-from blip2_jax.models import masks
+from blip2_jax.models import llms, masks
 
 FLAGS = flags.FLAGS
-GRAD_GROUPS = {"query_tokens": "query_tokens", "cross": "crossattention", "qformer": "qformer/",
-               "ln_vision": "ln_vision/"}
+GRAD_GROUPS = {
+  "query_tokens": "query_tokens",
+  "cross": "crossattention",
+  "qformer": "qformer/",
+  "ln_vision": "ln_vision/",
+}
 
 
 def diversity(x):
   """1 - |batch mean|^2 / mean |x|^2 of x [B, ...] flattened per example: 0 = the same for every input."""
   x = x.reshape(x.shape[0], -1).astype(jnp.float32)
-  return 1.0 - jnp.sum(x.mean(0) ** 2) / jnp.maximum(jnp.mean(jnp.sum(x ** 2, axis=1)), 1e-20)
+  return 1.0 - jnp.sum(x.mean(0) ** 2) / jnp.maximum(jnp.mean(jnp.sum(x**2, axis=1)), 1e-20)
 
 
 def probe(m, images, text_ids, text_mask) -> dict:
@@ -60,7 +61,10 @@ def probe(m, images, text_ids, text_mask) -> dict:
   text_cls = m.text_features(text_ids, text_mask)
   text_feat = m.text_feat(text_cls)
   out["div/image_feats"], out["div/text_cls"], out["div/text_feat"] = (
-      diversity(image_feats), diversity(text_cls), diversity(text_feat))
+    diversity(image_feats),
+    diversity(text_cls),
+    diversity(text_feat),
+  )
   sim = jnp.einsum("iqe,te->itq", image_feats, text_feat).max(-1)
   eye = jnp.eye(b, dtype=bool)
   out["sim_pos"] = jnp.sum(jnp.where(eye, sim, 0)) / b
@@ -75,12 +79,20 @@ def make_stats_fn(setup, probe_batch: dict):
   model = setup.model
 
   def stats(params, frozen, batch, rng):
-    out = model.apply({"params": partitioning.merge(params, frozen)}, probe_batch["image"],
-                      probe_batch["text_ids"], probe_batch["text_mask"], method=probe)
+    out = model.apply(
+      {"params": partitioning.merge(params, frozen)},
+      probe_batch["image"],
+      probe_batch["text_ids"],
+      probe_batch["text_mask"],
+      method=probe,
+    )
     for loss in ("itc", "itm", "itg"):
+
       def one_loss(p, loss=loss):
-        return model.apply({"params": partitioning.merge(p, frozen)}, batch, train=False, rngs={"itm": rng},
-                           method="losses")[f"loss_{loss}"]
+        return model.apply(
+          {"params": partitioning.merge(p, frozen)}, batch, train=False, rngs={"itm": rng}, method="losses"
+        )[f"loss_{loss}"]
+
       grads = traverse_util.flatten_dict(jax.grad(one_loss)(params), sep="/")
       for group, key in GRAD_GROUPS.items():
         leaves = [g for path, g in grads.items() if key in path or path.startswith(key)]
@@ -97,14 +109,17 @@ def diagnose(config, out_path: str, steps: int, probe_size: int = 64, devices=No
     raise ValueError("blip2_jax.diagnose reads a stage-1 config (configs/stage1.py); this one is stage 2.")
   tokenizer = state_lib.load_tokenizer(config)
   setup = state_lib.build(config, tokenizer, devices)
-  train_iter = pipeline.make_train_iterator(config.data, tokenizer, global_batch_size=config.global_batch_size,
-                                            seed=config.seed)
+  train_iter = pipeline.make_train_iterator(
+    config.data, tokenizer, global_batch_size=config.global_batch_size, seed=config.seed
+  )
   state, frozen = setup.init(jax.random.PRNGKey(config.seed))
   state, frozen = state_lib.load_pretrained(config, setup, state, frozen)
   eval_set = pipeline.load_eval_set(config.data, tokenizer)
-  probe_batch = {"image": jnp.asarray(eval_set["images"][:probe_size]),
-                 "text_ids": jnp.asarray(eval_set["text_ids"][:probe_size]),
-                 "text_mask": jnp.asarray(eval_set["text_mask"][:probe_size])}
+  probe_batch = {
+    "image": jnp.asarray(eval_set["images"][:probe_size]),
+    "text_ids": jnp.asarray(eval_set["text_ids"][:probe_size]),
+    "text_mask": jnp.asarray(eval_set["text_mask"][:probe_size]),
+  }
   stats_fn = make_stats_fn(setup, probe_batch)
   train_step = train.make_train_step(setup)
   at = set(range(0, min(steps, 100), 5)) | set(range(100, steps + 1, 25)) | {steps}
@@ -120,10 +135,25 @@ def diagnose(config, out_path: str, steps: int, probe_size: int = 64, devices=No
         rows.append(row)
         f.write(json.dumps(row) + "\n")
         f.flush()
-        print(f"step {step:5d} ({time.time() - t0:4.0f} s): " + ", ".join(
-            f"{k}={row[k]:.4f}" for k in ("loss_itc", "loss_itg", "div/ln_vision", "div/image_feats",
-                                          "div/text_feat", "sim_pos", "sim_neg", "grad/itc/qformer",
-                                          "grad/itg/qformer") if k in row), flush=True)
+        print(
+          f"step {step:5d} ({time.time() - t0:4.0f} s): "
+          + ", ".join(
+            f"{k}={row[k]:.4f}"
+            for k in (
+              "loss_itc",
+              "loss_itg",
+              "div/ln_vision",
+              "div/image_feats",
+              "div/text_feat",
+              "sim_pos",
+              "sim_neg",
+              "grad/itc/qformer",
+              "grad/itg/qformer",
+            )
+            if k in row
+          ),
+          flush=True,
+        )
       if step < steps:
         state, metrics = train_step(state, frozen, batch)
   return rows

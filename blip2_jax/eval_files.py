@@ -15,6 +15,7 @@ Images are decoded in threads one batch ahead, in fixed-size batches (the last o
 compiled program per task; one that cannot be decoded is skipped with a warning naming it and counted in the
 report's `num_skipped` and `skipped_images`; if none can be decoded, that is an error.
 """
+
 import concurrent.futures
 import json
 import logging
@@ -23,10 +24,8 @@ import os
 import numpy as np
 import tqdm
 
-from blip2_jax import metrics
-from blip2_jax import retrieval
+from blip2_jax import metrics, retrieval, tasks
 from blip2_jax import state as state_lib
-from blip2_jax import tasks
 from blip2_jax.data import images as images_lib
 from blip2_jax.data import tokenizer as tokenizer_lib
 from blip2_jax.models import llms
@@ -50,10 +49,12 @@ def _image_batches(paths: list[str], size: int, batch_size: int, unit: str = "im
     except ValueError as e:
       return e
 
-  chunks = [paths[start:start + batch_size] for start in range(0, len(paths), batch_size)]
+  chunks = [paths[start : start + batch_size] for start in range(0, len(paths), batch_size)]
   warned = set()
-  with concurrent.futures.ThreadPoolExecutor(min(8, os.cpu_count() or 1)) as pool, \
-       tqdm.tqdm(total=len(paths), unit=unit) as bar:
+  with (
+    concurrent.futures.ThreadPoolExecutor(min(8, os.cpu_count() or 1)) as pool,
+    tqdm.tqdm(total=len(paths), unit=unit) as bar,
+  ):
     submit = lambda chunk: {p: pool.submit(load, p) for p in dict.fromkeys(chunk)}
     pending = submit(chunks[0]) if chunks else {}
     for c, chunk in enumerate(chunks):
@@ -75,11 +76,15 @@ def _image_batches(paths: list[str], size: int, batch_size: int, unit: str = "im
 def check_task(task: str, kind: str, model_name: str = "this model"):
   """kind: llms.RETRIEVAL (stage 1) or a stage-2 model's LLM family."""
   if task == "retrieval" and kind != llms.RETRIEVAL:
-    raise ValueError(f"--task=retrieval needs a stage-1 model (a Hugging Face Blip2ForImageTextRetrieval directory "
-                     f"or a stage-1 workdir); {model_name} is a stage-2 captioning/VQA model.")
+    raise ValueError(
+      f"--task=retrieval needs a stage-1 model (a Hugging Face Blip2ForImageTextRetrieval directory "
+      f"or a stage-1 workdir); {model_name} is a stage-2 captioning/VQA model."
+    )
   if task != "retrieval" and kind == llms.RETRIEVAL:
-    raise ValueError(f"--task={task} needs a stage-2 model (a Hugging Face Blip2ForConditionalGeneration directory "
-                     f"or a stage-2 workdir); {model_name} is a stage-1 retrieval model.")
+    raise ValueError(
+      f"--task={task} needs a stage-2 model (a Hugging Face Blip2ForConditionalGeneration directory "
+      f"or a stage-2 workdir); {model_name} is a stage-1 retrieval model."
+    )
 
 
 def peek_model_kind(path: str) -> str | None:
@@ -105,8 +110,9 @@ def _skipped(samples: list[dict], done) -> list[str]:
   return list(dict.fromkeys(s["image"] for i, s in enumerate(samples) if i not in done))
 
 
-def evaluate_captions(model, samples: list[dict], *, batch_size: int = 16, prompt: str | None = None,
-                      **settings) -> dict:
+def evaluate_captions(
+  model, samples: list[dict], *, batch_size: int = 16, prompt: str | None = None, **settings
+) -> dict:
   """Captions the images of `samples` (load_captions) with model.caption, the paper's settings unless overridden
   (prompt, num_beams, max_new_tokens, min_new_tokens, ...), and scores them against their captions
   (caption_metrics). -> the report: settings, metrics, counts, skipped images and every caption."""
@@ -118,23 +124,27 @@ def evaluate_captions(model, samples: list[dict], *, batch_size: int = 16, promp
     predictions.update(zip(positions, model.caption(batch, **settings)))
   skipped = _skipped(samples, predictions)
   return {
-      "task": "caption",
-      "settings": {"prompt": tasks.CAPTION_PROMPT, **tasks.CAPTION_SETTINGS, **settings},
-      "metrics": metrics.caption_metrics(predictions, {i: samples[i]["captions"] for i in predictions}),
-      "num_images": len(predictions), "num_skipped": len(skipped), "skipped_images": skipped,
-      "predictions": [{**_image_fields(samples[i]), "prediction": p, "references": samples[i]["captions"]}
-                      for i, p in sorted(predictions.items())],
+    "task": "caption",
+    "settings": {"prompt": tasks.CAPTION_PROMPT, **tasks.CAPTION_SETTINGS, **settings},
+    "metrics": metrics.caption_metrics(predictions, {i: samples[i]["captions"] for i in predictions}),
+    "num_images": len(predictions),
+    "num_skipped": len(skipped),
+    "skipped_images": skipped,
+    "predictions": [
+      {**_image_fields(samples[i]), "prediction": p, "references": samples[i]["captions"]}
+      for i, p in sorted(predictions.items())
+    ],
   }
 
 
 def check_vqa_prompt(prompt: str | None):
   if prompt is not None and prompt.count("{}") != 1:
-    raise ValueError(f"A VQA prompt is a template with one {{}} for the question, e.g. 'Question: {{}} Short "
-                     f"answer:'; got {prompt!r}.")
+    raise ValueError(
+      f"A VQA prompt is a template with one {{}} for the question, e.g. 'Question: {{}} Short answer:'; got {prompt!r}."
+    )
 
 
-def evaluate_vqa(model, questions: list[dict], *, batch_size: int = 16, prompt: str | None = None,
-                 **settings) -> dict:
+def evaluate_vqa(model, questions: list[dict], *, batch_size: int = 16, prompt: str | None = None, **settings) -> dict:
   """Answers `questions` (load_vqa) zero-shot: model.answer (the paper's prompt and settings), or `prompt`, a
   template with "{}" for the question, with the same settings; either overridable (num_beams, ...). Questions
   about one image are batched together so it is decoded once. -> the report: settings, counts, skipped images,
@@ -144,8 +154,9 @@ def evaluate_vqa(model, questions: list[dict], *, batch_size: int = 16, prompt: 
   check_vqa_prompt(prompt)
   order = sorted(range(len(questions)), key=lambda i: questions[i]["path"])  # stable: file order per image
   answers = {}
-  for positions, batch in _image_batches([questions[i]["path"] for i in order], model.cfg.vit.image_size,
-                                         batch_size, unit="question"):
+  for positions, batch in _image_batches(
+    [questions[i]["path"] for i in order], model.cfg.vit.image_size, batch_size, unit="question"
+  ):
     ids = [order[p] for p in positions]
     texts = [questions[i]["question"].strip() for i in ids]
     texts += [texts[-1]] * (batch_size - len(texts))  # the padding rows' questions
@@ -156,25 +167,32 @@ def evaluate_vqa(model, questions: list[dict], *, batch_size: int = 16, prompt: 
     answers.update(zip(ids, out))
   skipped = _skipped(questions, answers)
   report = {
-      "task": "vqa",
-      "settings": {"prompt": prompt or llms.family(model.kind).vqa_prompt, **tasks.VQA_SETTINGS, **settings},
-      "num_questions": len(answers), "num_skipped_questions": len(questions) - len(answers),
-      "num_skipped": len(skipped), "skipped_images": skipped,
-      "predictions": [{k: questions[i][k] for k in ("question_id", "image_id", "question")} | {"prediction": a}
-                      for i, a in sorted(answers.items())],
+    "task": "vqa",
+    "settings": {"prompt": prompt or llms.family(model.kind).vqa_prompt, **tasks.VQA_SETTINGS, **settings},
+    "num_questions": len(answers),
+    "num_skipped_questions": len(questions) - len(answers),
+    "num_skipped": len(skipped),
+    "skipped_images": skipped,
+    "predictions": [
+      {k: questions[i][k] for k in ("question_id", "image_id", "question")} | {"prediction": a}
+      for i, a in sorted(answers.items())
+    ],
   }
   if all("answers" in q for q in questions):
-    scored = metrics.vqa_accuracy({questions[i]["question_id"]: a for i, a in answers.items()},
-                                  {questions[i]["question_id"]: questions[i]["answers"] for i in answers})
+    scored = metrics.vqa_accuracy(
+      {questions[i]["question_id"]: a for i, a in answers.items()},
+      {questions[i]["question_id"]: questions[i]["answers"] for i in answers},
+    )
     by_type = {}
     for row, i in zip(report["predictions"], sorted(answers)):
       row["answers"] = questions[i]["answers"]
       row["accuracy"] = scored["per_question"][row["question_id"]]
       if "answer_type" in questions[i]:
         by_type.setdefault(questions[i]["answer_type"], []).append(row["accuracy"])
-    report["metrics"] = {"accuracy": scored["accuracy"],
-                         **({"accuracy_by_answer_type": {t: 100.0 * float(np.mean(v)) for t, v in by_type.items()}}
-                            if by_type else {})}
+    report["metrics"] = {
+      "accuracy": scored["accuracy"],
+      **({"accuracy_by_answer_type": {t: 100.0 * float(np.mean(v)) for t, v in by_type.items()}} if by_type else {}),
+    }
   return report
 
 
@@ -187,8 +205,10 @@ def evaluate_retrieval(model, samples: list[dict], *, batch_size: int = 16, k_te
   named by their index in the report's "texts" and "images" lists."""
   check_task("retrieval", model.kind)
   if model.tokenizer is None:
-    raise ValueError("This retrieval model has no tokenizer: put the Q-Former's BERT tokenizer files (vocab.txt, "
-                     "tokenizer_config.json) beside its weights.")
+    raise ValueError(
+      "This retrieval model has no tokenizer: put the Q-Former's BERT tokenizer files (vocab.txt, "
+      "tokenizer_config.json) beside its weights."
+    )
   scorer = retrieval.RetrievalScorer(model.module, batch_size, progress=True)
   kept = []
 
@@ -196,6 +216,7 @@ def evaluate_retrieval(model, samples: list[dict], *, batch_size: int = 16, k_te
     for positions, batch in _image_batches([s["path"] for s in samples], model.cfg.vit.image_size, batch_size):
       kept.extend(positions)
       yield batch, len(positions)
+
   image_embeds, image_feats = scorer.embed_images(model.params, batches())
   skipped = _skipped(samples, set(kept))
   texts, txt2img, img2txt = [], [], []
@@ -203,20 +224,32 @@ def evaluate_retrieval(model, samples: list[dict], *, batch_size: int = 16, k_te
     img2txt.append(list(range(len(texts), len(texts) + len(s["captions"]))))
     texts += s["captions"]
     txt2img += [i] * len(s["captions"])
-  ids, mask = tokenizer_lib.tokenize(model.tokenizer, [tokenizer_lib.clean_caption(t) for t in texts],
-                                     min(MAX_TEXT_LEN, model.cfg.qformer.max_position_embeddings))
-  sims, i2t, t2i = scorer.scores(model.params, image_embeds, image_feats, ids, mask, k_test,
-                                 itm_batch_size=min(k_test, len(texts)))
+  ids, mask = tokenizer_lib.tokenize(
+    model.tokenizer,
+    [tokenizer_lib.clean_caption(t) for t in texts],
+    min(MAX_TEXT_LEN, model.cfg.qformer.max_position_embeddings),
+  )
+  sims, i2t, t2i = scorer.scores(
+    model.params, image_embeds, image_feats, ids, mask, k_test, itm_batch_size=min(k_test, len(texts))
+  )
   t2i_positives = [[j] for j in txt2img]
   i2t_ranks, t2i_ranks = retrieval.positive_ranks(i2t, img2txt), retrieval.positive_ranks(t2i, t2i_positives)
   i2t_top = np.argsort(-i2t, axis=1, kind="stable")[:, :NUM_TOP]
   t2i_top = np.argsort(-t2i, axis=1, kind="stable")[:, :NUM_TOP]
   return {
-      "task": "retrieval", "k_test": k_test,
-      "metrics": retrieval.retrieval_metrics(sims, i2t, t2i, img2txt, txt2img),
-      "num_images": len(kept), "num_texts": len(texts), "num_skipped": len(skipped), "skipped_images": skipped,
-      "images": [{**_image_fields(samples[j]), "texts": img2txt[i], "rank": int(i2t_ranks[i]),
-                  "top": i2t_top[i].tolist()} for i, j in enumerate(kept)],
-      "texts": [{"text": t, "image": txt2img[i], "rank": int(t2i_ranks[i]), "top": t2i_top[i].tolist()}
-                for i, t in enumerate(texts)],
+    "task": "retrieval",
+    "k_test": k_test,
+    "metrics": retrieval.retrieval_metrics(sims, i2t, t2i, img2txt, txt2img),
+    "num_images": len(kept),
+    "num_texts": len(texts),
+    "num_skipped": len(skipped),
+    "skipped_images": skipped,
+    "images": [
+      {**_image_fields(samples[j]), "texts": img2txt[i], "rank": int(i2t_ranks[i]), "top": i2t_top[i].tolist()}
+      for i, j in enumerate(kept)
+    ],
+    "texts": [
+      {"text": t, "image": txt2img[i], "rank": int(t2i_ranks[i]), "top": t2i_top[i].tolist()}
+      for i, t in enumerate(texts)
+    ],
   }

@@ -37,19 +37,16 @@ and `skipped_images`; if none can be decoded, that is an error. The work is done
 evaluators.py (a workdir), data/annotations.py (the files) and eval_files.py (the reports); retrieval scores
 as LAVIS computes them are described in retrieval.py.
 """
+
 import json
 import logging
 import os
 
-from absl import app
-from absl import flags
+from absl import app, flags
 from absl import logging as absl_logging
 from ml_collections import config_flags
 
-from blip2_jax import cli
-from blip2_jax import eval_files
-from blip2_jax import evaluators
-from blip2_jax import tasks
+from blip2_jax import cli, eval_files, evaluators, tasks
 from blip2_jax.api import Blip2
 from blip2_jax.data import annotations
 
@@ -57,9 +54,11 @@ FLAGS = flags.FLAGS
 TASKS = ("caption", "vqa", "retrieval")
 
 # Flags of --model mode that only some tasks read.
-_TASK_FLAGS = {"caption": {"prompt", "num_beams", "max_new_tokens", "min_new_tokens"},
-               "vqa": {"questions", "prompt", "num_beams", "max_new_tokens", "min_new_tokens"},
-               "retrieval": {"k_test"}}
+_TASK_FLAGS = {
+  "caption": {"prompt", "num_beams", "max_new_tokens", "min_new_tokens"},
+  "vqa": {"questions", "prompt", "num_beams", "max_new_tokens", "min_new_tokens"},
+  "retrieval": {"k_test"},
+}
 
 
 def evaluate_files() -> dict:
@@ -88,13 +87,18 @@ def evaluate_files() -> dict:
     samples = annotations.load_vqa(FLAGS.questions, FLAGS.annotations, FLAGS.images, FLAGS.limit)
   else:
     samples = annotations.load_captions(FLAGS.annotations, FLAGS.images, FLAGS.limit)
-  settings = {name: FLAGS[name].value for name in ("num_beams", "max_new_tokens", "min_new_tokens")
-              if FLAGS[name].value is not None}
+  settings = {
+    name: FLAGS[name].value
+    for name in ("num_beams", "max_new_tokens", "min_new_tokens")
+    if FLAGS[name].value is not None
+  }
   if task != "retrieval":
     merged = {**(tasks.CAPTION_SETTINGS if task == "caption" else tasks.VQA_SETTINGS), **settings}
     if merged["min_new_tokens"] > merged["max_new_tokens"]:
-      raise ValueError(f"min_new_tokens={merged['min_new_tokens']} exceeds max_new_tokens="
-                       f"{merged['max_new_tokens']}: give a smaller --min_new_tokens too.")
+      raise ValueError(
+        f"min_new_tokens={merged['min_new_tokens']} exceeds max_new_tokens="
+        f"{merged['max_new_tokens']}: give a smaller --min_new_tokens too."
+      )
   kind = eval_files.peek_model_kind(FLAGS.model)
   if kind is not None:
     eval_files.check_task(task, kind, FLAGS.model)
@@ -102,14 +106,17 @@ def evaluate_files() -> dict:
   model = Blip2.load(FLAGS.model, dtype=FLAGS.dtype)
   eval_files.check_task(task, model.kind, FLAGS.model)
   if task == "caption":
-    report = eval_files.evaluate_captions(model, samples, batch_size=FLAGS.batch_size, prompt=FLAGS.prompt,
-                                          **settings)
+    report = eval_files.evaluate_captions(model, samples, batch_size=FLAGS.batch_size, prompt=FLAGS.prompt, **settings)
   elif task == "vqa":
     report = eval_files.evaluate_vqa(model, samples, batch_size=FLAGS.batch_size, prompt=FLAGS.prompt, **settings)
   else:
     report = eval_files.evaluate_retrieval(model, samples, batch_size=FLAGS.batch_size, k_test=FLAGS.k_test)
-  inputs = {"model": FLAGS.model, "questions": FLAGS.questions, "annotations": FLAGS.annotations,
-            "image_dir": FLAGS.images}
+  inputs = {
+    "model": FLAGS.model,
+    "questions": FLAGS.questions,
+    "annotations": FLAGS.annotations,
+    "image_dir": FLAGS.images,
+  }
   report = {**{k: v for k, v in inputs.items() if v is not None}, **report}
   if task == "vqa" and not FLAGS.annotations:  # the VQAv2 results format, for the evaluation server
     written = [{"question_id": p["question_id"], "answer": p["prediction"]} for p in report["predictions"]]
@@ -132,8 +139,10 @@ def main(argv):
       count = report.get("num_questions", report.get("num_images"))
       if "metrics" in report:
         print(json.dumps(report["metrics"], indent=2))
-      print(f"wrote {FLAGS.out} ({count} {'questions' if FLAGS.task == 'vqa' else 'images'}"
-            + (f", {report['num_skipped']} unreadable images skipped)" if report["num_skipped"] else ")"))
+      print(
+        f"wrote {FLAGS.out} ({count} {'questions' if FLAGS.task == 'vqa' else 'images'}"
+        + (f", {report['num_skipped']} unreadable images skipped)" if report["num_skipped"] else ")")
+      )
       return
     print(json.dumps(evaluators.evaluate_workdir(FLAGS.config, FLAGS.workdir), indent=2))
   except (FileNotFoundError, ValueError) as e:
@@ -146,15 +155,22 @@ if __name__ == "__main__":
   flags.DEFINE_string("workdir", None, "Workdir whose latest checkpoint is evaluated.")
   flags.DEFINE_string("model", None, "HF BLIP-2 directory or blip2_jax workdir to evaluate on annotation files.")
   flags.DEFINE_enum("task", None, TASKS, "What --model is evaluated on.")
-  flags.DEFINE_string("annotations", None, "caption/retrieval: COCO captions JSON or Karpathy-style list; vqa: "
-                      "VQAv2 annotations JSON (optional: without it, --out is the VQAv2 results file).")
+  flags.DEFINE_string(
+    "annotations",
+    None,
+    "caption/retrieval: COCO captions JSON or Karpathy-style list; vqa: "
+    "VQAv2 annotations JSON (optional: without it, --out is the VQAv2 results file).",
+  )
   flags.DEFINE_string("questions", None, "vqa: VQAv2 questions JSON.")
   flags.DEFINE_string("images", None, "Folder of the images the annotations name.")
   flags.DEFINE_string("out", None, "JSON report to write.")
   flags.DEFINE_integer("batch_size", 16, "Images (vqa: questions) per batch.")
   flags.DEFINE_integer("limit", None, "Only the first N images (vqa: questions) of the files.")
-  flags.DEFINE_string("prompt", None, "caption: the prompt (default 'a photo of'); vqa: a template with {} for "
-                      "the question (default: the paper's).")
+  flags.DEFINE_string(
+    "prompt",
+    None,
+    "caption: the prompt (default 'a photo of'); vqa: a template with {} for the question (default: the paper's).",
+  )
   flags.DEFINE_integer("num_beams", None, "Beams (default: the task's, 5).")
   flags.DEFINE_integer("max_new_tokens", None, "At most this many new tokens (default: the task's).")
   flags.DEFINE_integer("min_new_tokens", None, "At least this many new tokens (default: the task's).")

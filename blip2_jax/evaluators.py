@@ -5,18 +5,15 @@
 config.eval_every steps), and `picture()` draws the last run's first examples. `evaluate_workdir` evaluates a
 workdir's latest checkpoint alone (`python -m blip2_jax.evaluate --config=... --workdir=...`).
 """
+
 import json
 import os
 
 import jax
 import numpy as np
 
-from blip2_jax import examples
-from blip2_jax import metrics
-from blip2_jax import partitioning
-from blip2_jax import retrieval
+from blip2_jax import examples, metrics, partitioning, retrieval, tasks
 from blip2_jax import state as state_lib
-from blip2_jax import tasks
 from blip2_jax.data import images as images_lib
 from blip2_jax.data import pipeline
 from blip2_jax.models import llms
@@ -47,8 +44,9 @@ class RetrievalEvaluator:
   def picture(self, n: int = 16):
     """The last run's first n images, each with its top retrieved caption, green if right, red if wrong."""
     d = self.shown
-    return examples.grid(examples.to_uint8(d["images"][:n]),
-                         examples.retrieval_texts(d["captions"], self.i2t, d["img2txt"], n))
+    return examples.grid(
+      examples.to_uint8(d["images"][:n]), examples.retrieval_texts(d["captions"], self.i2t, d["img2txt"], n)
+    )
 
 
 def _first_images(data: dict, max_images: int | None) -> dict:
@@ -57,10 +55,14 @@ def _first_images(data: dict, max_images: int | None) -> dict:
     return data
   texts = np.flatnonzero(data["txt2img"] < max_images)
   new_index = {int(t): i for i, t in enumerate(texts)}
-  return {"images": data["images"][:max_images], "text_ids": data["text_ids"][texts],
-          "text_mask": data["text_mask"][texts], "txt2img": data["txt2img"][texts],
-          "img2txt": [[new_index[t] for t in data["img2txt"][i]] for i in range(max_images)],
-          "captions": [data["captions"][t] for t in texts]}
+  return {
+    "images": data["images"][:max_images],
+    "text_ids": data["text_ids"][texts],
+    "text_mask": data["text_mask"][texts],
+    "txt2img": data["txt2img"][texts],
+    "img2txt": [[new_index[t] for t in data["img2txt"][i]] for i in range(max_images)],
+    "captions": [data["captions"][t] for t in texts],
+  }
 
 
 class CaptionEvaluator:
@@ -81,14 +83,26 @@ class CaptionEvaluator:
     preds = []
     # Fixed-size batches: one compiled program for every batch.
     for batch, n in images_lib.padded_batches(d["images"], batch_size=e.batch_size):
-      preds += tasks.generate_text(self.setup.model, params, self.tokenizer, batch, e.prompt,
-                                   max_new_tokens=e.max_new_tokens, min_new_tokens=e.min_new_tokens,
-                                   num_beams=e.num_beams, length_penalty=e.length_penalty)[:n]
+      preds += tasks.generate_text(
+        self.setup.model,
+        params,
+        self.tokenizer,
+        batch,
+        e.prompt,
+        max_new_tokens=e.max_new_tokens,
+        min_new_tokens=e.min_new_tokens,
+        num_beams=e.num_beams,
+        length_penalty=e.length_penalty,
+      )[:n]
     self.predictions, self.shown = preds, d
     refs = {i: [d["captions"][t] for t in texts] for i, texts in enumerate(d["img2txt"])}
     scores = metrics.caption_metrics(dict(enumerate(preds)), refs)
-    return {"eval/exact_match": scores["exact_match"], "eval/bleu4": scores["bleu4"], "eval/cider": scores["cider"],
-            "eval/num_images": float(len(preds))}
+    return {
+      "eval/exact_match": scores["exact_match"],
+      "eval/bleu4": scores["bleu4"],
+      "eval/cider": scores["cider"],
+      "eval/num_images": float(len(preds)),
+    }
 
   def picture(self, n: int = 16):
     """The last run's first n images: the generated caption (green if it is a reference) over a reference."""
@@ -113,8 +127,10 @@ def evaluate_workdir(config, workdir: str) -> dict:
   if jax.process_index() == 0:
     report = {"step": step, **scores}
     if isinstance(evaluator, CaptionEvaluator):
-      report["captions"] = [{"image": i, "prediction": p, "references": [evaluator.data["captions"][t] for t in ts]}
-                            for i, (p, ts) in enumerate(zip(evaluator.predictions, evaluator.data["img2txt"]))]
+      report["captions"] = [
+        {"image": i, "prediction": p, "references": [evaluator.data["captions"][t] for t in ts]}
+        for i, (p, ts) in enumerate(zip(evaluator.predictions, evaluator.data["img2txt"]))
+      ]
     with open(os.path.join(workdir, f"eval_step_{step}.json"), "w", encoding="utf-8") as f:
       json.dump(report, f, indent=2)
   return {"step": step, **scores}

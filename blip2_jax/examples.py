@@ -4,6 +4,7 @@ The trainer writes one at the end of a run as WORKDIR/examples.png (and the same
 stage 1, each image's top retrieved caption, green where it is one of the image's own captions, red where not;
 stage 2, the generated caption (green where it equals a reference after cleaning) above the reference (grey).
 """
+
 import textwrap
 
 import numpy as np
@@ -21,8 +22,14 @@ def to_uint8(images: np.ndarray) -> np.ndarray:
   return np.clip(np.round(pixels * 255.0), 0, 255).astype(np.uint8)
 
 
-def grid(images: np.ndarray, texts: list[list[tuple[str, tuple[int, int, int]]]], *, columns: int = 4,
-         cell: int = 224, font_size: int = 12) -> Image.Image:
+def grid(
+  images: np.ndarray,
+  texts: list[list[tuple[str, tuple[int, int, int]]]],
+  *,
+  columns: int = 4,
+  cell: int = 224,
+  font_size: int = 12,
+) -> Image.Image:
   """images: uint8 [N, S, S, 3]; texts[i]: (text, RGB colour) lines shown under image i, wrapped to the cell.
   -> one RGB image, `columns` cells a row, each image scaled to cell x cell (nearest neighbour)."""
   if len(images) != len(texts):
@@ -32,8 +39,9 @@ def grid(images: np.ndarray, texts: list[list[tuple[str, tuple[int, int, int]]]]
   font = ImageFont.load_default(size=font_size)
   line_height = font_size + 3
   chars = max(8, int(cell / (0.55 * font_size)))  # characters a line holds, for this font's average width
-  wrapped = [[(part, colour) for text, colour in lines for part in textwrap.wrap(text, chars) or [""]]
-             for lines in texts]
+  wrapped = [
+    [(part, colour) for text, colour in lines for part in textwrap.wrap(text, chars) or [""]] for lines in texts
+  ]
   text_height = line_height * max(len(w) for w in wrapped) + 6
   pad = 8
   rows = -(-len(images) // columns)

@@ -5,10 +5,10 @@ workdir) or `Blip2ForConditionalGeneration.from_pretrained(PATH)` (a stage-2 wor
 config.json, model.safetensors (sharded past 5 GB) and the tokenizer. `temp` and the Q-Former's LM head are not
 written: transformers' BLIP-2 has no place for them.
 """
+
 import logging
 
-from absl import app
-from absl import flags
+from absl import app, flags
 from absl import logging as absl_logging
 
 from blip2_jax.api import Blip2

@@ -11,12 +11,12 @@ tokens); --question uses the zero-shot VQA prompt; --prompt is free text ("Quest
 per image to --out; an image that cannot be decoded is reported and skipped. Images are resized to the model's
 input size (bicubic) and CLIP-normalised, as BLIP-2's processors do.
 """
+
 import json
 import logging
 import os
 
-from absl import app
-from absl import flags
+from absl import app, flags
 from absl import logging as absl_logging
 import numpy as np
 import tqdm
@@ -43,8 +43,9 @@ def main(argv):
     raise app.UsageError("Give --model and one of --image=FILE or --images=DIR.")
   if FLAGS.images and not FLAGS.out:
     raise app.UsageError("--images needs --out=FILE.jsonl.")
-  settings = {k: getattr(FLAGS, k) for k in ("num_beams", "max_new_tokens", "min_new_tokens")
-              if getattr(FLAGS, k) is not None}
+  settings = {
+    k: getattr(FLAGS, k) for k in ("num_beams", "max_new_tokens", "min_new_tokens") if getattr(FLAGS, k) is not None
+  }
   try:
     # Input errors first, before the model is read.
     if FLAGS.prompt is not None and not FLAGS.prompt.strip():
@@ -70,7 +71,7 @@ def _folder(model, size: int, settings: dict):
   with open(FLAGS.out, "w", encoding="utf-8") as out, tqdm.tqdm(total=len(files), unit="img") as bar:
     for start in range(0, len(files), bs):
       names, arrays = [], []
-      for name in files[start:start + bs]:
+      for name in files[start : start + bs]:
         try:
           arrays.append(images_lib.load_image(os.path.join(FLAGS.images, name), size))
           names.append(name)
@@ -83,7 +84,7 @@ def _folder(model, size: int, settings: dict):
         for name, text in zip(names, run(model, batch, FLAGS.prompt, FLAGS.question, settings)[:n]):
           out.write(json.dumps({"image": name, "text": text}) + "\n")
           done += 1
-      bar.update(len(files[start:start + bs]))
+      bar.update(len(files[start : start + bs]))
   print(f"wrote {done} results to {FLAGS.out}" + (f" ({skipped} unreadable images skipped)" if skipped else ""))
 
 

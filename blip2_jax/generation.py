@@ -39,28 +39,30 @@ logits_process.py), matched token for token:
   pad_token_id.
 Sampling with beams (do_sample and num_beams > 1) and early_stopping=True/"never" are not implemented.
 """
+
 import functools
 from typing import Any, NamedTuple
 
 import jax
+from jax import lax
 import jax.numpy as jnp
 import numpy as np
-from jax import lax
-
 
 # HF's "very large negative" score for candidates that must not be chosen; added in float32 exactly as HF does.
 _NEG = -1.0e9
 
 
 class Generation(NamedTuple):
-  tokens: jax.Array         # [B, max_new_tokens] int32, pad_token_id after EOS
+  tokens: jax.Array  # [B, max_new_tokens] int32, pad_token_id after EOS
   scores: jax.Array | None  # beam search: [B] float32, HF's sequences_scores; None for greedy and sampling
 
 
 # --- logits processors (HF's order) -------------------------------------------------------------------------
 
+
 class _Options(NamedTuple):
   """Everything static about one generate call; jit compiles once per distinct value (and shapes)."""
+
   max_new_tokens: int
   min_new_tokens: int
   num_beams: int
@@ -122,10 +124,11 @@ def _mark_seen(seen, tokens):
 
 # --- greedy and sampling ------------------------------------------------------------------------------------
 
+
 class _Carry(NamedTuple):
-  t: jax.Array            # tokens generated so far
-  tokens: jax.Array       # [B, T]
-  finished: jax.Array     # [B] emitted EOS
+  t: jax.Array  # tokens generated so far
+  tokens: jax.Array  # [B, T]
+  finished: jax.Array  # [B] emitted EOS
   seen: jax.Array | None  # [B, V]
   state: Any
 
@@ -141,32 +144,43 @@ def _greedy_or_sample(decoder, prefix_embeds, prefix_mask, prompt_ids, rng, o: _
     else:
       token = jnp.argmax(scores, axis=-1)
     token = jnp.where(c.finished, o.pad_token_id, token).astype(jnp.int32)
-    return _Carry(c.t + 1, c.tokens.at[:, c.t].set(token), c.finished | (token == o.eos_token_id),
-                  _mark_seen(c.seen, token), c.state)
+    return _Carry(
+      c.t + 1,
+      c.tokens.at[:, c.t].set(token),
+      c.finished | (token == o.eos_token_id),
+      _mark_seen(c.seen, token),
+      c.state,
+    )
 
   def body(c: _Carry) -> _Carry:
     logits, state = decoder.step(c.tokens[:, c.t - 1], c.state)
     return pick(logits, c._replace(state=state))
 
-  c = _Carry(jnp.int32(0), jnp.full((b, o.max_new_tokens), o.pad_token_id, jnp.int32), jnp.zeros((b,), bool),
-             _initial_seen(prompt_ids, decoder.start_ids, b, vocab, o), state)
+  c = _Carry(
+    jnp.int32(0),
+    jnp.full((b, o.max_new_tokens), o.pad_token_id, jnp.int32),
+    jnp.zeros((b,), bool),
+    _initial_seen(prompt_ids, decoder.start_ids, b, vocab, o),
+    state,
+  )
   c = lax.while_loop(lambda c: (c.t < o.max_new_tokens) & ~c.finished.all(), body, pick(logits, c))
   return Generation(c.tokens, None)
 
 
 # --- beam search ----------------------------------------------------------------------------------------------
 
+
 class _Beams(NamedTuple):
-  t: jax.Array                # tokens generated so far
-  running_tokens: jax.Array   # [B, K, T]
-  running_scores: jax.Array   # [B, K] summed log-probs
-  tokens: jax.Array           # [B, K, T] finished hypotheses, best first
-  scores: jax.Array           # [B, K] their length-penalised scores (-1e9: empty slot)
-  finished: jax.Array         # [B, K] slot holds a hypothesis
-  improvable: jax.Array       # [B] HF's is_early_stop_heuristic_unsatisfied
-  all_stopped: jax.Array      # every candidate of the last step hit a stop
-  seen: jax.Array | None      # [B * K, V]
-  state: Any                  # decoder state, [B * K, ...]
+  t: jax.Array  # tokens generated so far
+  running_tokens: jax.Array  # [B, K, T]
+  running_scores: jax.Array  # [B, K] summed log-probs
+  tokens: jax.Array  # [B, K, T] finished hypotheses, best first
+  scores: jax.Array  # [B, K] their length-penalised scores (-1e9: empty slot)
+  finished: jax.Array  # [B, K] slot holds a hypothesis
+  improvable: jax.Array  # [B] HF's is_early_stop_heuristic_unsatisfied
+  all_stopped: jax.Array  # every candidate of the last step hit a stop
+  seen: jax.Array | None  # [B * K, V]
+  state: Any  # decoder state, [B * K, ...]
 
 
 def _take(x, index):
@@ -180,8 +194,9 @@ def _beam_search(decoder, prefix_embeds, prefix_mask, prompt_ids, o: _Options) -
   b, vocab = logits.shape
   # Every beam starts as a copy of the prefill; only beam 0 competes in the first step (the others score -1e9).
   logits, state = jax.tree.map(lambda x: jnp.repeat(x, k, axis=0), (logits, state))
-  seen = _initial_seen(None if prompt_ids is None else jnp.repeat(prompt_ids, k, axis=0), decoder.start_ids,
-                       b * k, vocab, o)
+  seen = _initial_seen(
+    None if prompt_ids is None else jnp.repeat(prompt_ids, k, axis=0), decoder.start_ids, b * k, vocab, o
+  )
   # L ** length_penalty for L = 1..T, computed in double and rounded once, as HF's Python float is.
   penalty = jnp.asarray(np.arange(1, steps + 1, dtype=np.float64) ** o.length_penalty, jnp.float32)
   is_top_k = jnp.arange(2 * k) < k
@@ -218,23 +233,33 @@ def _beam_search(decoder, prefix_embeds, prefix_mask, prompt_ids, o: _Options) -
     rows = (_take(parent, keep) + jnp.arange(b)[:, None] * k).reshape(-1)
     state, seen = jax.tree.map(lambda x: x[rows], (c.state, c.seen))
     seen = _mark_seen(seen, running_tokens[:, :, c.t].reshape(-1))
-    return _Beams(c.t + 1, running_tokens, running_scores, tokens, scores, finished, improvable, stopped.all(),
-                  seen, state)
+    return _Beams(
+      c.t + 1, running_tokens, running_scores, tokens, scores, finished, improvable, stopped.all(), seen, state
+    )
 
   def body(c: _Beams) -> _Beams:
     logits, state = decoder.step(c.running_tokens[:, :, c.t - 1].reshape(-1), c.state)
     return update(logits, c._replace(state=state))
 
   empty = jnp.full((b, k, steps), o.pad_token_id, jnp.int32)
-  c = _Beams(t=jnp.int32(0), running_tokens=empty,
-             running_scores=jnp.zeros((b, k), jnp.float32).at[:, 1:].set(_NEG),
-             tokens=empty, scores=jnp.full((b, k), _NEG, jnp.float32), finished=jnp.zeros((b, k), bool),
-             improvable=jnp.ones((b,), bool), all_stopped=jnp.bool_(False), seen=seen, state=state)
+  c = _Beams(
+    t=jnp.int32(0),
+    running_tokens=empty,
+    running_scores=jnp.zeros((b, k), jnp.float32).at[:, 1:].set(_NEG),
+    tokens=empty,
+    scores=jnp.full((b, k), _NEG, jnp.float32),
+    finished=jnp.zeros((b, k), bool),
+    improvable=jnp.ones((b,), bool),
+    all_stopped=jnp.bool_(False),
+    seen=seen,
+    state=state,
+  )
   c = lax.while_loop(lambda c: c.improvable.any() & ~c.all_stopped, body, update(logits, c))
   return Generation(c.tokens[:, 0], c.scores[:, 0])
 
 
 # --- entry point --------------------------------------------------------------------------------------------
+
 
 @functools.partial(jax.jit, static_argnames=("o",))
 def _generate(decoder, prefix_embeds, prefix_mask, prompt_ids, rng, o: _Options) -> Generation:
@@ -243,10 +268,25 @@ def _generate(decoder, prefix_embeds, prefix_mask, prompt_ids, rng, o: _Options)
   return _greedy_or_sample(decoder, prefix_embeds, prefix_mask, prompt_ids, rng, o)
 
 
-def generate(decoder, prefix_embeds, prefix_mask, *, max_new_tokens: int, eos_token_id: int, pad_token_id: int,
-             min_new_tokens: int = 0, num_beams: int = 1, length_penalty: float = 1.0, do_sample: bool = False,
-             temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0, repetition_penalty: float = 1.0,
-             prompt_ids=None, rng=None) -> Generation:
+def generate(
+  decoder,
+  prefix_embeds,
+  prefix_mask,
+  *,
+  max_new_tokens: int,
+  eos_token_id: int,
+  pad_token_id: int,
+  min_new_tokens: int = 0,
+  num_beams: int = 1,
+  length_penalty: float = 1.0,
+  do_sample: bool = False,
+  temperature: float = 1.0,
+  top_p: float = 1.0,
+  top_k: int = 0,
+  repetition_penalty: float = 1.0,
+  prompt_ids=None,
+  rng=None,
+) -> Generation:
   """Generates up to `max_new_tokens` tokens after the prefix; see the module docstring for the exact rules.
 
   decoder: an adapter (a model file's decoder, e.g. `opt.OPTDecoder.create(module, params)`). prefix_embeds [B, P, D]
@@ -260,23 +300,38 @@ def generate(decoder, prefix_embeds, prefix_mask, *, max_new_tokens: int, eos_to
   if num_beams < 1:
     raise ValueError(f"generate: num_beams={num_beams} must be at least 1.")
   if do_sample and num_beams > 1:
-    raise ValueError("generate: sampling with beams (do_sample=True, num_beams > 1) is not supported; sample "
-                     "with num_beams=1 or search with do_sample=False.")
+    raise ValueError(
+      "generate: sampling with beams (do_sample=True, num_beams > 1) is not supported; sample "
+      "with num_beams=1 or search with do_sample=False."
+    )
   if do_sample and rng is None:
     raise ValueError("generate: do_sample=True needs a PRNG key in `rng`.")
   if not (temperature > 0 and 0 < top_p <= 1 and top_k >= 0 and repetition_penalty > 0):
-    raise ValueError(f"generate: need temperature > 0, 0 < top_p <= 1, top_k >= 0 and repetition_penalty > 0; got "
-                     f"{temperature}, {top_p}, {top_k}, {repetition_penalty}.")
+    raise ValueError(
+      f"generate: need temperature > 0, 0 < top_p <= 1, top_k >= 0 and repetition_penalty > 0; got "
+      f"{temperature}, {top_p}, {top_k}, {repetition_penalty}."
+    )
   if prefix_embeds.ndim != 3 or prefix_mask.shape != prefix_embeds.shape[:2]:
-    raise ValueError(f"generate: prefix_embeds {prefix_embeds.shape} must be [B, P, D] and prefix_mask "
-                     f"{prefix_mask.shape} [B, P].")
+    raise ValueError(
+      f"generate: prefix_embeds {prefix_embeds.shape} must be [B, P, D] and prefix_mask {prefix_mask.shape} [B, P]."
+    )
   if prompt_ids is not None:
     prompt_ids = jnp.asarray(prompt_ids, jnp.int32)
   if prompt_ids is not None and (prompt_ids.ndim != 2 or prompt_ids.shape[0] != prefix_embeds.shape[0]):
     raise ValueError(f"generate: prompt_ids {prompt_ids.shape} must be [B, L] with B = {prefix_embeds.shape[0]}.")
-  o = _Options(max_new_tokens=max_new_tokens, min_new_tokens=min_new_tokens, num_beams=num_beams,
-               length_penalty=float(length_penalty), do_sample=do_sample, temperature=float(temperature),
-               top_p=float(top_p), top_k=top_k, repetition_penalty=float(repetition_penalty),
-               eos_token_id=eos_token_id, pad_token_id=pad_token_id)
-  return _generate(decoder, prefix_embeds, jnp.asarray(prefix_mask, jnp.int32), prompt_ids,
-                   rng if do_sample else None, o)
+  o = _Options(
+    max_new_tokens=max_new_tokens,
+    min_new_tokens=min_new_tokens,
+    num_beams=num_beams,
+    length_penalty=float(length_penalty),
+    do_sample=do_sample,
+    temperature=float(temperature),
+    top_p=float(top_p),
+    top_k=top_k,
+    repetition_penalty=float(repetition_penalty),
+    eos_token_id=eos_token_id,
+    pad_token_id=pad_token_id,
+  )
+  return _generate(
+    decoder, prefix_embeds, jnp.asarray(prefix_mask, jnp.int32), prompt_ids, rng if do_sample else None, o
+  )

@@ -8,6 +8,7 @@ The released models (Salesforce/blip2-opt-2.7b, blip2-flan-t5-xl, blip2-itm-vit-
   Q-Former LM head and `temp`, which HF does not keep).
 Reading the tensors into a sharded model is `state.load_hf_blip2`; writing them is `Blip2.save_pretrained`.
 """
+
 import json
 from pathlib import Path
 
@@ -15,8 +16,8 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-import transformers
 from safetensors.flax import save_file
+import transformers
 
 from blip2_jax import weights
 from blip2_jax.models import llms
@@ -30,54 +31,105 @@ def config_from_hf(hf: dict, *, dtype: str = "float32", remat_policy: str = "non
   tensor_names: the checkpoint's tensor names (whether a T5 stores its own lm_head is not in the config)."""
   arch = (hf.get("architectures") or [None])[0]
   if hf.get("model_type") != "blip-2" or arch not in ARCHITECTURES:
-    raise ValueError(f"Not a supported BLIP-2 checkpoint: model_type={hf.get('model_type')!r}, "
-                     f"architectures={hf.get('architectures')}; expected model_type 'blip-2' and one of "
-                     f"{', '.join(ARCHITECTURES)}.")
+    raise ValueError(
+      f"Not a supported BLIP-2 checkpoint: model_type={hf.get('model_type')!r}, "
+      f"architectures={hf.get('architectures')}; expected model_type 'blip-2' and one of "
+      f"{', '.join(ARCHITECTURES)}."
+    )
   vc, qc = hf["vision_config"], hf["qformer_config"]
   act = vc.get("hidden_act", "gelu")
   if act not in ("gelu", "quick_gelu"):
     raise ValueError(f"vision_config.hidden_act={act!r} is not supported (gelu or quick_gelu).")
   retrieval = arch == "Blip2ForImageTextRetrieval"
-  cfg = ml_collections.ConfigDict(dict(
-      vit=dict(image_size=vc["image_size"], patch_size=vc["patch_size"], width=vc["hidden_size"],
-               depth=vc["num_hidden_layers"], num_heads=vc["num_attention_heads"], mlp_dim=vc["intermediate_size"],
-               layer_norm_eps=vc["layer_norm_eps"], act=act, dtype=dtype),
-      qformer=dict(vocab_size=qc["vocab_size"], hidden_size=qc["hidden_size"], num_layers=qc["num_hidden_layers"],
-                   num_heads=qc["num_attention_heads"], intermediate_size=qc["intermediate_size"],
-                   cross_attention_freq=qc.get("cross_attention_frequency", 2),
-                   max_position_embeddings=qc["max_position_embeddings"], layer_norm_eps=qc["layer_norm_eps"],
-                   dropout_rate=0.0, dtype="float32", text_input=retrieval, lm_head=False),
-      num_query_tokens=hf["num_query_tokens"], embed_dim=hf.get("image_text_hidden_size", 256),
+  cfg = ml_collections.ConfigDict(
+    dict(
+      vit=dict(
+        image_size=vc["image_size"],
+        patch_size=vc["patch_size"],
+        width=vc["hidden_size"],
+        depth=vc["num_hidden_layers"],
+        num_heads=vc["num_attention_heads"],
+        mlp_dim=vc["intermediate_size"],
+        layer_norm_eps=vc["layer_norm_eps"],
+        act=act,
+        dtype=dtype,
+      ),
+      qformer=dict(
+        vocab_size=qc["vocab_size"],
+        hidden_size=qc["hidden_size"],
+        num_layers=qc["num_hidden_layers"],
+        num_heads=qc["num_attention_heads"],
+        intermediate_size=qc["intermediate_size"],
+        cross_attention_freq=qc.get("cross_attention_frequency", 2),
+        max_position_embeddings=qc["max_position_embeddings"],
+        layer_norm_eps=qc["layer_norm_eps"],
+        dropout_rate=0.0,
+        dtype="float32",
+        text_input=retrieval,
+        lm_head=False,
+      ),
+      num_query_tokens=hf["num_query_tokens"],
+      embed_dim=hf.get("image_text_hidden_size", 256),
       # HF's post_layernorm (our ln_vision) takes the vision config's eps.
-      ln_vision_eps=vc["layer_norm_eps"], itc_label_smoothing=0.1, itg_label_smoothing=0.1, bos_token_id=-1))
+      ln_vision_eps=vc["layer_norm_eps"],
+      itc_label_smoothing=0.1,
+      itg_label_smoothing=0.1,
+      bos_token_id=-1,
+    )
+  )
   if retrieval:
     return cfg, llms.RETRIEVAL
   text = hf["text_config"]
   kind = text.get("model_type")
   if kind not in llms.FAMILIES:
-    raise ValueError(f"text_config.model_type={kind!r} is not supported: blip2_jax has "
-                     f"{', '.join(llms.FAMILIES)} language models.")
+    raise ValueError(
+      f"text_config.model_type={kind!r} is not supported: blip2_jax has {', '.join(llms.FAMILIES)} language models."
+    )
   prefix = "language_model."
-  cfg.llm = llms.llm_config(text, dtype=dtype, remat_policy=remat_policy,
-                            tensor_names=[n[len(prefix):] for n in tensor_names if n.startswith(prefix)])
+  cfg.llm = llms.llm_config(
+    text,
+    dtype=dtype,
+    remat_policy=remat_policy,
+    tensor_names=[n[len(prefix) :] for n in tensor_names if n.startswith(prefix)],
+  )
   return cfg, kind
 
 
 def hf_config_from_ours(cfg, kind: str, llm_hf_config: dict | None = None, image_token_index=None) -> dict:
   """Our model config -> a BLIP-2 config.json dict that transformers reads (the inverse of config_from_hf)."""
   vit, qf = cfg.vit, cfg.qformer
-  vision = dict(hidden_size=vit.width, intermediate_size=vit.mlp_dim, num_hidden_layers=vit.depth,
-                num_attention_heads=vit.num_heads, image_size=vit.image_size, patch_size=vit.patch_size,
-                hidden_act=vit.act, layer_norm_eps=vit.layer_norm_eps, qkv_bias=True)
-  qformer = dict(vocab_size=qf.vocab_size, hidden_size=qf.hidden_size, num_hidden_layers=qf.num_layers,
-                 num_attention_heads=qf.num_heads, intermediate_size=qf.intermediate_size, hidden_act="gelu",
-                 max_position_embeddings=qf.max_position_embeddings, layer_norm_eps=qf.layer_norm_eps,
-                 cross_attention_frequency=qf.cross_attention_freq, encoder_hidden_size=vit.width,
-                 use_qformer_text_input=kind == llms.RETRIEVAL)
-  config = transformers.Blip2Config(vision_config=vision, qformer_config=qformer, text_config=llm_hf_config,
-                                    num_query_tokens=cfg.num_query_tokens,
-                                    image_text_hidden_size=cfg.get("embed_dim", 256),
-                                    image_token_index=image_token_index)
+  vision = dict(
+    hidden_size=vit.width,
+    intermediate_size=vit.mlp_dim,
+    num_hidden_layers=vit.depth,
+    num_attention_heads=vit.num_heads,
+    image_size=vit.image_size,
+    patch_size=vit.patch_size,
+    hidden_act=vit.act,
+    layer_norm_eps=vit.layer_norm_eps,
+    qkv_bias=True,
+  )
+  qformer = dict(
+    vocab_size=qf.vocab_size,
+    hidden_size=qf.hidden_size,
+    num_hidden_layers=qf.num_layers,
+    num_attention_heads=qf.num_heads,
+    intermediate_size=qf.intermediate_size,
+    hidden_act="gelu",
+    max_position_embeddings=qf.max_position_embeddings,
+    layer_norm_eps=qf.layer_norm_eps,
+    cross_attention_frequency=qf.cross_attention_freq,
+    encoder_hidden_size=vit.width,
+    use_qformer_text_input=kind == llms.RETRIEVAL,
+  )
+  config = transformers.Blip2Config(
+    vision_config=vision,
+    qformer_config=qformer,
+    text_config=llm_hf_config,
+    num_query_tokens=cfg.num_query_tokens,
+    image_text_hidden_size=cfg.get("embed_dim", 256),
+    image_token_index=image_token_index,
+  )
   out = config.to_dict()
   out["architectures"] = ["Blip2ForImageTextRetrieval" if kind == llms.RETRIEVAL else "Blip2ForConditionalGeneration"]
   return out
@@ -96,8 +148,6 @@ def llm_weight_map(llm_cfg, prefix: str = "language_model.") -> list:
   """The frozen LLM's rows, our paths under language_model/, HF names after `prefix` (BLIP-2's, or '' for the
   LLM's own directory)."""
   return [(f"language_model/{p}", f"{prefix}{n}", k) for p, n, k in llms.family(llm_cfg.kind).weight_map(llm_cfg)]
-
-
 
 
 def with_image_token_row(tensors, kind: str):
@@ -146,4 +196,5 @@ def write_safetensors(out: Path, tensors, max_shard_bytes: int):
     weight_map.update({k: file for k in shard})
     total += sum(v.nbytes for v in shard.values())
   (out / "model.safetensors.index.json").write_text(
-      json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
+    json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2)
+  )

@@ -23,16 +23,17 @@ the config's `qformer.vocab_size` must say 30523 too.
 Reading a `.pth` needs torch (an optional extra); it is read with `weights_only=True`, which refuses any pickled
 object beyond tensors and plain containers, so loading cannot run code.
 """
+
+from collections.abc import Mapping
 import logging
+from pathlib import Path
 import pickle
 import re
-from collections.abc import Mapping
-from pathlib import Path
 
+from flax import traverse_util
 import flax.linen as nn
 import ml_collections
 import numpy as np
-from flax import traverse_util
 
 from blip2_jax import weights
 
@@ -41,8 +42,10 @@ log = logging.getLogger(__name__)
 # Tensors LAVIS saves that have no parameter of their own here: a buffer of 0..max_pos-1, and the LM decoder,
 # which is tied (the same tensor as `_TIED[name]`; our decoder is `word_embeddings.attend` plus `lm_bias`).
 _POSITION_IDS = "Qformer.bert.embeddings.position_ids"
-_TIED = {"Qformer.cls.predictions.decoder.weight": "Qformer.bert.embeddings.word_embeddings.weight",
-         "Qformer.cls.predictions.decoder.bias": "Qformer.cls.predictions.bias"}
+_TIED = {
+  "Qformer.cls.predictions.decoder.weight": "Qformer.bert.embeddings.word_embeddings.weight",
+  "Qformer.cls.predictions.decoder.bias": "Qformer.cls.predictions.bias",
+}
 DROPPED = (_POSITION_IDS, *_TIED)
 
 
@@ -59,8 +62,10 @@ def lavis_weight_map(cfg, *, with_vision: bool) -> list:
   only `with_vision`. Reads cfg.qformer.num_layers, cfg.qformer.cross_attention_freq and cfg.vit.depth."""
   out = [("query_tokens", "query_tokens", "copy"), ("temp", "temp", "copy")] + _norm("ln_vision", "ln_vision")
   bert = "Qformer.bert"
-  out += [("qformer/word_embeddings/embedding", f"{bert}.embeddings.word_embeddings.weight", "copy"),
-          ("qformer/position_embeddings", f"{bert}.embeddings.position_embeddings.weight", "copy")]
+  out += [
+    ("qformer/word_embeddings/embedding", f"{bert}.embeddings.word_embeddings.weight", "copy"),
+    ("qformer/position_embeddings", f"{bert}.embeddings.position_embeddings.weight", "copy"),
+  ]
   out += _norm("qformer/embed_norm", f"{bert}.embeddings.LayerNorm")
   qf = cfg.qformer
   for i in range(qf.num_layers):
@@ -81,17 +86,21 @@ def lavis_weight_map(cfg, *, with_vision: bool) -> list:
   out += _dense("vision_proj", "vision_proj") + _dense("text_proj", "text_proj") + _dense("itm_head", "itm_head")
   if with_vision:
     vit = "visual_encoder"
-    out += [("visual_encoder/cls_token", f"{vit}.cls_token", "copy"),
-            ("visual_encoder/pos_embed", f"{vit}.pos_embed", "copy"),
-            ("visual_encoder/patch_embed/kernel", f"{vit}.patch_embed.proj.weight", "conv"),
-            ("visual_encoder/patch_embed/bias", f"{vit}.patch_embed.proj.bias", "copy")]
+    out += [
+      ("visual_encoder/cls_token", f"{vit}.cls_token", "copy"),
+      ("visual_encoder/pos_embed", f"{vit}.pos_embed", "copy"),
+      ("visual_encoder/patch_embed/kernel", f"{vit}.patch_embed.proj.weight", "conv"),
+      ("visual_encoder/patch_embed/bias", f"{vit}.patch_embed.proj.bias", "copy"),
+    ]
     for i in range(cfg.vit.depth):
       src, dst = f"{vit}.blocks.{i}", f"visual_encoder/blocks_{i}"
       out += _norm(f"{dst}/norm1", f"{src}.norm1") + _norm(f"{dst}/norm2", f"{src}.norm2")
       # EVA keeps q and v biases apart (the key has none), as our ViT does: no fused bias to split.
-      out += [(f"{dst}/attn/qkv/kernel", f"{src}.attn.qkv.weight", "linear"),
-              (f"{dst}/attn/q_bias", f"{src}.attn.q_bias", "copy"),
-              (f"{dst}/attn/v_bias", f"{src}.attn.v_bias", "copy")]
+      out += [
+        (f"{dst}/attn/qkv/kernel", f"{src}.attn.qkv.weight", "linear"),
+        (f"{dst}/attn/q_bias", f"{src}.attn.q_bias", "copy"),
+        (f"{dst}/attn/v_bias", f"{src}.attn.v_bias", "copy"),
+      ]
       out += _dense(f"{dst}/attn/proj", f"{src}.attn.proj")
       out += _dense(f"{dst}/fc1", f"{src}.mlp.fc1") + _dense(f"{dst}/fc2", f"{src}.mlp.fc2")
   return out
@@ -107,9 +116,12 @@ def _structure_of(template) -> ml_collections.ConfigDict:
   qformer = template["qformer"]
   num_layers = _count(qformer, "layers")
   cross = [i for i in range(1, num_layers) if "crossattention" in qformer[f"layers_{i}"]]
-  return ml_collections.ConfigDict(dict(
+  return ml_collections.ConfigDict(
+    dict(
       qformer=dict(num_layers=num_layers, cross_attention_freq=cross[0] if cross else num_layers),
-      vit=dict(depth=_count(template["visual_encoder"], "blocks"))))
+      vit=dict(depth=_count(template["visual_encoder"], "blocks")),
+    )
+  )
 
 
 def _numpy(tensor) -> np.ndarray:
@@ -122,8 +134,9 @@ def _read_state_dict(path: Path) -> Mapping:
   try:
     import torch  # pylint: disable=g-import-not-at-top  (optional: only LAVIS .pth files need it)
   except ImportError:
-    raise ImportError(f"Reading the LAVIS checkpoint {path} needs PyTorch: `pip install torch` (CPU is enough) "
-                      "to load .pth files.") from None
+    raise ImportError(
+      f"Reading the LAVIS checkpoint {path} needs PyTorch: `pip install torch` (CPU is enough) to load .pth files."
+    ) from None
   try:
     obj = torch.load(path, map_location="cpu", weights_only=True)
   except (pickle.UnpicklingError, RuntimeError) as e:
@@ -131,8 +144,10 @@ def _read_state_dict(path: Path) -> Mapping:
     raise ValueError(f"{path} is not a PyTorch checkpoint that loads with weights_only=True ({first_line}).") from None
   state = obj["model"] if isinstance(obj, Mapping) and "model" in obj else obj
   if not isinstance(state, Mapping) or not any(str(k).startswith("Qformer.bert.") for k in state):
-    raise ValueError(f"{path} is not a LAVIS BLIP-2 checkpoint: it has no `Qformer.bert.*` tensors (at the top "
-                     "level or under 'model').")
+    raise ValueError(
+      f"{path} is not a LAVIS BLIP-2 checkpoint: it has no `Qformer.bert.*` tensors (at the top "
+      "level or under 'model')."
+    )
   return state
 
 
@@ -150,8 +165,10 @@ def load_lavis_checkpoint(path, params_template) -> tuple[dict, set[str]]:
   path = Path(path)
   state = _read_state_dict(path)
   if "Qformer.bert.embeddings.word_embeddings.weight" not in state:
-    raise ValueError(f"{path} has no Q-Former text embeddings: it is a stage-2 checkpoint (BLIP-2 OPT/FlanT5, which "
-                     "drop the text side), not the stage-1 model this loads.")
+    raise ValueError(
+      f"{path} has no Q-Former text embeddings: it is a stage-2 checkpoint (BLIP-2 OPT/FlanT5, which "
+      "drop the text side), not the stage-1 model this loads."
+    )
   template = traverse_util.flatten_dict(nn.unbox(params_template), sep="/")
   with_vision = any(k.startswith("visual_encoder.") for k in state)
   weight_map = lavis_weight_map(_structure_of(nn.unbox(params_template)), with_vision=with_vision)
@@ -159,8 +176,10 @@ def load_lavis_checkpoint(path, params_template) -> tuple[dict, set[str]]:
   names = {name for _, name, _ in weight_map}
   unknown = [k for k in state if k not in names and k not in DROPPED]  # in the file's (module) order
   if unknown:
-    raise ValueError(f"{path} has tensors the model has no place for, first `{unknown[0]}` ({len(unknown)} in all): "
-                     "make the config (Q-Former num_layers, cross_attention_freq, ViT depth) match the checkpoint.")
+    raise ValueError(
+      f"{path} has tensors the model has no place for, first `{unknown[0]}` ({len(unknown)} in all): "
+      "make the config (Q-Former num_layers, cross_attention_freq, ViT depth) match the checkpoint."
+    )
   for tied, source in _TIED.items():
     if tied in state and source in state and not np.array_equal(_numpy(state[tied]), _numpy(state[source])):
       raise ValueError(f"{path}: `{tied}` differs from `{source}`, but the Q-Former ties them (as LAVIS does).")
@@ -168,11 +187,17 @@ def load_lavis_checkpoint(path, params_template) -> tuple[dict, set[str]]:
   paths = {p for p, _, _ in weight_map}
   sub_template = traverse_util.unflatten_dict({p: v for p, v in template.items() if p in paths}, sep="/")
   try:
-    loaded = weights.tree_from_hf(lambda name: _numpy(state[name]), weight_map, sub_template,
-                                  dtype=np.dtype(np.float32))
+    loaded = weights.tree_from_hf(
+      lambda name: _numpy(state[name]), weight_map, sub_template, dtype=np.dtype(np.float32)
+    )
   except ValueError as e:
     raise ValueError(f"{path}: {e}") from None
   unfilled = set(template) - paths
-  log.info("LAVIS checkpoint %s: %d parameters loaded (%s the ViT), %d left to the caller.", path, len(paths),
-           "with" if with_vision else "without", len(unfilled))
+  log.info(
+    "LAVIS checkpoint %s: %d parameters loaded (%s the ViT), %d left to the caller.",
+    path,
+    len(paths),
+    "with" if with_vision else "without",
+    len(unfilled),
+  )
   return loaded, unfilled

@@ -8,6 +8,7 @@ so each device back-propagates only through its own rows and the summed gradient
 Here the contrastive loss is one function of the global batch and its gradient is the exact gradient of that
 function, whatever the sharding; the same global batch gives the same update on 1 CPU or on a pod.
 """
+
 import jax
 import jax.numpy as jnp
 import optax
@@ -39,8 +40,9 @@ def itc_loss(image_feats, text_feats, temp, label_smoothing: float = 0.1):
   sim = itc_similarities(image_feats, text_feats) / temp
   sim_i2t, sim_t2i = sim, sim.T
   labels = jnp.arange(sim.shape[0])
-  loss = (smoothed_cross_entropy(sim_i2t, labels, label_smoothing)
-          + smoothed_cross_entropy(sim_t2i, labels, label_smoothing)) / 2
+  loss = (
+    smoothed_cross_entropy(sim_i2t, labels, label_smoothing) + smoothed_cross_entropy(sim_t2i, labels, label_smoothing)
+  ) / 2
   return loss, sim_i2t, sim_t2i
 
 

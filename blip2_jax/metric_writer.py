@@ -1,5 +1,6 @@
 """Metrics to WORKDIR/metrics.jsonl (one JSON object per line) and TensorBoard event files (tensorboardX,
 so no TensorFlow), written by process 0 only."""
+
 import json
 import os
 
@@ -9,7 +10,6 @@ from tensorboardX import SummaryWriter
 
 
 class MetricWriter:
-
   def __init__(self, workdir: str):
     self.enabled = jax.process_index() == 0
     if not self.enabled:

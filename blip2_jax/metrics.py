@@ -8,8 +8,9 @@
 
 Retrieval recall lives with the retrieval protocol, in `blip2_jax/retrieval.py` (`recall_at_k`).
 """
-import re
+
 from collections.abc import Hashable, Mapping, Sequence
+import re
 
 import numpy as np
 
@@ -21,27 +22,38 @@ from blip2_jax.data import tokenizer as tokenizer_lib
 
 # pycocoevalcap `tokenizer/ptbtokenizer.py` drops exactly these tokens after tokenising. The bracket escapes are
 # listed in upper case but the tokenizer runs with -lowerCase, so "(" survives as "-lrb-"; we keep that quirk.
-_COCO_PUNCTUATION = frozenset(["''", "'", "``", "`", "-LRB-", "-RRB-", "-LCB-", "-RCB-",
-                               ".", "?", "!", ",", ":", "-", "--", "...", ";"])
+_COCO_PUNCTUATION = frozenset(
+  ["''", "'", "``", "`", "-LRB-", "-RRB-", "-LCB-", "-RCB-", ".", "?", "!", ",", ":", "-", "--", "...", ";"]
+)
 # Typographic marks the tokenizer reads as their ASCII forms.
-_ASCII_PUNCTUATION = str.maketrans({"\u2018": "`", "\u2019": "'", "\u201c": '"', "\u201d": '"', "\u2026": "...",
-                                    "\u2013": " -- ", "\u2014": " -- "})
+_ASCII_PUNCTUATION = str.maketrans(
+  {"\u2018": "`", "\u2019": "'", "\u201c": '"', "\u201d": '"', "\u2026": "...", "\u2013": " -- ", "\u2014": " -- "}
+)
 _BRACKETS = {"(": "-lrb-", ")": "-rrb-", "[": "-lsb-", "]": "-rsb-", "{": "-lcb-", "}": "-rcb-"}
 # Words that keep their final period in CoreNLP 3.4.1's PTBTokenizer, lower-case or not (found by running the
 # jar that ships with pycocoevalcap). Words it treats as abbreviations only when capitalised ("Wash.", "Miss.",
 # "Ill.", "La.", "Pa.", ...) are left out: we lower-case first, and in captions these are mostly the plain words.
-_ABBREVIATIONS = frozenset("""
+_ABBREVIATIONS = frozenset(
+  """
     mr mrs ms dr st jr sr vs etc inc co corp ltd plc cie bros esq mt ave rd blvd ft dept cf al
     prof gen capt sgt lt col gov adm rev maj pvt pres hon sen rep
     jan feb mar apr jun jul aug sep sept oct nov dec mon tue tues wed thu thurs fri
     ala ariz calif colo conn fla ga ind kan ky md mich minn mo mont neb nev okla tenn va vt wis wyo
-""".split())
+""".split()
+)
 # Whole words the PTB tokenizer splits in two.
-_SPLIT_WORDS = {"cannot": ("can", "not"), "gonna": ("gon", "na"), "gotta": ("got", "ta"),
-                "wanna": ("wan", "na"), "gimme": ("gim", "me"), "lemme": ("lem", "me")}
+_SPLIT_WORDS = {
+  "cannot": ("can", "not"),
+  "gonna": ("gon", "na"),
+  "gotta": ("got", "ta"),
+  "wanna": ("wan", "na"),
+  "gimme": ("gim", "me"),
+  "lemme": ("lem", "me"),
+}
 _CLITIC = re.compile(r"^(.+?)(n't|'s|'m|'d|'ll|'re|'ve)$")
 _INITIALS = re.compile(r"^(?:[^\W\d_]\.)*[^\W\d_]$")  # "a", "u.s", "p.m": single letters joined by periods
-_CAPTION_TOKEN = re.compile(r"""
+_CAPTION_TOKEN = re.compile(
+  r"""
     (?P<word>
       (?:[\#@](?=[^\W\d_]))?               # a #tag or @name keeps its sign
       \w+(?:(?:[-./]                         # parts joined by hyphens, periods, slashes,
@@ -53,7 +65,9 @@ _CAPTION_TOKEN = re.compile(r"""
   | (?P<ellipsis>\.{3,})
   | [?!]+ | -+                              # runs are one token ("?!", "--")
   | \S
-""", re.VERBOSE)
+""",
+  re.VERBOSE,
+)
 
 
 def _split_word(word: str, period: str | None) -> list[str]:
@@ -104,6 +118,7 @@ def tokenize_caption(caption: str) -> str:
 # Input checks shared by both metrics.
 # ---------------------------------------------------------------------------------------------------------------
 
+
 def _check_same_ids(left: Mapping, right: Mapping, left_name: str, right_name: str, what: str):
   """Raises a ValueError naming the ids present on one side only (the reference scripts assert instead)."""
   if not left:
@@ -125,8 +140,10 @@ def _check_string_lists(groups: Mapping, name: str, min_len: int):
 # Caption metrics.
 # ---------------------------------------------------------------------------------------------------------------
 
-def caption_scores(predictions: Mapping[Hashable, str],
-                   references: Mapping[Hashable, Sequence[str]]) -> dict[str, float]:
+
+def caption_scores(
+  predictions: Mapping[Hashable, str], references: Mapping[Hashable, Sequence[str]]
+) -> dict[str, float]:
   """BLEU-1..4 and CIDEr-D of one caption per image against its reference captions, as COCO evaluation reports.
 
   Both sides are tokenised with `tokenize_caption`, then scored by pycocoevalcap's `Bleu(4)` (corpus-level BLEU,
@@ -169,30 +186,124 @@ def caption_scores(predictions: Mapping[Hashable, str],
 # ---------------------------------------------------------------------------------------------------------------
 
 # Marks vqaEval.py deletes or turns into a space. Not in the list, so kept: "'", ":", "*", "#", "$", "%", "&".
-_VQA_MARKS = (";", "/", "[", "]", '"', "{", "}", "(", ")", "=", "+", "\\", "_", "-", ">", "<", "@", "`", ",", "?",
-              "!")
+_VQA_MARKS = (";", "/", "[", "]", '"', "{", "}", "(", ")", "=", "+", "\\", "_", "-", ">", "<", "@", "`", ",", "?", "!")
 _DIGIT_COMMA_DIGIT = re.compile(r"\d,\d")
 # The official pattern "(?!<=\d)(\.)(?!\d)" has a typo'd look-behind that never rejects anything: every period
 # not followed by a digit goes ("3.5" stays, "dog." and "a.m." lose theirs).
 _PERIOD = re.compile(r"\.(?!\d)")
 # Number words become digits; note the official table also maps "none" to "0".
-_NUMBER_WORDS = {"none": "0", "zero": "0", "one": "1", "two": "2", "three": "3", "four": "4", "five": "5",
-                 "six": "6", "seven": "7", "eight": "8", "nine": "9", "ten": "10"}
+_NUMBER_WORDS = {
+  "none": "0",
+  "zero": "0",
+  "one": "1",
+  "two": "2",
+  "three": "3",
+  "four": "4",
+  "five": "5",
+  "six": "6",
+  "seven": "7",
+  "eight": "8",
+  "nine": "9",
+  "ten": "10",
+}
 _ARTICLES = frozenset(["a", "an", "the"])
 # Contractions the official script restores when an answer spells them without an apostrophe. Its table's keys
 # are each form with exactly one apostrophe removed ("couldnt've", "couldn'tve", but not "couldntve").
 _CONTRACTED = (
-    "ain't", "aren't", "can't", "could've", "couldn't", "couldn't've", "didn't", "doesn't", "don't", "hadn't",
-    "hadn't've", "hasn't", "haven't", "he'd", "he'd've", "he's", "how'd", "how'll", "how's", "isn't", "it'd",
-    "it'd've", "it'll", "ma'am", "mightn't", "mightn't've", "might've", "mustn't", "must've", "needn't", "not've",
-    "o'clock", "oughtn't", "'ow's'at", "shan't", "she'd've", "should've", "shouldn't", "shouldn't've",
-    "somebody'd've", "somebody'll", "somebody's", "someone'd", "someone'd've", "someone'll", "someone's",
-    "something'd", "something'd've", "something'll", "that's", "there'd", "there'd've", "there're", "there's",
-    "they'd", "they'd've", "they'll", "they're", "they've", "'twas", "wasn't", "we'd've", "we've", "weren't",
-    "what'll", "what're", "what's", "what've", "when's", "where'd", "where's", "where've", "who'd", "who'd've",
-    "who'll", "who's", "who've", "why'll", "why're", "why's", "won't", "would've", "wouldn't", "wouldn't've",
-    "y'all", "y'all'll", "y'all'd've", "you'd", "you'd've", "you'll", "you're", "you've")
-_CONTRACTIONS = {form[:i] + form[i + 1:]: form for form in _CONTRACTED for i, c in enumerate(form) if c == "'"}
+  "ain't",
+  "aren't",
+  "can't",
+  "could've",
+  "couldn't",
+  "couldn't've",
+  "didn't",
+  "doesn't",
+  "don't",
+  "hadn't",
+  "hadn't've",
+  "hasn't",
+  "haven't",
+  "he'd",
+  "he'd've",
+  "he's",
+  "how'd",
+  "how'll",
+  "how's",
+  "isn't",
+  "it'd",
+  "it'd've",
+  "it'll",
+  "ma'am",
+  "mightn't",
+  "mightn't've",
+  "might've",
+  "mustn't",
+  "must've",
+  "needn't",
+  "not've",
+  "o'clock",
+  "oughtn't",
+  "'ow's'at",
+  "shan't",
+  "she'd've",
+  "should've",
+  "shouldn't",
+  "shouldn't've",
+  "somebody'd've",
+  "somebody'll",
+  "somebody's",
+  "someone'd",
+  "someone'd've",
+  "someone'll",
+  "someone's",
+  "something'd",
+  "something'd've",
+  "something'll",
+  "that's",
+  "there'd",
+  "there'd've",
+  "there're",
+  "there's",
+  "they'd",
+  "they'd've",
+  "they'll",
+  "they're",
+  "they've",
+  "'twas",
+  "wasn't",
+  "we'd've",
+  "we've",
+  "weren't",
+  "what'll",
+  "what're",
+  "what's",
+  "what've",
+  "when's",
+  "where'd",
+  "where's",
+  "where've",
+  "who'd",
+  "who'd've",
+  "who'll",
+  "who's",
+  "who've",
+  "why'll",
+  "why're",
+  "why's",
+  "won't",
+  "would've",
+  "wouldn't",
+  "wouldn't've",
+  "y'all",
+  "y'all'll",
+  "y'all'd've",
+  "you'd",
+  "you'd've",
+  "you'll",
+  "you're",
+  "you've",
+)
+_CONTRACTIONS = {form[:i] + form[i + 1 :]: form for form in _CONTRACTED for i, c in enumerate(form) if c == "'"}
 # The official table's quirks, kept for parity: it maps "somebody'd" the wrong way round, and its "Im", "Ive",
 # "Id've", "I'dve" keys are capitalised, so they never match the lower-cased answer ("im" stays "im"); nor do
 # "lets" and "shes" change (its entries for them map "let's" and "she's" to themselves).

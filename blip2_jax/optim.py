@@ -1,15 +1,20 @@
 """AdamW as in the reference: betas (0.9, 0.98), weight decay 0.05 except on biases, norms and 1-D params;
 linear warmup then cosine decay to min_lr (step-based here, epoch-based in LAVIS)."""
+
+from flax import traverse_util
 import ml_collections
 import optax
-from flax import traverse_util
 
 
 def learning_rate_schedule(cfg: ml_collections.ConfigDict, total_steps: int) -> optax.Schedule:
   warmup = min(cfg.warmup_steps, total_steps)
   return optax.warmup_cosine_decay_schedule(
-      init_value=cfg.warmup_lr, peak_value=cfg.lr, warmup_steps=warmup,
-      decay_steps=max(total_steps, warmup + 1), end_value=cfg.min_lr)
+    init_value=cfg.warmup_lr,
+    peak_value=cfg.lr,
+    warmup_steps=warmup,
+    decay_steps=max(total_steps, warmup + 1),
+    end_value=cfg.min_lr,
+  )
 
 
 def decay_mask(params):
@@ -29,6 +34,5 @@ def make_optimizer(cfg: ml_collections.ConfigDict, total_steps: int, mask=decay_
   parts = []
   if cfg.grad_clip > 0:
     parts.append(optax.clip_by_global_norm(cfg.grad_clip))
-  parts.append(optax.adamw(schedule, b1=cfg.b1, b2=cfg.b2, eps=1e-8, weight_decay=cfg.weight_decay,
-                           mask=mask))
+  parts.append(optax.adamw(schedule, b1=cfg.b1, b2=cfg.b2, eps=1e-8, weight_decay=cfg.weight_decay, mask=mask))
   return optax.chain(*parts), schedule

@@ -4,16 +4,18 @@ The model names every weight's axes logically ("embed", "mlp", "heads", "vocab",
 `config.sharding.rules` maps those names to mesh axes. The mesh comes from `config.sharding.mesh`, an ordered
 mapping of axis name -> size where one size may be -1 ("whatever devices are left").
 """
+
 import re
 from typing import Any
 
-import flax.linen as nn
 from flax import traverse_util
+import flax.linen as nn
 import jax
-import jax.experimental.mesh_utils
 from jax.experimental import multihost_utils
+import jax.experimental.mesh_utils
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 import numpy as np
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 
 def make_mesh(mesh_shape: dict[str, int], devices=None) -> Mesh:
@@ -26,8 +28,10 @@ def make_mesh(mesh_shape: dict[str, int], devices=None) -> Mesh:
     raise ValueError(f"config.sharding.mesh {dict(mesh_shape)} does not divide the {devices.size} devices.")
   sizes = [devices.size // known if s == -1 else s for s in sizes]
   if int(np.prod(sizes)) != devices.size:
-    raise ValueError(f"config.sharding.mesh {dict(zip(names, sizes))} uses {int(np.prod(sizes))} devices, "
-                     f"but {devices.size} are available.")
+    raise ValueError(
+      f"config.sharding.mesh {dict(zip(names, sizes))} uses {int(np.prod(sizes))} devices, "
+      f"but {devices.size} are available."
+    )
   # create_device_mesh lays the axes out along the physical interconnect where it knows the topology.
   try:
     arranged = jax.experimental.mesh_utils.create_device_mesh(sizes, devices=list(devices.flat))
@@ -58,8 +62,12 @@ def logical_to_shardings(abstract_boxed: Any, mesh: Mesh, rules) -> Any:
   specs = nn.get_partition_spec(abstract_boxed)
   mesh_specs = nn.logical_to_mesh(specs, rules)
   shapes = nn.unbox(abstract_boxed)
-  return jax.tree.map(lambda spec, x: NamedSharding(mesh, _fit(spec, x.shape, mesh)), mesh_specs, shapes,
-                      is_leaf=lambda x: isinstance(x, P))
+  return jax.tree.map(
+    lambda spec, x: NamedSharding(mesh, _fit(spec, x.shape, mesh)),
+    mesh_specs,
+    shapes,
+    is_leaf=lambda x: isinstance(x, P),
+  )
 
 
 def batch_sharding(mesh: Mesh, rules) -> NamedSharding:
@@ -86,8 +94,9 @@ def split_frozen(params: dict, patterns, sep: str = "/") -> tuple[dict, dict]:
     (frozen if hit else trainable)[path] = value
   unused = [p for p, u in used.items() if not u]
   if unused:
-    raise ValueError(f"config.frozen_params pattern(s) {unused} match no parameter; parameter paths look like "
-                     f"{next(iter(flat))!r}.")
+    raise ValueError(
+      f"config.frozen_params pattern(s) {unused} match no parameter; parameter paths look like {next(iter(flat))!r}."
+    )
   return (traverse_util.unflatten_dict(trainable, sep=sep), traverse_util.unflatten_dict(frozen, sep=sep))
 
 

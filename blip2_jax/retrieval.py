@@ -5,6 +5,7 @@ projected text [CLS] (no temperature); for each image its top-k texts (and for e
 score = ITM positive logit + sim; everything outside the top-k ranks below. Recall follows the COCO/Flickr
 protocol: a query counts as found at k when any of its correct candidates is among its first k.
 """
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -106,12 +107,24 @@ class RetrievalScorer:
 
     # image -> text
     rows, cols, i2t = rerank(sims, k)
-    itm = self._batched(lambda r, i, m: self._itm(params, image_embeds, r, i, m), itm_batch,
-                        rows, text_ids[cols], text_mask[cols], desc="ITM image->text")
+    itm = self._batched(
+      lambda r, i, m: self._itm(params, image_embeds, r, i, m),
+      itm_batch,
+      rows,
+      text_ids[cols],
+      text_mask[cols],
+      desc="ITM image->text",
+    )
     i2t[rows, cols] = itm + sims[rows, cols]
     # text -> image
     rows, cols, t2i = rerank(sims.T, k)
-    itm = self._batched(lambda c, i, m: self._itm(params, image_embeds, c, i, m), itm_batch,
-                        cols, text_ids[rows], text_mask[rows], desc="ITM text->image")
+    itm = self._batched(
+      lambda c, i, m: self._itm(params, image_embeds, c, i, m),
+      itm_batch,
+      cols,
+      text_ids[rows],
+      text_mask[rows],
+      desc="ITM text->image",
+    )
     t2i[rows, cols] = itm + sims.T[rows, cols]
     return sims, i2t, t2i

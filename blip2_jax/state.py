@@ -9,12 +9,14 @@ tensors one at a time through a name table (`weights.tree_from_hf`) straight ont
 
 The model's kind is `kind(config)`: models.llms.RETRIEVAL for stage 1, else the frozen LLM's family.
 """
+
 import dataclasses
 import json
 import logging
 import os
 from pathlib import Path
 
+from flax import traverse_util
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -22,15 +24,8 @@ import ml_collections
 import numpy as np
 import optax
 import transformers
-from flax import traverse_util
 
-from blip2_jax import checkpointing
-from blip2_jax import demo_llm
-from blip2_jax import hf
-from blip2_jax import lavis
-from blip2_jax import optim
-from blip2_jax import partitioning
-from blip2_jax import weights
+from blip2_jax import checkpointing, demo_llm, hf, lavis, optim, partitioning, weights
 from blip2_jax.data import tokenizer as tokenizer_lib
 from blip2_jax.models import llms
 from blip2_jax.models.blip2 import Blip2LLM, Blip2Qformer
@@ -38,8 +33,16 @@ from blip2_jax.models.blip2 import Blip2LLM, Blip2Qformer
 log = logging.getLogger(__name__)
 
 # Serving default: weights split over every device along their "embed" axis (FSDP-style), batch over all of them.
-DEFAULT_RULES = (("batch", ("data", "fsdp")), ("embed", "fsdp"), ("vit_embed", "fsdp"), ("mlp", "tensor"),
-                 ("heads", "tensor"), ("vocab", "tensor"), ("layers", None), ("norm", None))
+DEFAULT_RULES = (
+  ("batch", ("data", "fsdp")),
+  ("embed", "fsdp"),
+  ("vit_embed", "fsdp"),
+  ("mlp", "tensor"),
+  ("heads", "tensor"),
+  ("vocab", "tensor"),
+  ("layers", None),
+  ("norm", None),
+)
 _FROZEN_TOPS = ("visual_encoder", "ln_vision", "language_model")  # what a from_pretrained `dtype` applies to
 
 
@@ -52,18 +55,22 @@ def kind(config) -> str:
 # Config -> tokenizer, model config, module
 # --------------------------------------------------------------------------------------------------------------
 
+
 def load_tokenizer(config):
   """Stage 1: the Q-Former's BERT tokenizer (+ [DEC]). Stage 2: the LLM's own tokenizer, from its directory."""
   if kind(config) != llms.RETRIEVAL:
     path = config.tokenizer or config.init.llm_weights
     if not path or not os.path.isdir(path):
-      raise FileNotFoundError(f"No LLM tokenizer directory {path!r}: set config.tokenizer (or "
-                              "config.init.llm_weights) to a local Hugging Face OPT / T5 directory.")
+      raise FileNotFoundError(
+        f"No LLM tokenizer directory {path!r}: set config.tokenizer (or "
+        "config.init.llm_weights) to a local Hugging Face OPT / T5 directory."
+      )
     return transformers.AutoTokenizer.from_pretrained(path, local_files_only=True)
   path = tokenizer_lib.demo_vocab_path() if config.tokenizer == "demo" else config.tokenizer
   if not path:
-    raise ValueError("config.tokenizer is empty: give a local bert-base-uncased directory (HF layout) or a "
-                     "WordPiece vocab .txt file.")
+    raise ValueError(
+      "config.tokenizer is empty: give a local bert-base-uncased directory (HF layout) or a WordPiece vocab .txt file."
+    )
   return tokenizer_lib.load_tokenizer(path)
 
 
@@ -71,8 +78,9 @@ def _read_hf_config(path: str) -> tuple[dict, str]:
   """The LLM's HF config dict of an LLM or BLIP-2 directory, and the prefix of its tensors' names there."""
   file = os.path.join(path, "config.json")
   if not os.path.isfile(file):
-    raise FileNotFoundError(f"No config.json in config.init.llm_weights={path!r}: give a local Hugging Face "
-                            "OPT / T5 (or BLIP-2) directory.")
+    raise FileNotFoundError(
+      f"No config.json in config.init.llm_weights={path!r}: give a local Hugging Face OPT / T5 (or BLIP-2) directory."
+    )
   with open(file, encoding="utf-8") as f:
     config = json.load(f)
   if config.get("model_type") == "blip-2":
@@ -100,8 +108,10 @@ def llm_config(config) -> ml_collections.ConfigDict:
     hf_config, prefix = _read_hf_config(path)
     names = _TensorNames(path, prefix)
     if hf_config.get("model_type") != llm.kind and hf_config.get("model_type") in llms.FAMILIES:
-      raise ValueError(f"config.init.llm_weights={path!r} holds a {hf_config['model_type']!r} model but "
-                       f"config.model.llm.kind is {llm.kind!r}: use the config of that family.")
+      raise ValueError(
+        f"config.init.llm_weights={path!r} holds a {hf_config['model_type']!r} model but "
+        f"config.model.llm.kind is {llm.kind!r}: use the config of that family."
+      )
   else:
     hf_config = dict(hf.llm_hf_config(config))
     names = None
@@ -113,8 +123,13 @@ def resolve_demo_llm(config, workdir: str):
   (blip2_jax.demo_llm) and then read like any HF directory; the workdir's config.json records its path."""
   if kind(config) == llms.RETRIEVAL or config.init.llm_weights != "demo":
     return config
-  path = demo_llm.make_demo_llm(config.model.llm.kind, os.path.join(os.path.abspath(workdir), "demo_llm"),
-                                config.data, steps=config.init.demo_llm_steps, seed=config.seed)
+  path = demo_llm.make_demo_llm(
+    config.model.llm.kind,
+    os.path.join(os.path.abspath(workdir), "demo_llm"),
+    config.data,
+    steps=config.init.demo_llm_steps,
+    seed=config.seed,
+  )
   config = config.copy_and_resolve_references()
   with config.unlocked():
     config.init.llm_weights = str(path)
@@ -125,8 +140,9 @@ def model_config(config, tokenizer) -> ml_collections.ConfigDict:
   """config.model with the tokenizer-dependent fields filled in (vocab size, [DEC] id; stage 2: the LLM)."""
   cfg = ml_collections.ConfigDict(config.model.to_dict())
   if cfg.vit.image_size != config.data.image_size:
-    raise ValueError(f"config.data.image_size={config.data.image_size} differs from "
-                     f"config.model.vit.image_size={cfg.vit.image_size}.")
+    raise ValueError(
+      f"config.data.image_size={config.data.image_size} differs from config.model.vit.image_size={cfg.vit.image_size}."
+    )
   if kind(config) != llms.RETRIEVAL:
     cfg.llm = llm_config(config)
     cfg.qformer.text_input = False  # stage 2 drops the Q-Former's text side (LAVIS)
@@ -135,8 +151,10 @@ def model_config(config, tokenizer) -> ml_collections.ConfigDict:
   if cfg.qformer.vocab_size == 0:
     cfg.qformer.vocab_size = vocab
   elif cfg.qformer.vocab_size < vocab:
-    raise ValueError(f"config.model.qformer.vocab_size={cfg.qformer.vocab_size} is smaller than the "
-                     f"tokenizer's {vocab} tokens (incl. [DEC]).")
+    raise ValueError(
+      f"config.model.qformer.vocab_size={cfg.qformer.vocab_size} is smaller than the "
+      f"tokenizer's {vocab} tokens (incl. [DEC])."
+    )
   cfg.bos_token_id = tokenizer.bos_token_id
   return cfg
 
@@ -159,9 +177,11 @@ def dummy_batch(config, batch_size: int = 1) -> dict:
 # Model, mesh, shardings, born-sharded init
 # --------------------------------------------------------------------------------------------------------------
 
+
 @dataclasses.dataclass
 class Setup:
   """What every entry point needs: the model, the mesh, shardings and an init function."""
+
   model: nn.Module  # Blip2Qformer (stage 1) or Blip2LLM (stage 2)
   mesh: jax.sharding.Mesh
   rules: tuple
@@ -194,17 +214,32 @@ def build(config, tokenizer, devices=None) -> Setup:
   def init(rng):
     trainable, frozen = (nn.unbox(t) for t in init_params(rng))
     frozen = jax.tree.map(lambda x: x.astype(frozen_dtype), frozen)
-    state = {"step": jnp.zeros((), jnp.int32), "params": trainable, "opt_state": tx.init(trainable),
-             "rng": jax.random.fold_in(rng, 1)}
+    state = {
+      "step": jnp.zeros((), jnp.int32),
+      "params": trainable,
+      "opt_state": tx.init(trainable),
+      "rng": jax.random.fold_in(rng, 1),
+    }
     return state, frozen
 
   abstract_state, _ = jax.eval_shape(init, jax.random.PRNGKey(0))
-  opt_sh = optax.tree_map_params(tx, lambda _, sh: sh, abstract_state["opt_state"], param_sh,
-                                 transform_non_params=lambda _: repl)
+  opt_sh = optax.tree_map_params(
+    tx, lambda _, sh: sh, abstract_state["opt_state"], param_sh, transform_non_params=lambda _: repl
+  )
   state_sh = {"step": repl, "params": param_sh, "opt_state": opt_sh, "rng": repl}
   init_jit = jax.jit(init, out_shardings=(state_sh, frozen_sh))
-  return Setup(model, mesh, rules, tx, schedule, state_sh, frozen_sh,
-               partitioning.batch_sharding(mesh, rules), abstract_state, init_jit)
+  return Setup(
+    model,
+    mesh,
+    rules,
+    tx,
+    schedule,
+    state_sh,
+    frozen_sh,
+    partitioning.batch_sharding(mesh, rules),
+    abstract_state,
+    init_jit,
+  )
 
 
 def global_batch(local_batch: dict, sharding) -> dict:
@@ -216,10 +251,13 @@ def global_batch(local_batch: dict, sharding) -> dict:
 # Pretrained weights in: one tensor at a time, straight onto its sharding
 # --------------------------------------------------------------------------------------------------------------
 
+
 def _placer(flat_shardings: dict):
   """place(path, numpy array) -> the array on its sharding (each device reads only its slice)."""
+
   def place(path, x):
     return jax.make_array_from_callback(x.shape, flat_shardings[path], lambda idx: x[idx])
+
   return place
 
 
@@ -240,14 +278,16 @@ def load_pretrained(config, setup: Setup, state, frozen, *, frozen_only: bool = 
 
   def read_frozen(ckpt, entries, top, prefix=""):
     entries = [e for e in entries if e[0].split("/")[0] == top]
-    tree = weights.tree_from_hf(ckpt, entries, {top: frozen[top]}, prefix=prefix, place=place_frozen,
-                                dtype=lambda path: frozen_flat[path].dtype)
+    tree = weights.tree_from_hf(
+      ckpt, entries, {top: frozen[top]}, prefix=prefix, place=place_frozen, dtype=lambda path: frozen_flat[path].dtype
+    )
     frozen_flat.update(traverse_util.flatten_dict(tree, sep="/"))
 
   def read_trainable(ckpt, entries):
     template = traverse_util.unflatten_dict(
-        {p: v for p, v in traverse_util.flatten_dict(state["params"], sep="/").items()
-         if p in {e[0] for e in entries}}, sep="/")
+      {p: v for p, v in traverse_util.flatten_dict(state["params"], sep="/").items() if p in {e[0] for e in entries}},
+      sep="/",
+    )
     updates.update(traverse_util.flatten_dict(weights.tree_from_hf(ckpt, entries, template), sep="/"))
 
   cfg = setup.model.cfg
@@ -259,16 +299,18 @@ def load_pretrained(config, setup: Setup, state, frozen, *, frozen_only: bool = 
       read_trainable(ckpt, [e for e in vision if e[0].startswith("ln_vision/")])
   if stage2 and init.llm_weights:
     _, prefix = _read_hf_config(init.llm_weights)
-    read_frozen(weights.read_safetensors_dir(init.llm_weights), hf.llm_weight_map(cfg.llm, prefix=""),
-                "language_model", prefix)
+    read_frozen(
+      weights.read_safetensors_dir(init.llm_weights), hf.llm_weight_map(cfg.llm, prefix=""), "language_model", prefix
+    )
   if not frozen_only:
     if stage2 and init.qformer_weights:
       updates.update(_stage2_qformer(init.qformer_weights, cfg, read_trainable))
     elif not stage2 and (init.bert_weights or init.lavis_weights):
       host = partitioning.host_copy(state["params"])
       if init.lavis_weights:
-        loaded, _ = lavis.load_lavis_checkpoint(init.lavis_weights,
-                                                partitioning.merge(host, partitioning.host_copy(frozen)))
+        loaded, _ = lavis.load_lavis_checkpoint(
+          init.lavis_weights, partitioning.merge(host, partitioning.host_copy(frozen))
+        )
       else:
         loaded = weights.load_qformer_from_bert(init.bert_weights, host)
       for path, value in traverse_util.flatten_dict(loaded, sep="/").items():
@@ -305,7 +347,8 @@ def _stage2_qformer(path, cfg, read_trainable) -> dict:
     log.info("Stage-2 Q-Former from the stage-1 workdir %s.", path)
     return {p: np.asarray(partitioning.host_copy(stage1[p]), np.float32) for p in wanted}
   entries = weights.qformer_weight_map(cfg, text=False) + [
-      e for e in weights.vision_weight_map(cfg.vit.depth) if e[0].startswith("ln_vision/")]
+    e for e in weights.vision_weight_map(cfg.vit.depth) if e[0].startswith("ln_vision/")
+  ]
   read_trainable(weights.read_safetensors_dir(path), entries)
   log.info("Stage-2 Q-Former from the BLIP-2 checkpoint %s.", path)
   return {}
@@ -346,15 +389,22 @@ def load_hf_blip2(path, *, dtype: str = "float32", mesh=None, rules=DEFAULT_RULE
   model has no place for, a missing tensor or a shape that differs is an error naming it."""
   root = Path(path)
   if not (root / "config.json").is_file():
-    raise FileNotFoundError(f"No config.json in {root}: give a local Hugging Face BLIP-2 directory (config.json "
-                            "and model.safetensors or its shards).")
+    raise FileNotFoundError(
+      f"No config.json in {root}: give a local Hugging Face BLIP-2 directory (config.json "
+      "and model.safetensors or its shards)."
+    )
   hf_config = json.loads((root / "config.json").read_text())
   ckpt = weights.read_safetensors_dir(root)
   cfg, model_kind = hf.config_from_hf(hf_config, dtype=dtype, remat_policy=remat_policy, tensor_names=ckpt)
   mesh = mesh if mesh is not None else partitioning.make_mesh({"data": 1, "fsdp": -1, "tensor": 1})
   boxed = abstract_params(build_module(cfg, model_kind), cfg, model_kind)
-  place = _placer(traverse_util.flatten_dict(partitioning.logical_to_shardings(boxed, mesh, rules), sep="/",
-                                             is_leaf=lambda _, x: isinstance(x, jax.sharding.Sharding)))
+  place = _placer(
+    traverse_util.flatten_dict(
+      partitioning.logical_to_shardings(boxed, mesh, rules),
+      sep="/",
+      is_leaf=lambda _, x: isinstance(x, jax.sharding.Sharding),
+    )
+  )
   frozen_dtype = jnp.dtype(dtype)
 
   def param_dtype(p):
@@ -369,9 +419,11 @@ def load_hf_blip2(path, *, dtype: str = "float32", mesh=None, rules=DEFAULT_RULE
   params = weights.tree_from_hf(get, weight_map, boxed, dtype=param_dtype, place=place)
   unused = sorted(set(ckpt) - reader.used)
   if unused:
-    raise ValueError(f"Checkpoint {root} has {len(unused)} tensor(s) the {hf_config['architectures'][0]} model "
-                     f"built from its config.json has no place for, first `{unused[0]}` in "
-                     f"{ckpt.file_of(unused[0])}.")
+    raise ValueError(
+      f"Checkpoint {root} has {len(unused)} tensor(s) the {hf_config['architectures'][0]} model "
+      f"built from its config.json has no place for, first `{unused[0]}` in "
+      f"{ckpt.file_of(unused[0])}."
+    )
   log.info("Loaded %s (%s) from %s.", hf_config["architectures"][0], model_kind, root)
   return hf_config, cfg, model_kind, params, mesh
 
@@ -379,6 +431,7 @@ def load_hf_blip2(path, *, dtype: str = "float32", mesh=None, rules=DEFAULT_RULE
 # --------------------------------------------------------------------------------------------------------------
 # Checkpoints: this run's latest, or a workdir's
 # --------------------------------------------------------------------------------------------------------------
+
 
 def restore_or_init(config, setup: Setup, mngr):
   """This run's latest checkpoint if there is one, else the init sources config.init names."""
@@ -405,6 +458,7 @@ def load_workdir_config(workdir) -> ml_collections.ConfigDict:
     if isinstance(x, dict):
       return {k: tuples(v) for k, v in x.items()}
     return tuple(tuples(v) for v in x) if isinstance(x, list) else x
+
   return ml_collections.ConfigDict(tuples(json.loads(path.read_text())))
 
 
@@ -417,8 +471,10 @@ def restore_workdir(workdir, config=None, *, devices=None):
   mngr = checkpointing.manager(workdir, config.keep_checkpoints)
   try:
     if mngr.latest_step() is None:
-      raise FileNotFoundError(f"No checkpoint under {Path(workdir) / 'checkpoints'}: train first with "
-                              f"python -m blip2_jax.train --config=... --workdir={workdir}.")
+      raise FileNotFoundError(
+        f"No checkpoint under {Path(workdir) / 'checkpoints'}: train first with "
+        f"python -m blip2_jax.train --config=... --workdir={workdir}."
+      )
     state, frozen, _ = restore_or_init(config, setup, mngr)
   finally:
     mngr.close()

@@ -8,14 +8,14 @@ skip the padding, as HF counts them), and "\\n" is the end of a caption (BLIP-2/
 Compilation: prompts are padded to a multiple of PROMPT_BUCKET tokens and batches to the batch size given, so a
 folder of images with prompts of different lengths compiles a handful of programs, not one per call.
 """
+
 import functools
 
 import jax
 import numpy as np
 
 from blip2_jax import generation
-from blip2_jax.models import layers
-from blip2_jax.models import llms
+from blip2_jax.models import layers, llms
 from blip2_jax.models.blip2 import Blip2LLM
 
 PROMPT_BUCKET = 8
@@ -52,16 +52,29 @@ def tokenize_prompts(tokenizer, prompts: list[str], family: llms.LLMFamily) -> t
   mask = np.zeros((len(ids), length), np.int32)
   for i, x in enumerate(ids):
     if family.padding_side == "left":
-      arr[i, length - len(x):], mask[i, length - len(x):] = x, 1
+      arr[i, length - len(x) :], mask[i, length - len(x) :] = x, 1
     else:
-      arr[i, :len(x)], mask[i, :len(x)] = x, 1
+      arr[i, : len(x)], mask[i, : len(x)] = x, 1
   return arr, mask
 
 
-def generate_text(module: Blip2LLM, params, tokenizer, images, prompts, *, max_new_tokens: int = 30,
-                  min_new_tokens: int = 0, num_beams: int = 1, length_penalty: float = 1.0,
-                  repetition_penalty: float = 1.0, do_sample: bool = False, top_p: float = 1.0,
-                  temperature: float = 1.0, seed: int = 0) -> list[str]:
+def generate_text(
+  module: Blip2LLM,
+  params,
+  tokenizer,
+  images,
+  prompts,
+  *,
+  max_new_tokens: int = 30,
+  min_new_tokens: int = 0,
+  num_beams: int = 1,
+  length_penalty: float = 1.0,
+  repetition_penalty: float = 1.0,
+  do_sample: bool = False,
+  top_p: float = 1.0,
+  temperature: float = 1.0,
+  seed: int = 0,
+) -> list[str]:
   """images [B, S, S, 3] (CLIP-normalised); prompts: one string, or one per image. -> B generated strings."""
   cfg = module.cfg
   images = np.asarray(images, np.float32)
@@ -75,12 +88,22 @@ def generate_text(module: Blip2LLM, params, tokenizer, images, prompts, *, max_n
   if "max_position_embeddings" in cfg.llm:  # learned positions (OPT); T5's relative positions have no limit
     needed = cfg.num_query_tokens + ids.shape[1] + max_new_tokens
     if needed > cfg.llm.max_position_embeddings:
-      raise ValueError(f"Prompt too long: {cfg.num_query_tokens} queries + {ids.shape[1]} prompt tokens (padded) + "
-                       f"{max_new_tokens} new tokens exceed the LLM's {cfg.llm.max_position_embeddings} positions.")
-  options = dict(max_new_tokens=max_new_tokens, min_new_tokens=min_new_tokens, num_beams=num_beams,
-                 length_penalty=length_penalty, repetition_penalty=repetition_penalty, do_sample=do_sample,
-                 top_p=top_p, temperature=temperature, eos_token_id=family.eos_token_id(tokenizer),
-                 pad_token_id=tokenizer.pad_token_id)
+      raise ValueError(
+        f"Prompt too long: {cfg.num_query_tokens} queries + {ids.shape[1]} prompt tokens (padded) + "
+        f"{max_new_tokens} new tokens exceed the LLM's {cfg.llm.max_position_embeddings} positions."
+      )
+  options = dict(
+    max_new_tokens=max_new_tokens,
+    min_new_tokens=min_new_tokens,
+    num_beams=num_beams,
+    length_penalty=length_penalty,
+    repetition_penalty=repetition_penalty,
+    do_sample=do_sample,
+    top_p=top_p,
+    temperature=temperature,
+    eos_token_id=family.eos_token_id(tokenizer),
+    pad_token_id=tokenizer.pad_token_id,
+  )
   module = layers.frozen_config(module)  # hashable: jit's static argument
   rng = jax.random.PRNGKey(seed) if do_sample else None
   tokens = _generate(module, params, images, ids, mask, tuple(sorted(options.items())), rng)
@@ -99,5 +122,6 @@ def answer(module, params, tokenizer, images, questions, **settings) -> list[str
   if any(not q.strip() for q in questions):
     raise ValueError("An empty question: VQA needs a question per image.")
   template = llms.family(module.cfg.llm.kind).vqa_prompt
-  return generate_text(module, params, tokenizer, images, [template.format(q.strip()) for q in questions],
-                       **{**VQA_SETTINGS, **settings})
+  return generate_text(
+    module, params, tokenizer, images, [template.format(q.strip()) for q in questions], **{**VQA_SETTINGS, **settings}
+  )

@@ -4,13 +4,13 @@ One flat train_and_evaluate() in sections, big_vision style: tokenizer and input
 and born-sharded state (or resume; state.py) -> update step -> loop with logging, evaluation and checkpoints. The same
 program runs on one CPU, on 8 fake CPU devices, on a GPU node and on a TPU pod; only the mesh changes.
 """
+
 import logging
 import math
 import os
 import time
 
-from absl import app
-from absl import flags
+from absl import app, flags
 from absl import logging as absl_logging
 import jax
 import jax.numpy as jnp
@@ -20,11 +20,7 @@ import numpy as np
 import optax
 import tqdm
 
-from blip2_jax import checkpointing
-from blip2_jax import cli
-from blip2_jax import collapse
-from blip2_jax import evaluators
-from blip2_jax import partitioning
+from blip2_jax import checkpointing, cli, collapse, evaluators, partitioning
 from blip2_jax import state as state_lib
 from blip2_jax.data import pipeline
 from blip2_jax.metric_writer import MetricWriter
@@ -47,8 +43,13 @@ def make_train_step(setup: state_lib.Setup):
     itm_rng, dropout_rng = jax.random.split(step_rng)
 
     def loss_fn(params):
-      out = model.apply({"params": partitioning.merge(params, frozen)}, batch, train=True,
-                        rngs={"itm": itm_rng, "dropout": dropout_rng}, method="losses")
+      out = model.apply(
+        {"params": partitioning.merge(params, frozen)},
+        batch,
+        train=True,
+        rngs={"itm": itm_rng, "dropout": dropout_rng},
+        method="losses",
+      )
       return out["loss"], out
 
     (_, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"])
@@ -59,10 +60,12 @@ def make_train_step(setup: state_lib.Setup):
       metrics["temp"] = state["params"]["temp"]
     return {"step": state["step"] + 1, "params": params, "opt_state": opt_state, "rng": state["rng"]}, metrics
 
-  return jax.jit(train_step,
-                 in_shardings=(setup.state_shardings, setup.frozen_shardings, setup.batch_sharding),
-                 out_shardings=(setup.state_shardings, partitioning.replicated(setup.mesh)),
-                 donate_argnums=(0,))
+  return jax.jit(
+    train_step,
+    in_shardings=(setup.state_shardings, setup.frozen_shardings, setup.batch_sharding),
+    out_shardings=(setup.state_shardings, partitioning.replicated(setup.mesh)),
+    donate_argnums=(0,),
+  )
 
 
 def make_image_gain_fn(setup: state_lib.Setup):
@@ -76,14 +79,17 @@ def make_image_gain_fn(setup: state_lib.Setup):
     shifted = dict(batch, image=jnp.roll(batch["image"], 1, axis=0))
     return model.apply(variables, shifted, train=False, method="losses")["loss"] - loss
 
-  return jax.jit(image_gain, in_shardings=(setup.state_shardings["params"], setup.frozen_shardings,
-                                           setup.batch_sharding),
-                 out_shardings=partitioning.replicated(setup.mesh))
+  return jax.jit(
+    image_gain,
+    in_shardings=(setup.state_shardings["params"], setup.frozen_shardings, setup.batch_sharding),
+    out_shardings=partitioning.replicated(setup.mesh),
+  )
 
 
 # --------------------------------------------------------------------------------------------------------------
 # main
 # --------------------------------------------------------------------------------------------------------------
+
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, devices=None) -> dict:
   """Runs training to config.total_steps (resuming from workdir if possible); returns the last metrics.
@@ -99,18 +105,27 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, devices=
   tokenizer = state_lib.load_tokenizer(config)
   kind = state_lib.kind(config)
   if config.global_batch_size % jax.process_count():
-    raise ValueError(f"config.global_batch_size={config.global_batch_size} is not divisible by the "
-                     f"{jax.process_count()} processes.")
+    raise ValueError(
+      f"config.global_batch_size={config.global_batch_size} is not divisible by the {jax.process_count()} processes."
+    )
   train_iter = pipeline.make_train_iterator(
-      config.data, tokenizer, global_batch_size=config.global_batch_size, seed=config.seed, kind=kind,
-      process_index=jax.process_index(), process_count=jax.process_count())
+    config.data,
+    tokenizer,
+    global_batch_size=config.global_batch_size,
+    seed=config.seed,
+    kind=kind,
+    process_index=jax.process_index(),
+    process_count=jax.process_count(),
+  )
 
   # 2. Model, optimizer, mesh and shardings; parameters are born sharded.
   setup = state_lib.build(config, tokenizer, devices)
   data_parallel = math.prod(setup.mesh.shape[a] for a in jax.tree.leaves(dict(setup.rules)["batch"]))
   if config.global_batch_size % data_parallel:
-    raise ValueError(f"config.global_batch_size={config.global_batch_size} is not divisible by the "
-                     f"{data_parallel} devices the batch is split over (mesh {dict(setup.mesh.shape)}).")
+    raise ValueError(
+      f"config.global_batch_size={config.global_batch_size} is not divisible by the "
+      f"{data_parallel} devices the batch is split over (mesh {dict(setup.mesh.shape)})."
+    )
   mngr = checkpointing.manager(workdir, config.keep_checkpoints)
   state, frozen, data_state = state_lib.restore_or_init(config, setup, mngr)
   if data_state is not None:
@@ -118,9 +133,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, devices=
   train_step = make_train_step(setup)
   evaluator = evaluators.make_evaluator(config, setup, tokenizer)
   writer = MetricWriter(workdir)
-  guard = collapse.CollapseGuard(global_batch_size=config.global_batch_size,
-                                 warmup_steps=config.optimizer.warmup_steps,
-                                 patience=config.collapse_patience, stage2=kind != llms.RETRIEVAL)
+  guard = collapse.CollapseGuard(
+    global_batch_size=config.global_batch_size,
+    warmup_steps=config.optimizer.warmup_steps,
+    patience=config.collapse_patience,
+    stage2=kind != llms.RETRIEVAL,
+  )
   image_gain = make_image_gain_fn(setup) if kind != llms.RETRIEVAL and config.collapse_patience else None
 
   # 3. The loop. Metrics of step s are read back after step s+1 is dispatched, so the host never stalls the
@@ -128,8 +146,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, devices=
   step = int(jax.device_get(state["step"]))
   progress = _progress_bar(step, config.total_steps)
   try:
-    last = _loop(config, setup, state, frozen, step, train_iter, train_step, evaluator, mngr, writer, progress,
-                 guard, image_gain)
+    last = _loop(
+      config, setup, state, frozen, step, train_iter, train_step, evaluator, mngr, writer, progress, guard, image_gain
+    )
     _write_examples(workdir, evaluator, writer, config.total_steps)
   finally:
     # Also on an error: let the checkpoints already queued finish writing, so nothing saved is lost.
@@ -140,8 +159,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, devices=
   return last
 
 
-def _loop(config, setup, state, frozen, step, train_iter, train_step, evaluator, mngr, writer, progress, guard,
-          image_gain):
+def _loop(
+  config, setup, state, frozen, step, train_iter, train_step, evaluator, mngr, writer, progress, guard, image_gain
+):
   """One batch at a time from the iterator through the update; logging, checkpoints and evaluation."""
   start_step, t0, last = step, time.time(), {}
   pending = None
@@ -179,8 +199,9 @@ def _loop(config, setup, state, frozen, step, train_iter, train_step, evaluator,
       n = config.eval.during_training_images
       if evaluate_now and n:
         # A cheap look on the split's first n images, every eval_every steps, as a curve of its own (eval_N/).
-        _log_eval(step, {k.replace("eval/", f"eval_{n}/", 1): v for k, v in evaluator.run(params, n).items()},
-                  writer, last)
+        _log_eval(
+          step, {k.replace("eval/", f"eval_{n}/", 1): v for k, v in evaluator.run(params, n).items()}, writer, last
+        )
       if is_last or not n:
         _log_eval(step, evaluator.run(params), writer, last)
       t0 = time.time()  # evaluation time is not training throughput
@@ -208,14 +229,17 @@ def _check_finite(step: int, metrics) -> dict:
   metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
   if not math.isfinite(metrics["loss"]):
     parts = ", ".join(f"{k[5:]}={v}" for k, v in metrics.items() if k.startswith("loss_"))
-    raise TrainingError(f"Non-finite loss {metrics['loss']} at step {step} ({parts}); stopping without saving "
-                        f"it. The last checkpoint is intact: lower config.optimizer.lr or check the data.")
+    raise TrainingError(
+      f"Non-finite loss {metrics['loss']} at step {step} ({parts}); stopping without saving "
+      f"it. The last checkpoint is intact: lower config.optimizer.lr or check the data."
+    )
   return metrics
 
 
 def _progress_bar(initial: int, total: int):
-  return tqdm.tqdm(total=total, initial=initial, desc="train", unit="step", disable=jax.process_index() != 0,
-              dynamic_ncols=True)
+  return tqdm.tqdm(
+    total=total, initial=initial, desc="train", unit="step", disable=jax.process_index() != 0, dynamic_ncols=True
+  )
 
 
 def main(argv):

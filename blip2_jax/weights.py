@@ -15,17 +15,18 @@ nothing keeps its init) and return numpy float32 subtrees keyed like it, so `par
 merges them. Torch Linear weights are [out, in] and become [in, out] kernels; Conv2d OIHW becomes HWIO. Only
 safetensors are read: a pickle (`.bin`, `.pth`) can run code when loaded.
 """
+
+from collections.abc import Mapping
 import json
 import logging
-import re
-from collections.abc import Mapping
 from pathlib import Path
+import re
 
+from flax import traverse_util
 import flax.linen as nn
 import jax
 import ml_collections
 import numpy as np
-from flax import traverse_util
 from safetensors import safe_open
 
 log = logging.getLogger(__name__)
@@ -36,6 +37,7 @@ _NOT_IN_NUMPY = ("BF16", "F8_E4M3", "F8_E5M2")  # safetensors dtypes its numpy b
 
 
 # --- reading safetensors -----------------------------------------------------------------------------------
+
 
 class SafetensorsCheckpoint(Mapping):
   """Lazy name -> numpy array view of one or more safetensors files; each lookup reads one tensor.
@@ -82,12 +84,15 @@ def read_safetensors_dir(path) -> SafetensorsCheckpoint:
   `model.safetensors.index.json` (or bare `*.safetensors` shards). Nothing is read until a tensor is asked for."""
   root = Path(path)
   if not root.exists():
-    raise FileNotFoundError(f"No checkpoint at {root}: give a directory holding model.safetensors "
-                            "(or its shards and model.safetensors.index.json).")
+    raise FileNotFoundError(
+      f"No checkpoint at {root}: give a directory holding model.safetensors "
+      "(or its shards and model.safetensors.index.json)."
+    )
   if root.is_file():
     if root.suffix != ".safetensors":
-      raise ValueError(_pickle_message(root) if root.suffix in _PICKLE_SUFFIXES
-                       else f"{root} is not a .safetensors file.")
+      raise ValueError(
+        _pickle_message(root) if root.suffix in _PICKLE_SUFFIXES else f"{root} is not a .safetensors file."
+      )
     files = [root]
   elif (root / "model.safetensors.index.json").exists():
     weight_map = json.loads((root / "model.safetensors.index.json").read_text())["weight_map"]
@@ -113,12 +118,15 @@ def read_safetensors_dir(path) -> SafetensorsCheckpoint:
 
 
 def _pickle_message(path: Path) -> str:
-  return (f"{path} holds only PyTorch pickle weights, and blip2_jax reads only safetensors (unpickling can run "
-          "code): convert it once with its own transformers class, e.g. "
-          "`Blip2ForConditionalGeneration.from_pretrained(dir).save_pretrained(out)`, which writes model.safetensors.")
+  return (
+    f"{path} holds only PyTorch pickle weights, and blip2_jax reads only safetensors (unpickling can run "
+    "code): convert it once with its own transformers class, e.g. "
+    "`Blip2ForConditionalGeneration.from_pretrained(dir).save_pretrained(out)`, which writes model.safetensors."
+  )
 
 
 # --- the mapping machinery ----------------------------------------------------------------------------------
+
 
 def _linear_kernel(w):
   return w.T  # torch Linear [out, in] -> Flax kernel [in, out]
@@ -143,17 +151,21 @@ class _Filler:
 
   def read(self, key: str) -> np.ndarray:
     if key not in self.keys:
-      raise ValueError(f"Checkpoint {self.ckpt.root} has no tensor `{key}`; is it the right kind of checkpoint "
-                       "(and the config the right size)?")
+      raise ValueError(
+        f"Checkpoint {self.ckpt.root} has no tensor `{key}`; is it the right kind of checkpoint "
+        "(and the config the right size)?"
+      )
     self.used.add(key)
     return np.asarray(self.ckpt[self.keys[key]], np.float32)
 
   def _check(self, dst: str, key: str, shape):
     expected = _shape(self.template[dst])
     if tuple(shape) != expected:
-      raise ValueError(f"Shape mismatch at `{dst}`: checkpoint tensor `{self.keys[key]}` in "
-                       f"{self.ckpt.file_of(self.keys[key])} gives {tuple(shape)}, the model expects {expected}; "
-                       "make the config match the checkpoint.")
+      raise ValueError(
+        f"Shape mismatch at `{dst}`: checkpoint tensor `{self.keys[key]}` in "
+        f"{self.ckpt.file_of(self.keys[key])} gives {tuple(shape)}, the model expects {expected}; "
+        "make the config match the checkpoint."
+      )
 
   def put(self, dst: str, key: str, transform=None):
     value = self.read(key)
@@ -170,9 +182,13 @@ class _Filler:
     if value.shape[0] > expected[0] or value.shape[1:] != expected[1:]:
       self._check(dst, key, value.shape)
     if value.shape[0] < expected[0]:
-      log.info("%s: %d rows from the checkpoint, the last %d keep their init.", dst, value.shape[0],
-               expected[0] - value.shape[0])
-      value = np.concatenate([value, self.template_value(dst)[value.shape[0]:]], axis=0)
+      log.info(
+        "%s: %d rows from the checkpoint, the last %d keep their init.",
+        dst,
+        value.shape[0],
+        expected[0] - value.shape[0],
+      )
+      value = np.concatenate([value, self.template_value(dst)[value.shape[0] :]], axis=0)
     self.out[dst] = np.ascontiguousarray(value, np.float32)
 
   def dense(self, dst: str, src: str):
@@ -186,8 +202,10 @@ class _Filler:
   def template_value(self, dst: str) -> np.ndarray:
     leaf = self.template[dst]
     if isinstance(leaf, jax.ShapeDtypeStruct):
-      raise ValueError(f"`{dst}` is not in the checkpoint, so it keeps its init value, but the template is "
-                       "abstract: pass initialised parameters (model.init) as the template.")
+      raise ValueError(
+        f"`{dst}` is not in the checkpoint, so it keeps its init value, but the template is "
+        "abstract: pass initialised parameters (model.init) as the template."
+      )
     return np.array(leaf, np.float32)
 
   def subtree(self, top_keys, *, require_all: bool):
@@ -205,7 +223,6 @@ class _Filler:
     return traverse_util.unflatten_dict(flat, sep="/")
 
 
-
 def _num_layers(keys, pattern: str) -> int:
   found = {int(m.group(1)) for k in keys if (m := re.match(pattern, k))}
   return max(found) + 1 if found else 0
@@ -216,6 +233,7 @@ def _num_template_layers(template, prefix: str) -> int:
 
 
 # --- the frozen ViT -----------------------------------------------------------------------------------------
+
 
 def load_vision_from_blip2(path, params_template) -> dict:
   """HF BLIP-2 checkpoint -> {'visual_encoder': ..., 'ln_vision': ...}, numpy float32.
@@ -235,8 +253,16 @@ def load_vision_from_blip2(path, params_template) -> dict:
 
 # --- the Q-Former -------------------------------------------------------------------------------------------
 
-def _fill_qformer_layer(fill: _Filler, i: int, src: str, *, self_attn: str, text_ffn: tuple[str, str] | None,
-                        query_ffn: tuple[str, str] | None):
+
+def _fill_qformer_layer(
+  fill: _Filler,
+  i: int,
+  src: str,
+  *,
+  self_attn: str,
+  text_ffn: tuple[str, str] | None,
+  query_ffn: tuple[str, str] | None,
+):
   """One Q-Former layer in BERT naming under `src`: self-attention (q/k/v under `self_attn`) and the FFNs given
   as (intermediate, output) module names, None where the checkpoint has no such FFN."""
   dst = f"qformer/layers_{i}"
@@ -257,7 +283,7 @@ def _bert_names(ckpt) -> dict[str, str]:
   """Canonical BERT names (no `bert.` prefix, LayerNorm weight/bias) -> the checkpoint's own spelling."""
   names = {}
   for key in ckpt:
-    canon = key[len("bert."):] if key.startswith("bert.") else key
+    canon = key[len("bert.") :] if key.startswith("bert.") else key
     canon = re.sub(r"LayerNorm\.gamma$", "LayerNorm.weight", canon)
     canon = re.sub(r"LayerNorm\.beta$", "LayerNorm.bias", canon)
     names[canon] = key
@@ -277,8 +303,9 @@ def load_qformer_from_bert(path, params_template) -> dict:
   num_layers = _num_template_layers(template["qformer"], "layers")
   have = _num_layers(fill.keys, r"encoder\.layer\.(\d+)\.")
   if have < num_layers:
-    raise ValueError(f"BERT checkpoint {ckpt.root} has {have} layers but the Q-Former config asks for "
-                     f"num_layers={num_layers}.")
+    raise ValueError(
+      f"BERT checkpoint {ckpt.root} has {have} layers but the Q-Former config asks for num_layers={num_layers}."
+    )
   if have > num_layers:
     log.info("BERT checkpoint %s has %d layers; using the first %d.", ckpt.root, have, num_layers)
 
@@ -287,10 +314,15 @@ def load_qformer_from_bert(path, params_template) -> dict:
   fill.norm("qformer/embed_norm", "embeddings.LayerNorm")
   for i in range(num_layers):
     src = f"encoder.layer.{i}"
-    _fill_qformer_layer(fill, i, src, self_attn="attention.self", text_ffn=("intermediate", "output"),
-                        query_ffn=None)
-    for leaf in ("intermediate/kernel", "intermediate/bias", "output/kernel", "output/bias",
-                 "output_norm/scale", "output_norm/bias"):
+    _fill_qformer_layer(fill, i, src, self_attn="attention.self", text_ffn=("intermediate", "output"), query_ffn=None)
+    for leaf in (
+      "intermediate/kernel",
+      "intermediate/bias",
+      "output/kernel",
+      "output/bias",
+      "output_norm/scale",
+      "output_norm/bias",
+    ):
       fill.out[f"qformer/layers_{i}/ffn_query/{leaf}"] = fill.out[f"qformer/layers_{i}/ffn/{leaf}"].copy()
 
   if fill.has("embeddings.token_type_embeddings.weight"):
@@ -301,8 +333,9 @@ def load_qformer_from_bert(path, params_template) -> dict:
     fill.put_leading_rows("qformer/lm_bias", "cls.predictions.bias")
   else:
     log.info("%s has no MLM head (cls.predictions.*): the Q-Former LM head keeps its init.", ckpt.root)
-  kept = sorted({p.rsplit("/", 1)[0] for p in fill.template
-                 if p not in fill.out and p.split("/")[0] not in _VISION_KEYS})
+  kept = sorted(
+    {p.rsplit("/", 1)[0] for p in fill.template if p not in fill.out and p.split("/")[0] not in _VISION_KEYS}
+  )
   log.info("Q-Former from BERT %s; kept at init: %s", ckpt.root, ", ".join(kept))
   return fill.subtree([k for k in template if k not in _VISION_KEYS], require_all=False)
 
@@ -326,22 +359,31 @@ def load_qformer_from_blip2(path, params_template) -> tuple[dict, set[str]]:
   cfg = ml_collections.ConfigDict(dict(qformer=dict(num_layers=num_layers, cross_attention_freq=freq)))
   entries = qformer_weight_map(cfg, text="embeddings.word_embeddings.weight" in ckpt)
   used = {e[1] for e in entries}
-  unused = sorted(k for k in ckpt if k.startswith(("qformer.", "query_tokens", "embeddings.", "vision_projection.",
-                                                     "text_projection.", "itm_head.")) and k not in used)
+  unused = sorted(
+    k
+    for k in ckpt
+    if k.startswith(("qformer.", "query_tokens", "embeddings.", "vision_projection.", "text_projection.", "itm_head."))
+    and k not in used
+  )
   if unused:
-    raise ValueError(f"Checkpoint {ckpt.root} has Q-Former tensors the model has no place for, first "
-                     f"`{unused[0]}` ({len(unused)} in all): make the config (num_layers, "
-                     "cross_attention_freq) match the checkpoint.")
+    raise ValueError(
+      f"Checkpoint {ckpt.root} has Q-Former tensors the model has no place for, first "
+      f"`{unused[0]}` ({len(unused)} in all): make the config (num_layers, "
+      "cross_attention_freq) match the checkpoint."
+    )
   flat = traverse_util.flatten_dict(template, sep="/")
   filled = {e[0] for e in entries}
   loaded = traverse_util.flatten_dict(
-      tree_from_hf(ckpt, entries, traverse_util.unflatten_dict({p: flat[p] for p in filled}, sep="/")), sep="/")
+    tree_from_hf(ckpt, entries, traverse_util.unflatten_dict({p: flat[p] for p in filled}, sep="/")), sep="/"
+  )
   top = {k for k in template if k not in _VISION_KEYS}
   unfilled = {p for p in flat if p.split("/")[0] in top and p not in filled}
   for p in unfilled:
     if isinstance(flat[p], jax.ShapeDtypeStruct):
-      raise ValueError(f"`{p}` is not in the checkpoint, so it keeps its init value, but the template is "
-                       "abstract: pass initialised parameters (model.init) as the template.")
+      raise ValueError(
+        f"`{p}` is not in the checkpoint, so it keeps its init value, but the template is "
+        "abstract: pass initialised parameters (model.init) as the template."
+      )
     loaded[p] = np.array(flat[p], np.float32)
   log.info("Q-Former from BLIP-2 %s: %d parameters not in the checkpoint.", ckpt.root, len(unfilled))
   return traverse_util.unflatten_dict(loaded, sep="/"), unfilled
@@ -354,8 +396,13 @@ def load_qformer_from_blip2(path, params_template) -> tuple[dict, set[str]]:
 # 'linear' (torch Linear [out, in] <-> Flax kernel [in, out]), 'conv' (torch OIHW <-> Flax HWIO), 'copy', and
 # 'qkv_bias_q' / 'qkv_bias_v': the q or v third of a fused qkv bias whose k third is zero (EVA ViT in HF layout).
 
-_TO_OURS = {"linear": lambda w: w.T, "conv": lambda w: w.transpose(2, 3, 1, 0), "copy": lambda w: w,
-            "qkv_bias_q": lambda b: b.reshape(3, -1)[0], "qkv_bias_v": lambda b: b.reshape(3, -1)[2]}
+_TO_OURS = {
+  "linear": lambda w: w.T,
+  "conv": lambda w: w.transpose(2, 3, 1, 0),
+  "copy": lambda w: w,
+  "qkv_bias_q": lambda b: b.reshape(3, -1)[0],
+  "qkv_bias_v": lambda b: b.reshape(3, -1)[2],
+}
 _TO_HF = {"linear": lambda w: w.T, "conv": lambda w: w.transpose(3, 2, 0, 1), "copy": lambda w: w}
 
 
@@ -384,15 +431,18 @@ def tree_from_hf(get, weight_map, template, *, dtype=np.float32, prefix: str = "
       try:
         tensor = lookup(full)
       except KeyError:
-        raise ValueError(f"Checkpoint has no tensor `{full}` (for `{path}`); is the config the right size for "
-                         "the checkpoint?") from None
+        raise ValueError(
+          f"Checkpoint has no tensor `{full}` (for `{path}`); is the config the right size for the checkpoint?"
+        ) from None
       stored = tuple(np.shape(tensor))
       tensor = _TO_OURS[kind](np.asarray(tensor))
       if tuple(tensor.shape) != tuple(target):
         where = f" in {get.file_of(full)}" if hasattr(get, "file_of") else ""
-        raise ValueError(f"Shape mismatch at `{path}`: checkpoint tensor `{full}`{where} gives {stored} ({kind} -> "
-                         f"{tuple(tensor.shape)}), the model expects {tuple(target)}; make the config match the "
-                         "checkpoint.")
+        raise ValueError(
+          f"Shape mismatch at `{path}`: checkpoint tensor `{full}`{where} gives {stored} ({kind} -> "
+          f"{tuple(tensor.shape)}), the model expects {tuple(target)}; make the config match the "
+          "checkpoint."
+        )
       if stacked:
         value[j] = tensor
       else:
@@ -401,8 +451,9 @@ def tree_from_hf(get, weight_map, template, *, dtype=np.float32, prefix: str = "
     del value
   missing = sorted(set(flat) - set(out))
   if missing:
-    raise ValueError(f"No checkpoint tensor maps to `{missing[0]}` ({len(missing)} in all): the weight map and "
-                     "the model disagree.")
+    raise ValueError(
+      f"No checkpoint tensor maps to `{missing[0]}` ({len(missing)} in all): the weight map and the model disagree."
+    )
   return traverse_util.unflatten_dict(out, sep="/")
 
 
@@ -429,6 +480,7 @@ def hf_tensors(params, weight_map, *, prefix: str = ""):
 
 # --- the BLIP-2 tables (HF layout) ---------------------------------------------------------------------------
 
+
 def dense_entries(ours, theirs):
   return [(f"{ours}/kernel", f"{theirs}.weight", "linear"), (f"{ours}/bias", f"{theirs}.bias", "copy")]
 
@@ -440,17 +492,21 @@ def norm_entries(ours, theirs):
 def vision_weight_map(depth: int) -> list:
   """The frozen ViT's first `depth` blocks and ln_vision in HF BLIP-2 naming (`vision_model.*`)."""
   emb = "vision_model.embeddings"
-  out = [("visual_encoder/cls_token", f"{emb}.class_embedding", "copy"),
-         ("visual_encoder/pos_embed", f"{emb}.position_embedding", "copy"),
-         ("visual_encoder/patch_embed/kernel", f"{emb}.patch_embedding.weight", "conv"),
-         ("visual_encoder/patch_embed/bias", f"{emb}.patch_embedding.bias", "copy")]
+  out = [
+    ("visual_encoder/cls_token", f"{emb}.class_embedding", "copy"),
+    ("visual_encoder/pos_embed", f"{emb}.position_embedding", "copy"),
+    ("visual_encoder/patch_embed/kernel", f"{emb}.patch_embedding.weight", "conv"),
+    ("visual_encoder/patch_embed/bias", f"{emb}.patch_embedding.bias", "copy"),
+  ]
   for i in range(depth):
     src, dst = f"vision_model.encoder.layers.{i}", f"visual_encoder/blocks_{i}"
     out += norm_entries(f"{dst}/norm1", f"{src}.layer_norm1") + norm_entries(f"{dst}/norm2", f"{src}.layer_norm2")
     # HF fuses the biases as cat(q_bias, 0, v_bias): EVA's key has no bias.
-    out += [(f"{dst}/attn/qkv/kernel", f"{src}.self_attn.qkv.weight", "linear"),
-            (f"{dst}/attn/q_bias", f"{src}.self_attn.qkv.bias", "qkv_bias_q"),
-            (f"{dst}/attn/v_bias", f"{src}.self_attn.qkv.bias", "qkv_bias_v")]
+    out += [
+      (f"{dst}/attn/qkv/kernel", f"{src}.self_attn.qkv.weight", "linear"),
+      (f"{dst}/attn/q_bias", f"{src}.self_attn.qkv.bias", "qkv_bias_q"),
+      (f"{dst}/attn/v_bias", f"{src}.self_attn.qkv.bias", "qkv_bias_v"),
+    ]
     out += dense_entries(f"{dst}/attn/proj", f"{src}.self_attn.projection")
     out += dense_entries(f"{dst}/fc1", f"{src}.mlp.fc1") + dense_entries(f"{dst}/fc2", f"{src}.mlp.fc2")
   return out + norm_entries("ln_vision", "vision_model.post_layernorm")
@@ -472,15 +528,16 @@ def qformer_weight_map(cfg, *, text: bool) -> list:
         out += dense_entries(f"{dst}/crossattention/{name}", f"{src}.crossattention.attention.{name}")
       out += dense_entries(f"{dst}/crossattention/output", f"{src}.crossattention.output.dense")
       out += norm_entries(f"{dst}/crossattention/output_norm", f"{src}.crossattention.output.LayerNorm")
-    ffns = [("ffn_query", "intermediate_query", "output_query")] + ([("ffn", "intermediate", "output")] if text
-                                                                   else [])
+    ffns = [("ffn_query", "intermediate_query", "output_query")] + ([("ffn", "intermediate", "output")] if text else [])
     for ours, intermediate, output in ffns:
       out += dense_entries(f"{dst}/{ours}/intermediate", f"{src}.{intermediate}.dense")
       out += dense_entries(f"{dst}/{ours}/output", f"{src}.{output}.dense")
       out += norm_entries(f"{dst}/{ours}/output_norm", f"{src}.{output}.LayerNorm")
   if text:
-    out += [("qformer/word_embeddings/embedding", "embeddings.word_embeddings.weight", "copy"),
-            ("qformer/position_embeddings", "embeddings.position_embeddings.weight", "copy")]
+    out += [
+      ("qformer/word_embeddings/embedding", "embeddings.word_embeddings.weight", "copy"),
+      ("qformer/position_embeddings", "embeddings.position_embeddings.weight", "copy"),
+    ]
     out += dense_entries("vision_proj", "vision_projection") + dense_entries("text_proj", "text_projection")
     out += dense_entries("itm_head", "itm_head")
   return out

@@ -19,6 +19,7 @@ whole first run (install, data generation, training, evaluation) took 6 min 18 s
 Variants: `demo`, and `tiny` (a few steps; used by tests). Any field can be overridden with
 `--config.a.b=value`; the config is locked, so a misspelt key is an error that names it.
 """
+
 import ml_collections
 
 
@@ -32,9 +33,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 
   # --- schedule and logging -------------------------------------------------------------------------------
   c.total_steps = 250_000
-  c.global_batch_size = 1680                 # ViT-g (paper); ViT-L used 2320
+  c.global_batch_size = 1680  # ViT-g (paper); ViT-L used 2320
   c.log_every = 50
-  c.eval_every = 10_000                      # 0 = only at the end
+  c.eval_every = 10_000  # 0 = only at the end
   # Logged steps in a row with loss_itc within 1% of log(global batch), after warmup, before the trainer warns
   # that the Q-Former looks collapsed (blip2_jax/collapse.py); 0 = never.
   c.collapse_patience = 10
@@ -42,47 +43,83 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.keep_checkpoints = 3
 
   # --- optimizer (LAVIS pretrain config / paper) ------------------------------------------------------------
-  c.optimizer = ml_collections.ConfigDict(dict(
-      lr=1e-4, warmup_steps=2_000, warmup_lr=1e-6, min_lr=1e-5,
-      b1=0.9, b2=0.98, weight_decay=0.05, grad_clip=0.0))  # grad_clip 0 = off (LAVIS does not clip)
+  c.optimizer = ml_collections.ConfigDict(
+    dict(lr=1e-4, warmup_steps=2_000, warmup_lr=1e-6, min_lr=1e-5, b1=0.9, b2=0.98, weight_decay=0.05, grad_clip=0.0)
+  )  # grad_clip 0 = off (LAVIS does not clip)
 
   # --- model ------------------------------------------------------------------------------------------------
-  c.model = ml_collections.ConfigDict(dict(
+  c.model = ml_collections.ConfigDict(
+    dict(
       # EVA-CLIP ViT-g/14 as BLIP-2 uses it: 39 of the 40 blocks.
-      vit=dict(image_size=224, patch_size=14, width=1408, depth=39, num_heads=16, mlp_dim=6144,
-               layer_norm_eps=1e-6, act="gelu", dtype="bfloat16",
-               # "cudnn": cuDNN's fused attention kernel (NVIDIA GPUs, bfloat16); "xla" runs everywhere.
-               attention="xla"),
+      vit=dict(
+        image_size=224,
+        patch_size=14,
+        width=1408,
+        depth=39,
+        num_heads=16,
+        mlp_dim=6144,
+        layer_norm_eps=1e-6,
+        act="gelu",
+        dtype="bfloat16",
+        # "cudnn": cuDNN's fused attention kernel (NVIDIA GPUs, bfloat16); "xla" runs everywhere.
+        attention="xla",
+      ),
       # BERT-base with cross-attention every 2nd layer; vocab = bert-base-uncased + [DEC].
-      qformer=dict(vocab_size=30523, hidden_size=768, num_layers=12, num_heads=12, intermediate_size=3072,
-                   cross_attention_freq=2, max_position_embeddings=512, layer_norm_eps=1e-12,
-                   dropout_rate=0.1, dtype="bfloat16",  # fp32 master weights, bf16 compute
-                   # std of the randomly initialised weights (BERT's; the cross-attention and heads start so
-                   # in LAVIS, the rest comes from bert-base-uncased)
-                   init_std=0.02),
-      num_query_tokens=32, embed_dim=256, ln_vision_eps=1e-5,
-      itc_label_smoothing=0.1, itg_label_smoothing=0.1,
+      qformer=dict(
+        vocab_size=30523,
+        hidden_size=768,
+        num_layers=12,
+        num_heads=12,
+        intermediate_size=3072,
+        cross_attention_freq=2,
+        max_position_embeddings=512,
+        layer_norm_eps=1e-12,
+        dropout_rate=0.1,
+        dtype="bfloat16",  # fp32 master weights, bf16 compute
+        # std of the randomly initialised weights (BERT's; the cross-attention and heads start so
+        # in LAVIS, the rest comes from bert-base-uncased)
+        init_std=0.02,
+      ),
+      num_query_tokens=32,
+      embed_dim=256,
+      ln_vision_eps=1e-5,
+      itc_label_smoothing=0.1,
+      itg_label_smoothing=0.1,
       bos_token_id=-1,  # filled from the tokenizer's [DEC] at start-up
-  ))
+    )
+  )
   # Regexes over parameter paths; a pattern matching nothing is an error. The optimizer never sees these.
   c.frozen_params = ("visual_encoder/.*",)
   c.frozen_dtype = "bfloat16"
 
   # Where weights come from when there is no checkpoint in the workdir yet ('' = random init).
-  c.init = ml_collections.ConfigDict(dict(
-      vision_weights="",   # local HF BLIP-2 checkpoint dir (vision_model.* in safetensors)
-      bert_weights="",     # local bert-base-uncased dir (HF layout, safetensors) for the Q-Former
-      lavis_weights="",    # or a LAVIS stage-1 checkpoint (blip2_pretrained.pth) to continue stage 1 from
-  ))
-  c.tokenizer = ""         # local bert-base-uncased dir, or a WordPiece vocab .txt
+  c.init = ml_collections.ConfigDict(
+    dict(
+      vision_weights="",  # local HF BLIP-2 checkpoint dir (vision_model.* in safetensors)
+      bert_weights="",  # local bert-base-uncased dir (HF layout, safetensors) for the Q-Former
+      lavis_weights="",  # or a LAVIS stage-1 checkpoint (blip2_pretrained.pth) to continue stage 1 from
+    )
+  )
+  c.tokenizer = ""  # local bert-base-uncased dir, or a WordPiece vocab .txt
 
   # --- data -------------------------------------------------------------------------------------------------
-  c.data = ml_collections.ConfigDict(dict(
+  c.data = ml_collections.ConfigDict(
+    dict(
       # TFDS builder name, read as array_record through grain; data_dir None = the TFDS default.
-      name="coco_captions", data_dir=ml_collections.config_dict.placeholder(str), builder_kwargs={},
-      train_split="train", eval_split="test",
-      image_size=224, crop_scale=(0.5, 1.0), flip=True, max_text_len=32,
-      num_threads=16, prefetch=4, eval_max_examples=ml_collections.config_dict.placeholder(int)))
+      name="coco_captions",
+      data_dir=ml_collections.config_dict.placeholder(str),
+      builder_kwargs={},
+      train_split="train",
+      eval_split="test",
+      image_size=224,
+      crop_scale=(0.5, 1.0),
+      flip=True,
+      max_text_len=32,
+      num_threads=16,
+      prefetch=4,
+      eval_max_examples=ml_collections.config_dict.placeholder(int),
+    )
+  )
 
   # --- retrieval evaluation (ITC top-k, then ITM rerank) ------------------------------------------------------
   # during_training_images: evaluations before the last step use the split's first N images only (logged as
@@ -90,12 +127,20 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.eval = ml_collections.ConfigDict(dict(k_test=128, batch_size=256, during_training_images=0))
 
   # --- sharding: mesh axes (-1 = fill) and logical-axis rules -------------------------------------------------
-  c.sharding = ml_collections.ConfigDict(dict(
+  c.sharding = ml_collections.ConfigDict(
+    dict(
       mesh={"data": -1, "fsdp": 1, "tensor": 1},
-      rules=(("batch", ("data", "fsdp")),
-             ("embed", "fsdp"), ("vit_embed", "fsdp"),
-             ("mlp", "tensor"), ("heads", "tensor"), ("vocab", "tensor"),
-             ("norm", None))))
+      rules=(
+        ("batch", ("data", "fsdp")),
+        ("embed", "fsdp"),
+        ("vit_embed", "fsdp"),
+        ("mlp", "tensor"),
+        ("heads", "tensor"),
+        ("vocab", "tensor"),
+        ("norm", None),
+      ),
+    )
+  )
 
   if variant in ("demo", "tiny"):
     _demo(c, tiny=variant == "tiny")
@@ -114,11 +159,20 @@ def _demo(c, tiny: bool):
   c.optimizer.lr = 3e-3
   c.optimizer.warmup_steps = 2 if tiny else 100
   c.optimizer.min_lr = 1e-5
-  c.model.vit.update(dict(image_size=48, patch_size=8, width=96, depth=1, num_heads=4, mlp_dim=192,
-                          dtype="float32"))
-  c.model.qformer.update(dict(vocab_size=0, hidden_size=96, num_layers=2, num_heads=4,
-                              intermediate_size=192, cross_attention_freq=1, max_position_embeddings=32,
-                              dropout_rate=0.0, dtype="float32"))
+  c.model.vit.update(dict(image_size=48, patch_size=8, width=96, depth=1, num_heads=4, mlp_dim=192, dtype="float32"))
+  c.model.qformer.update(
+    dict(
+      vocab_size=0,
+      hidden_size=96,
+      num_layers=2,
+      num_heads=4,
+      intermediate_size=192,
+      cross_attention_freq=1,
+      max_position_embeddings=32,
+      dropout_rate=0.0,
+      dtype="float32",
+    )
+  )
   # BERT's init std 0.02 belongs to width 768. At width 96 it makes every projection ~sqrt(8) times too small:
   # the Q-Former starts input-independent (queries and text [CLS] the same for every input) and ITC's gradient
   # is ~1000x below ITG's, so runs escaped chance or not by luck. Keeping BERT-base's activation scale
@@ -127,11 +181,12 @@ def _demo(c, tiny: bool):
   c.model.num_query_tokens = 8
   c.model.embed_dim = 64
   c.frozen_dtype = "float32"
-  c.tokenizer = "demo"                       # the packaged WordPiece vocab of the synthetic captions
+  c.tokenizer = "demo"  # the packaged WordPiece vocab of the synthetic captions
   # Every synthetic caption (4 objects) is 25 tokens with [CLS]/[SEP]; 32 is the paper's text length. (A run
   # with max_text_len=25 is not bit-identical and, on this recipe, stalled at chance: see README.)
-  c.data.update(dict(name="synthetic_shapes", image_size=48, max_text_len=32, num_threads=2, prefetch=2,
-                     crop_scale=(0.8, 1.0)))
+  c.data.update(
+    dict(name="synthetic_shapes", image_size=48, max_text_len=32, num_threads=2, prefetch=2, crop_scale=(0.8, 1.0))
+  )
   if tiny:  # seconds to compile and run: for tests
     c.model.vit.update(dict(width=32, depth=1, num_heads=2, mlp_dim=64))
     c.model.qformer.update(dict(hidden_size=32, num_heads=2, intermediate_size=64))

@@ -20,17 +20,44 @@ only, so the image must come through the Q-Former). README has the measured time
 Variants: `demo`, `tiny` (tests). The demo starts from a random Q-Former: the stage-1 demo's has 8 queries, and
 the demo LLM reads a context of 32.
 """
+
 import ml_collections
 
 # OPT-2.7B (facebook/opt-2.7b config.json), used for random-weight runs (benchmarks) when no llm_weights given.
-OPT_2_7B = dict(vocab_size=50272, hidden_size=2560, num_hidden_layers=32, ffn_dim=10240, num_attention_heads=32,
-                max_position_embeddings=2048, word_embed_proj_dim=2560, do_layer_norm_before=True,
-                activation_function="relu", enable_bias=True, pad_token_id=1, bos_token_id=2, eos_token_id=2)
+OPT_2_7B = dict(
+  vocab_size=50272,
+  hidden_size=2560,
+  num_hidden_layers=32,
+  ffn_dim=10240,
+  num_attention_heads=32,
+  max_position_embeddings=2048,
+  word_embed_proj_dim=2560,
+  do_layer_norm_before=True,
+  activation_function="relu",
+  enable_bias=True,
+  pad_token_id=1,
+  bos_token_id=2,
+  eos_token_id=2,
+)
 # google/flan-t5-xl, with the exact GELU BLIP-2 uses.
-FLAN_T5_XL = dict(vocab_size=32128, d_model=2048, d_kv=64, d_ff=5120, num_layers=24, num_decoder_layers=24,
-                  num_heads=32, relative_attention_num_buckets=32, relative_attention_max_distance=128,
-                  feed_forward_proj="gated-gelu", dense_act_fn="gelu", tie_word_embeddings=False,
-                  layer_norm_epsilon=1e-6, decoder_start_token_id=0, pad_token_id=0, eos_token_id=1)
+FLAN_T5_XL = dict(
+  vocab_size=32128,
+  d_model=2048,
+  d_kv=64,
+  d_ff=5120,
+  num_layers=24,
+  num_decoder_layers=24,
+  num_heads=32,
+  relative_attention_num_buckets=32,
+  relative_attention_max_distance=128,
+  feed_forward_proj="gated-gelu",
+  dense_act_fn="gelu",
+  tie_word_embeddings=False,
+  layer_norm_epsilon=1e-6,
+  decoder_start_token_id=0,
+  pad_token_id=0,
+  eos_token_id=1,
+)
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
@@ -49,7 +76,7 @@ def stage2_config(kind: str, variant: str) -> ml_collections.ConfigDict:
   c.total_steps = 80_000
   c.global_batch_size = 1920 if kind == "opt" else 1520  # paper
   c.log_every = 50
-  c.eval_every = 10_000                      # 0 = only at the end
+  c.eval_every = 10_000  # 0 = only at the end
   # Logged steps in a row, after warmup, where the LM loss is no lower with the right image than with another
   # one of the batch before the trainer warns that the Q-Former looks collapsed (blip2_jax/collapse.py); 0 = never.
   c.collapse_patience = 10
@@ -57,59 +84,112 @@ def stage2_config(kind: str, variant: str) -> ml_collections.ConfigDict:
   c.keep_checkpoints = 3
 
   # --- optimizer (paper: as stage 1, min lr 5e-5) -------------------------------------------------------
-  c.optimizer = ml_collections.ConfigDict(dict(
-      lr=1e-4, warmup_steps=2_000, warmup_lr=1e-6, min_lr=5e-5,
-      b1=0.9, b2=0.98, weight_decay=0.05, grad_clip=0.0))
+  c.optimizer = ml_collections.ConfigDict(
+    dict(lr=1e-4, warmup_steps=2_000, warmup_lr=1e-6, min_lr=5e-5, b1=0.9, b2=0.98, weight_decay=0.05, grad_clip=0.0)
+  )
 
   # --- model ------------------------------------------------------------------------------------------------
-  c.model = ml_collections.ConfigDict(dict(
-      vit=dict(image_size=224, patch_size=14, width=1408, depth=39, num_heads=16, mlp_dim=6144,
-               layer_norm_eps=1e-6, act="gelu", dtype="bfloat16",
-               # "cudnn": cuDNN's fused attention kernel (NVIDIA GPUs, bfloat16); "xla" runs everywhere.
-               attention="xla"),
+  c.model = ml_collections.ConfigDict(
+    dict(
+      vit=dict(
+        image_size=224,
+        patch_size=14,
+        width=1408,
+        depth=39,
+        num_heads=16,
+        mlp_dim=6144,
+        layer_norm_eps=1e-6,
+        act="gelu",
+        dtype="bfloat16",
+        # "cudnn": cuDNN's fused attention kernel (NVIDIA GPUs, bfloat16); "xla" runs everywhere.
+        attention="xla",
+      ),
       # The query side of the stage-1 Q-Former (its text parts are dropped).
-      qformer=dict(vocab_size=30523, hidden_size=768, num_layers=12, num_heads=12, intermediate_size=3072,
-                   cross_attention_freq=2, max_position_embeddings=512, layer_norm_eps=1e-12,
-                   dropout_rate=0.1, dtype="bfloat16"),
-      num_query_tokens=32, ln_vision_eps=1e-5,
+      qformer=dict(
+        vocab_size=30523,
+        hidden_size=768,
+        num_layers=12,
+        num_heads=12,
+        intermediate_size=3072,
+        cross_attention_freq=2,
+        max_position_embeddings=512,
+        layer_norm_eps=1e-12,
+        dropout_rate=0.1,
+        dtype="bfloat16",
+      ),
+      num_query_tokens=32,
+      ln_vision_eps=1e-5,
       # The frozen LLM. With init.llm_weights its sizes come from that directory's config.json; the fields
       # here are used only without weights (random init, e.g. benchmarks). dtype: compute dtype.
       llm=dict(kind=kind, dtype="bfloat16", remat_policy="none", **(OPT_2_7B if kind == "opt" else FLAN_T5_XL)),
-  ))
+    )
+  )
   c.frozen_params = ("visual_encoder/.*", "language_model/.*")
   c.frozen_dtype = "bfloat16"
 
-  c.init = ml_collections.ConfigDict(dict(
-      vision_weights="",   # HF BLIP-2 dir (vision_model.*)
-      llm_weights="",      # HF OPT / T5 dir, or a BLIP-2 dir (language_model.*); "demo" = blip2_jax.demo_llm
+  c.init = ml_collections.ConfigDict(
+    dict(
+      vision_weights="",  # HF BLIP-2 dir (vision_model.*)
+      llm_weights="",  # HF OPT / T5 dir, or a BLIP-2 dir (language_model.*); "demo" = blip2_jax.demo_llm
       qformer_weights="",  # stage-1 workdir, or HF BLIP-2 dir (query side)
-  ))
+    )
+  )
   # llm_weights="demo": pretraining steps of the tiny caption LLM (None: blip2_jax.demo_llm.DEFAULT_STEPS).
   c.init.demo_llm_steps = ml_collections.config_dict.placeholder(int)
-  c.tokenizer = ""         # the LLM's tokenizer dir; '' = init.llm_weights
+  c.tokenizer = ""  # the LLM's tokenizer dir; '' = init.llm_weights
 
   # --- data -------------------------------------------------------------------------------------------------
-  c.data = ml_collections.ConfigDict(dict(
-      name="coco_captions", data_dir=ml_collections.config_dict.placeholder(str), builder_kwargs={},
-      train_split="train", eval_split="test", image_size=224, crop_scale=(0.5, 1.0), flip=True, max_text_len=32,
-      num_threads=16, prefetch=4, eval_max_examples=ml_collections.config_dict.placeholder(int),
+  c.data = ml_collections.ConfigDict(
+    dict(
+      name="coco_captions",
+      data_dir=ml_collections.config_dict.placeholder(str),
+      builder_kwargs={},
+      train_split="train",
+      eval_split="test",
+      image_size=224,
+      crop_scale=(0.5, 1.0),
+      flip=True,
+      max_text_len=32,
+      num_threads=16,
+      prefetch=4,
+      eval_max_examples=ml_collections.config_dict.placeholder(int),
       prompt="",
       # OPT: data.prompt goes before every caption. T5: the share of examples that are data.prompt -> the whole
       # caption (the captioning fine-tune format) instead of a prefix-LM split (paper: 0, no prompt).
-      prompt_fraction=0.0))
+      prompt_fraction=0.0,
+    )
+  )
 
   # --- captioning evaluation (paper: beams 5, max 30, min 8 new tokens, prompt "a photo of") ---------------
   # during_training_images: evaluations before the last step caption the split's first N images only (logged as
   # eval_N/...), 0 = the whole split every time; the last step always evaluates the whole split (eval/...).
-  c.eval = ml_collections.ConfigDict(dict(batch_size=64, prompt="a photo of", num_beams=5, max_new_tokens=30,
-                                          min_new_tokens=8, length_penalty=1.0, during_training_images=0))
+  c.eval = ml_collections.ConfigDict(
+    dict(
+      batch_size=64,
+      prompt="a photo of",
+      num_beams=5,
+      max_new_tokens=30,
+      min_new_tokens=8,
+      length_penalty=1.0,
+      during_training_images=0,
+    )
+  )
 
-  c.sharding = ml_collections.ConfigDict(dict(
+  c.sharding = ml_collections.ConfigDict(
+    dict(
       mesh={"data": -1, "fsdp": 1, "tensor": 1},
-      rules=(("batch", ("data", "fsdp")),
-             ("embed", "fsdp"), ("vit_embed", "fsdp"),
-             ("mlp", "tensor"), ("heads", "tensor"), ("vocab", "tensor"),
-             ("layers", None), ("norm", None))))
+      rules=(
+        ("batch", ("data", "fsdp")),
+        ("embed", "fsdp"),
+        ("vit_embed", "fsdp"),
+        ("mlp", "tensor"),
+        ("heads", "tensor"),
+        ("vocab", "tensor"),
+        ("layers", None),
+        ("norm", None),
+      ),
+    )
+  )
 
   if variant in ("demo", "tiny"):
     _demo(c, kind, tiny=variant == "tiny")
@@ -125,19 +205,37 @@ def _demo(c, kind: str, tiny: bool):
   c.checkpoint_every = 6 if tiny else 250
   c.keep_checkpoints = 2
   c.optimizer.update(dict(lr=3e-3, warmup_steps=2 if tiny else 50, min_lr=1e-5))
-  c.model.vit.update(dict(image_size=48, patch_size=8, width=96, depth=1, num_heads=4, mlp_dim=192,
-                          dtype="float32"))
-  c.model.qformer.update(dict(vocab_size=0, hidden_size=96, num_layers=2, num_heads=4, intermediate_size=192,
-                              cross_attention_freq=1, max_position_embeddings=32, dropout_rate=0.0,
-                              dtype="float32"))
+  c.model.vit.update(dict(image_size=48, patch_size=8, width=96, depth=1, num_heads=4, mlp_dim=192, dtype="float32"))
+  c.model.qformer.update(
+    dict(
+      vocab_size=0,
+      hidden_size=96,
+      num_layers=2,
+      num_heads=4,
+      intermediate_size=192,
+      cross_attention_freq=1,
+      max_position_embeddings=32,
+      dropout_rate=0.0,
+      dtype="float32",
+    )
+  )
   # The paper's 32 queries: the demo LLM reads a context of 32 positions (blip2_jax.demo_llm). The stage-1 demo
   # has 8, so its Q-Former does not fit here.
   c.model.num_query_tokens = 32
   c.model.llm.dtype = "float32"
   c.frozen_dtype = "float32"
   c.init.llm_weights = "demo"
-  c.data.update(dict(name="synthetic_shapes", image_size=48, max_text_len=32, num_threads=2, prefetch=2,
-                     crop_scale=(0.8, 1.0), prompt="a photo of"))
+  c.data.update(
+    dict(
+      name="synthetic_shapes",
+      image_size=48,
+      max_text_len=32,
+      num_threads=2,
+      prefetch=2,
+      crop_scale=(0.8, 1.0),
+      prompt="a photo of",
+    )
+  )
   if kind == "t5":
     # Half the examples in the evaluation's format (prompt -> whole caption): with prefix-LM splits alone the
     # demo's Q-Former learns to continue a caption, and writes whole ones with objects out of order.

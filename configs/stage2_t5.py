@@ -17,13 +17,15 @@ evaluated in (data.prompt_fraction=0.5), half are prefix-LM splits:
 Every field is shared with configs/stage2_opt.py (one definition, `stage2_config`), except the LLM and the text
 format ('t5': prefix-LM).
 """
+
 import importlib.util
 import os
 
 
 def get_config(arg: str | None = None):
   spec = importlib.util.spec_from_file_location(
-      "blip2_stage2_opt_config", os.path.join(os.path.dirname(os.path.abspath(__file__)), "stage2_opt.py"))
+    "blip2_stage2_opt_config", os.path.join(os.path.dirname(os.path.abspath(__file__)), "stage2_opt.py")
+  )
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
   return module.stage2_config("t5", arg or "paper")

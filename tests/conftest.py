@@ -1,4 +1,5 @@
 """Test setup: 8 fake CPU devices (for the sharding tests) must be requested before jax is imported."""
+
 import atexit
 import os
 import shutil
@@ -11,8 +12,10 @@ import pytest
 # The suite compiles hundreds of tiny programs whose run time is negligible: XLA's CPU optimisation passes cost more
 # than they save (measured: a tiny stage-2 run 49 s -> 40 s). Every comparison in the tests is between programs
 # compiled alike, or against PyTorch with float32 tolerances. The trainer subprocesses inherit these flags.
-os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
-                           " --xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true").strip()
+os.environ["XLA_FLAGS"] = (
+  os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
+  " --xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
+).strip()
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 # Most tests compile the same tiny train step (in this process and in the trainer subprocesses they start):
 # a persistent compilation cache for the session compiles it once.
@@ -29,8 +32,9 @@ sys.path.insert(0, REPO)
 def one_device_env():
   """The environment of a CLI subprocess: one CPU device (like the in-process 1-device runs, so they share the
   compilation cache), the session's other flags."""
-  flags = os.environ["XLA_FLAGS"].replace("--xla_force_host_platform_device_count=8",
-                                          "--xla_force_host_platform_device_count=1")
+  flags = os.environ["XLA_FLAGS"].replace(
+    "--xla_force_host_platform_device_count=8", "--xla_force_host_platform_device_count=1"
+  )
   return dict(os.environ, XLA_FLAGS=flags)
 
 
@@ -61,10 +65,24 @@ def stage1_workdir(tiny_data_dir, tmp_path_factory):
   at the half and the end, made once for the tests that resume, evaluate or export one. Read it, don't write it."""
   n = STAGE1_STEPS // 2
   workdir = str(tmp_path_factory.mktemp("stage1_tiny") / "workdir")
-  r = subprocess.run([sys.executable, "-m", "blip2_jax.train", "--config=configs/stage1.py:tiny",
-                      f"--workdir={workdir}", f"--config.data.data_dir={tiny_data_dir}",
-                      f"--config.total_steps={2 * n}", f"--config.checkpoint_every={n}", f"--config.log_every={n}",
-                      "--config.keep_checkpoints=5"],
-                     cwd=REPO, env=one_device_env(), capture_output=True, text=True, timeout=600)
+  r = subprocess.run(
+    [
+      sys.executable,
+      "-m",
+      "blip2_jax.train",
+      "--config=configs/stage1.py:tiny",
+      f"--workdir={workdir}",
+      f"--config.data.data_dir={tiny_data_dir}",
+      f"--config.total_steps={2 * n}",
+      f"--config.checkpoint_every={n}",
+      f"--config.log_every={n}",
+      "--config.keep_checkpoints=5",
+    ],
+    cwd=REPO,
+    env=one_device_env(),
+    capture_output=True,
+    text=True,
+    timeout=600,
+  )
   assert r.returncode == 0, r.stderr[-3000:]
   return workdir

@@ -1,4 +1,5 @@
 """Helpers shared by the test files (`import helpers`: pytest puts tests/ on sys.path, as for conftest)."""
+
 import numpy as np
 import torch
 import transformers
@@ -27,7 +28,7 @@ def randomise(model, seed, std=0.2, embedding_norm=None):
       p.copy_((1.0 if is_norm_scale else 0.0) + std * torch.randn(p.shape, generator=g))
     for module in model.modules():
       if isinstance(module, transformers.models.blip_2.modeling_blip_2.Blip2Attention):
-        module.qkv.bias[module.embed_dim:2 * module.embed_dim] = 0.0  # the fused bias is cat(q, 0, v)
+        module.qkv.bias[module.embed_dim : 2 * module.embed_dim] = 0.0  # the fused bias is cat(q, 0, v)
     if embedding_norm is not None:
       embeddings = model.get_input_embeddings().weight
       embeddings.copy_(embedding_norm * embeddings / embeddings.norm(dim=1, keepdim=True))
@@ -37,11 +38,30 @@ def randomise(model, seed, std=0.2, embedding_norm=None):
 def hf_blip2_retrieval(*, width, vocab, max_pos, queries, seed=0):
   """A tiny random HF Blip2ForImageTextRetrieval: 32x32 images in 8x8 patches, 2 vision and 2 Q-Former layers."""
   config = transformers.Blip2Config(
-      vision_config=dict(hidden_size=width, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                         image_size=32, patch_size=8, layer_norm_eps=1e-6, qkv_bias=True),
-      qformer_config=dict(hidden_size=width, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
-                          cross_attention_frequency=2, encoder_hidden_size=width, vocab_size=vocab,
-                          use_qformer_text_input=True, max_position_embeddings=max_pos),
-      num_query_tokens=queries, image_text_hidden_size=16, image_token_index=None)
+    vision_config=dict(
+      hidden_size=width,
+      intermediate_size=64,
+      num_hidden_layers=2,
+      num_attention_heads=4,
+      image_size=32,
+      patch_size=8,
+      layer_norm_eps=1e-6,
+      qkv_bias=True,
+    ),
+    qformer_config=dict(
+      hidden_size=width,
+      num_hidden_layers=2,
+      num_attention_heads=4,
+      intermediate_size=64,
+      cross_attention_frequency=2,
+      encoder_hidden_size=width,
+      vocab_size=vocab,
+      use_qformer_text_input=True,
+      max_position_embeddings=max_pos,
+    ),
+    num_query_tokens=queries,
+    image_text_hidden_size=16,
+    image_token_index=None,
+  )
   torch.manual_seed(seed)
   return randomise(transformers.Blip2ForImageTextRetrieval(config), seed)

@@ -1,5 +1,6 @@
 """blip2_jax.benchmark on tiny stage-2 configs: training and generation throughput, FLOPs, and the transformers
 comparison (HF's PyTorch BLIP-2 built at the same sizes, here on CPU)."""
+
 import math
 
 import jax
@@ -9,8 +10,15 @@ import pytest
 from blip2_jax import benchmark
 from configs import stage1, stage2_opt
 
-TINY_OPT = dict(vocab_size=64, hidden_size=32, num_hidden_layers=1, ffn_dim=64, num_attention_heads=4,
-                max_position_embeddings=64, word_embed_proj_dim=32)
+TINY_OPT = dict(
+  vocab_size=64,
+  hidden_size=32,
+  num_hidden_layers=1,
+  ffn_dim=64,
+  num_attention_heads=4,
+  max_position_embeddings=64,
+  word_embed_proj_dim=32,
+)
 # One device: an 8-device mesh triples the tiny programs' compile time and the trainer's tests cover sharding.
 ONE_DEVICE = jax.devices()[:1]
 
@@ -47,8 +55,9 @@ def test_stage2_train_counts_flops_and_compares_with_transformers():
 
 
 def test_generate_makes_exactly_new_tokens_and_compares_with_transformers():
-  out = benchmark.benchmark(_tiny_stage2(), "generate", steps=1, new_tokens=3, compare="transformers",
-                            devices=ONE_DEVICE)
+  out = benchmark.benchmark(
+    _tiny_stage2(), "generate", steps=1, new_tokens=3, compare="transformers", devices=ONE_DEVICE
+  )
   assert out["new_tokens"] == 3 and out["prompt_tokens"] == benchmark.PROMPT_LENGTH
   assert out["images_per_s"] > 0 and out["transformers_images_per_s"] > 0
   assert out["tokens_per_s"] == pytest.approx(3 * out["images_per_s"], rel=1e-2)

@@ -1,4 +1,5 @@
 """The collapse guard (blip2_jax.collapse): which metric sequences warn, once, and which don't."""
+
 import logging
 import math
 
@@ -22,8 +23,9 @@ def test_itc_at_chance_after_warmup_warns_once_naming_the_symptom(caplog):
   with caplog.at_level(logging.WARNING, logger="blip2_jax.collapse"):
     out = feed(g, [CHANCE, CHANCE * 1.005, CHANCE * 0.995, CHANCE, CHANCE])
   assert out[:2] == [None, None] and out[3:] == [None, None]
-  assert out[2].startswith("Training looks collapsed at step 175: loss_itc (4.1381) is at chance, "
-                           "log(global batch 64) = 4.1589")
+  assert out[2].startswith(
+    "Training looks collapsed at step 175: loss_itc (4.1381) is at chance, log(global batch 64) = 4.1589"
+  )
   assert [r.getMessage() for r in caplog.records] == [out[2]]
 
 

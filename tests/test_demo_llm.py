@@ -3,10 +3,12 @@
 
 One small synthetic_shapes split (256 training captions) and one short pretraining of each LLM serve every test.
 """
+
 import json
 import logging
 import re
 
+from helpers import rel_error
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -15,26 +17,25 @@ import safetensors.numpy
 import torch
 import transformers
 
-from blip2_jax import demo_llm
-from blip2_jax import weights
-from blip2_jax.data import pipeline
-from blip2_jax.data import synthetic_shapes
-from blip2_jax.models import opt
-from blip2_jax.models import t5
+from blip2_jax import demo_llm, weights
+from blip2_jax.data import pipeline, synthetic_shapes
+from blip2_jax.models import opt, t5
 from configs import stage1
-from helpers import rel_error
 
 # OPT: enough to read its context (it learns that after ~200). T5: enough to see it learn; reading its context
 # needs the default steps, which take too long for a test.
 OPT_STEPS, T5_STEPS = 300, 40
 TOL = 1e-5
 
-CLAUSE = (f"({'|'.join(synthetic_shapes.SIZES)}) ({'|'.join(synthetic_shapes.COLOURS)}) "
-          f"({'|'.join(synthetic_shapes.SHAPES)})")
+CLAUSE = (
+  f"({'|'.join(synthetic_shapes.SIZES)}) ({'|'.join(synthetic_shapes.COLOURS)}) ({'|'.join(synthetic_shapes.SHAPES)})"
+)
 QUADRANT = [f"{CLAUSE} {q}" for q in synthetic_shapes.QUADRANTS]
 CAPTION = ", ".join(QUADRANT)  # four objects, in the quadrants' fixed order
-EXAMPLE = "large red circle top left, small blue square top right, small green triangle bottom left, " \
-          "large white circle bottom right"
+EXAMPLE = (
+  "large red circle top left, small blue square top right, small green triangle bottom left, "
+  "large white circle bottom right"
+)
 
 
 @pytest.fixture(scope="module")
@@ -69,6 +70,7 @@ def _ours(module, root):
 
 # --- tokenizers --------------------------------------------------------------------------------------------------
 
+
 def test_opt_tokenizer_is_word_level_with_opts_special_tokens():
   tok = demo_llm.make_tokenizer("opt")
   ids = tok(EXAMPLE + "\n").input_ids
@@ -94,6 +96,7 @@ def test_t5_tokenizer_appends_eos_and_has_no_newline():
 
 # --- the exported directories ------------------------------------------------------------------------------------
 
+
 def test_opt_directory_loads_in_transformers_with_our_logits(opt_dir):
   tok = transformers.AutoTokenizer.from_pretrained(opt_dir)
   hf = transformers.OPTForCausalLM.from_pretrained(opt_dir).eval()
@@ -103,8 +106,9 @@ def test_opt_directory_loads_in_transformers_with_our_logits(opt_dir):
   assert batch.input_ids.tolist() == demo_llm.make_tokenizer("opt")(texts, padding=True).input_ids
   model, _, params = _ours(opt, opt_dir)
   ids, mask = jnp.asarray(batch.input_ids), jnp.asarray(batch.attention_mask)
-  forward = jax.jit(lambda p, ids, mask: model.apply({"params": p}, model.apply({"params": p}, ids, method="embed"),
-                                                        mask)[0])
+  forward = jax.jit(
+    lambda p, ids, mask: model.apply({"params": p}, model.apply({"params": p}, ids, method="embed"), mask)[0]
+  )
   ours = forward(params, ids, mask)
   with torch.no_grad():
     theirs = hf(input_ids=torch.from_numpy(batch.input_ids), attention_mask=torch.from_numpy(batch.attention_mask))
@@ -120,16 +124,23 @@ def test_t5_directory_loads_in_transformers_as_flan_t5_with_our_logits(t5_dir):
   enc = tok(["a photo of", "large red circle top left,"], padding=True, return_tensors="np")
   labels = tok([EXAMPLE, "small blue square top right"], padding=True, return_tensors="np").input_ids
   decoder_ids = np.pad(labels[:, :-1], ((0, 0), (1, 0)))  # decoder_start_token_id 0
-  forward = jax.jit(lambda p, ids, mask, decoder_ids: model.apply(
-      {"params": p}, model.apply({"params": p}, ids, method="embed"), mask, decoder_ids))
+  forward = jax.jit(
+    lambda p, ids, mask, decoder_ids: model.apply(
+      {"params": p}, model.apply({"params": p}, ids, method="embed"), mask, decoder_ids
+    )
+  )
   ours = forward(params, jnp.asarray(enc.input_ids), jnp.asarray(enc.attention_mask), jnp.asarray(decoder_ids))
   with torch.no_grad():
-    theirs = hf(input_ids=torch.from_numpy(enc.input_ids), attention_mask=torch.from_numpy(enc.attention_mask),
-                decoder_input_ids=torch.from_numpy(decoder_ids))
+    theirs = hf(
+      input_ids=torch.from_numpy(enc.input_ids),
+      attention_mask=torch.from_numpy(enc.attention_mask),
+      decoder_input_ids=torch.from_numpy(decoder_ids),
+    )
   assert rel_error(ours, theirs.logits, np.s_[:]) < TOL
 
 
 # --- what pretraining teaches ------------------------------------------------------------------------------------
+
 
 def test_pretrained_opt_writes_the_caption_its_context_describes(opt_dir, data_cfg):
   """The layout of a stage-2 example, with the words of a held-out caption where the queries go: greedy decoding
@@ -142,12 +153,17 @@ def test_pretrained_opt_writes_the_caption_its_context_describes(opt_dir, data_c
   rng = np.random.default_rng(0)
   fillers = demo_llm._word_ids(tok)
   prompt = tok(demo_llm.PROMPT, add_special_tokens=False).input_ids
-  rows = [np.concatenate([demo_llm._context_window(rng, tok(c, add_special_tokens=False).input_ids, fillers),
-                          [tok.bos_token_id], prompt]) for c in captions]
+  rows = [
+    np.concatenate(
+      [demo_llm._context_window(rng, tok(c, add_special_tokens=False).input_ids, fillers), [tok.bos_token_id], prompt]
+    )
+    for c in captions
+  ]
   ids = torch.from_numpy(np.stack(rows).astype(np.int64))
-  out = hf.generate(ids, do_sample=False, max_new_tokens=30, eos_token_id=tok.convert_tokens_to_ids("\n"),
-                    pad_token_id=tok.pad_token_id)
-  written = [tok.decode(row[ids.shape[1]:], skip_special_tokens=True) for row in out]
+  out = hf.generate(
+    ids, do_sample=False, max_new_tokens=30, eos_token_id=tok.convert_tokens_to_ids("\n"), pad_token_id=tok.pad_token_id
+  )
+  written = [tok.decode(row[ids.shape[1] :], skip_special_tokens=True) for row in out]
   assert np.mean([w == c + "\n" for w, c in zip(written, captions)]) >= 0.9, list(zip(written, captions))
   assert all(re.fullmatch(CAPTION + "\n", w) for w in written)  # the grammar, where a word is wrong
 
@@ -162,9 +178,11 @@ def test_pretraining_lowers_the_loss(opt_dir, t5_dir):
 
 # --- reuse and errors --------------------------------------------------------------------------------------------
 
+
 def test_finished_directory_is_reused_without_training(opt_dir, data_cfg, monkeypatch, caplog):
   def no_training(*args):
     raise AssertionError("retrained")
+
   monkeypatch.setattr(demo_llm, "_train_opt", no_training)
   caplog.set_level(logging.INFO, logger="blip2_jax.demo_llm")
   assert demo_llm.make_demo_llm("opt", opt_dir, data_cfg) == str(opt_dir)
@@ -178,8 +196,11 @@ def test_user_errors_are_one_line(opt_dir, data_cfg, tmp_path):
     demo_llm.make_demo_llm("t5", opt_dir, data_cfg)
   (tmp_path / "partial").mkdir()
   (tmp_path / "partial" / "config.json").write_text("{}")
-  with pytest.raises(ValueError, match=r"^[^\n]*partial is not empty but not a complete demo LLM \(no "
-                                       r"model\.safetensors, [^\n]*$"):
+  with pytest.raises(
+    ValueError,
+    match=r"^[^\n]*partial is not empty but not a complete demo LLM \(no "
+    r"model\.safetensors, [^\n]*$",
+  ):
     demo_llm.make_demo_llm("opt", tmp_path / "partial", data_cfg)
   with pytest.raises(ValueError, match=r"^make_demo_llm needs steps >= 1; got 0\.$"):
     demo_llm.make_demo_llm("opt", tmp_path / "none", data_cfg, steps=0)

@@ -1,4 +1,5 @@
 """blip2_jax.diagnose: the input-dependence statistics, and a short run on the tiny config."""
+
 import json
 
 import jax
@@ -28,8 +29,16 @@ def test_short_run_writes_every_statistic(tiny_data_dir, tmp_path):
   assert [r["step"] for r in rows] == [0, 5]
   assert [json.loads(line)["step"] for line in out.read_text().splitlines()] == [0, 5]
   divs = {k for k in rows[0] if k.startswith("div/")}
-  assert divs == {"div/vit", "div/ln_vision", "div/query_l0", "div/query_l1", "div/image_feats", "div/text_cls",
-                  "div/text_feat", "div/itm_query"}
+  assert divs == {
+    "div/vit",
+    "div/ln_vision",
+    "div/query_l0",
+    "div/query_l1",
+    "div/image_feats",
+    "div/text_cls",
+    "div/text_feat",
+    "div/itm_query",
+  }
   assert all(0.0 <= rows[-1][k] <= 1.0 for k in divs)
   assert rows[0]["div/vit"] > 0.01  # random images through a random ViT differ
   assert {f"grad/{l}/{g}" for l in ("itc", "itm", "itg") for g in diagnose.GRAD_GROUPS} <= set(rows[0])

@@ -1,4 +1,5 @@
 """The examples picture (blip2_jax.examples) and the evaluators' first-images subsets."""
+
 import numpy as np
 import pytest
 
@@ -9,10 +10,10 @@ from blip2_jax.data import images as images_lib
 def test_grid_places_each_image_and_colours_its_text():
   images = np.zeros((5, 8, 8, 3), np.uint8)
   images[:, :, :, 2] = 255  # blue squares
-  texts = examples.retrieval_texts(["a b", "c d", "e f", "g h", "i j"], np.eye(5)[[0, 1, 0, 3, 4]],
-                                   [[0], [1], [2], [3], [4]], n=5)
-  assert [t[0][1] for t in texts] == [examples.RIGHT, examples.RIGHT, examples.WRONG, examples.RIGHT,
-                                      examples.RIGHT]
+  texts = examples.retrieval_texts(
+    ["a b", "c d", "e f", "g h", "i j"], np.eye(5)[[0, 1, 0, 3, 4]], [[0], [1], [2], [3], [4]], n=5
+  )
+  assert [t[0][1] for t in texts] == [examples.RIGHT, examples.RIGHT, examples.WRONG, examples.RIGHT, examples.RIGHT]
   assert texts[2][0][0] == "wrong: a b"
   picture = np.asarray(examples.grid(images, texts, columns=2, cell=32))
   rows = 3  # 5 images, 2 a row
@@ -37,9 +38,14 @@ def test_caption_texts_mark_exact_matches():
 
 
 def test_first_images_keeps_their_texts_and_renumbers_them():
-  data = {"images": np.arange(4)[:, None], "text_ids": np.arange(7)[:, None] + 10,
-          "text_mask": np.ones((7, 1), np.int32), "txt2img": np.array([0, 0, 1, 2, 1, 3, 2]),
-          "img2txt": [[0, 1], [2, 4], [3, 6], [5]], "captions": list("abcdefg")}
+  data = {
+    "images": np.arange(4)[:, None],
+    "text_ids": np.arange(7)[:, None] + 10,
+    "text_mask": np.ones((7, 1), np.int32),
+    "txt2img": np.array([0, 0, 1, 2, 1, 3, 2]),
+    "img2txt": [[0, 1], [2, 4], [3, 6], [5]],
+    "captions": list("abcdefg"),
+  }
   sub = evaluators._first_images(data, 2)  # pylint: disable=protected-access
   assert sub["images"].tolist() == [[0], [1]]
   assert sub["captions"] == ["a", "b", "c", "e"] and sub["text_ids"][:, 0].tolist() == [10, 11, 12, 14]

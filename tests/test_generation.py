@@ -6,17 +6,18 @@ lm_head (OPT ties them; a fresh T5 in transformers 5 does too), which makes a ra
 token has the longest embedding row; rows rescaled to one norm give varied sequences instead. EOS is a token the
 models actually produce, so that some sequences stop early and others run to max_new_tokens.
 """
+
+from flax import struct
+from helpers import randomise
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
 import transformers
-from flax import struct
 
 from blip2_jax import generation, weights
 from blip2_jax.models import opt, t5
-from helpers import randomise
 
 VOCAB, WIDTH, MAX_NEW = 64, 32, 10
 F32 = np.dtype("float32")
@@ -51,9 +52,16 @@ def _assert_stops_vary(tokens, pad: int):
 
 @pytest.fixture(scope="module")
 def opt_models():
-  config = transformers.OPTConfig(vocab_size=VOCAB, hidden_size=WIDTH, num_hidden_layers=2, ffn_dim=64,
-                                  num_attention_heads=4, max_position_embeddings=64, word_embed_proj_dim=WIDTH,
-                                  pad_token_id=OPT_PAD)
+  config = transformers.OPTConfig(
+    vocab_size=VOCAB,
+    hidden_size=WIDTH,
+    num_hidden_layers=2,
+    ffn_dim=64,
+    num_attention_heads=4,
+    max_position_embeddings=64,
+    word_embed_proj_dim=WIDTH,
+    pad_token_id=OPT_PAD,
+  )
   model = randomise(transformers.OPTForCausalLM(config), seed=1, std=0.5, embedding_norm=2.0)
   cfg = opt.config_from_hf(config)
   args = (jnp.zeros((1, 4, WIDTH)), jnp.ones((1, 4), jnp.int32))
@@ -66,11 +74,23 @@ def opt_models():
 @pytest.fixture(scope="module")
 def t5_models():
   # Flan-T5's block (gated exact GELU), as BLIP-2 runs it.
-  config = transformers.T5Config(vocab_size=VOCAB, d_model=WIDTH, d_kv=8, d_ff=64, num_layers=2,
-                                 num_decoder_layers=2, num_heads=4, relative_attention_num_buckets=8,
-                                 relative_attention_max_distance=20, dropout_rate=0.0, feed_forward_proj="gated-gelu",
-                                 dense_act_fn="gelu", tie_word_embeddings=False, pad_token_id=T5_PAD,
-                                 decoder_start_token_id=T5_PAD)
+  config = transformers.T5Config(
+    vocab_size=VOCAB,
+    d_model=WIDTH,
+    d_kv=8,
+    d_ff=64,
+    num_layers=2,
+    num_decoder_layers=2,
+    num_heads=4,
+    relative_attention_num_buckets=8,
+    relative_attention_max_distance=20,
+    dropout_rate=0.0,
+    feed_forward_proj="gated-gelu",
+    dense_act_fn="gelu",
+    tie_word_embeddings=False,
+    pad_token_id=T5_PAD,
+    decoder_start_token_id=T5_PAD,
+  )
   model = randomise(transformers.T5ForConditionalGeneration(config), seed=1, std=0.5, embedding_norm=2.0)
   cfg = t5.config_from_hf(model.config)
   args = (jnp.zeros((1, 4, WIDTH)), jnp.ones((1, 4), jnp.int32), jnp.zeros((1, 2), jnp.int32))
@@ -98,13 +118,26 @@ def test_opt_greedy_matches_hf(opt_models):
   but not the padding, as HF does when it is given input_ids."""
   model, decoder = opt_models
   ids, mask, embeds = _opt_inputs(model)
-  theirs = model.generate(input_ids=torch.from_numpy(ids), attention_mask=torch.from_numpy(mask),
-                          max_new_tokens=MAX_NEW, eos_token_id=OPT_EOS, pad_token_id=OPT_PAD, do_sample=False,
-                          **GREEDY)
-  ours = generation.generate(decoder, jnp.asarray(embeds), jnp.asarray(mask), max_new_tokens=MAX_NEW,
-                             eos_token_id=OPT_EOS, pad_token_id=OPT_PAD, prompt_ids=np.where(mask, ids, -1),
-                             **GREEDY)
-  np.testing.assert_array_equal(ours.tokens, _until_eos(theirs[:, ids.shape[1]:], OPT_EOS, OPT_PAD))
+  theirs = model.generate(
+    input_ids=torch.from_numpy(ids),
+    attention_mask=torch.from_numpy(mask),
+    max_new_tokens=MAX_NEW,
+    eos_token_id=OPT_EOS,
+    pad_token_id=OPT_PAD,
+    do_sample=False,
+    **GREEDY,
+  )
+  ours = generation.generate(
+    decoder,
+    jnp.asarray(embeds),
+    jnp.asarray(mask),
+    max_new_tokens=MAX_NEW,
+    eos_token_id=OPT_EOS,
+    pad_token_id=OPT_PAD,
+    prompt_ids=np.where(mask, ids, -1),
+    **GREEDY,
+  )
+  np.testing.assert_array_equal(ours.tokens, _until_eos(theirs[:, ids.shape[1] :], OPT_EOS, OPT_PAD))
   _assert_stops_vary(ours.tokens, OPT_PAD)
   assert ours.scores is None
 
@@ -118,11 +151,26 @@ def test_opt_beam_search_matches_hf(opt_models):
   embeds = np.concatenate([queries, embeds], axis=1)
   mask = np.concatenate([np.ones((len(ids), 3), np.int64), mask], axis=1)
   options = dict(num_beams=3, length_penalty=0.6, min_new_tokens=3)
-  theirs = model.generate(inputs_embeds=torch.from_numpy(embeds), attention_mask=torch.from_numpy(mask),
-                          max_new_tokens=MAX_NEW, eos_token_id=OPT_EOS, pad_token_id=OPT_PAD, do_sample=False,
-                          return_dict_in_generate=True, output_scores=True, **options)
-  ours = generation.generate(decoder, jnp.asarray(embeds), jnp.asarray(mask), max_new_tokens=MAX_NEW,
-                             eos_token_id=OPT_EOS, pad_token_id=OPT_PAD, **options)
+  theirs = model.generate(
+    inputs_embeds=torch.from_numpy(embeds),
+    attention_mask=torch.from_numpy(mask),
+    max_new_tokens=MAX_NEW,
+    eos_token_id=OPT_EOS,
+    pad_token_id=OPT_PAD,
+    do_sample=False,
+    return_dict_in_generate=True,
+    output_scores=True,
+    **options,
+  )
+  ours = generation.generate(
+    decoder,
+    jnp.asarray(embeds),
+    jnp.asarray(mask),
+    max_new_tokens=MAX_NEW,
+    eos_token_id=OPT_EOS,
+    pad_token_id=OPT_PAD,
+    **options,
+  )
   np.testing.assert_array_equal(ours.tokens, _until_eos(theirs.sequences, OPT_EOS, OPT_PAD))
   np.testing.assert_allclose(ours.scores, theirs.sequences_scores, rtol=1e-5)
   _assert_stops_vary(ours.tokens, OPT_PAD)
@@ -139,10 +187,17 @@ def test_t5_greedy_matches_hf(t5_models):
   """Padded encoder input given as inputs_embeds; the decoder starts from decoder_start_token_id."""
   model, decoder = t5_models
   embeds, mask = _t5_inputs(model)
-  theirs = model.generate(inputs_embeds=torch.from_numpy(embeds), attention_mask=torch.from_numpy(mask),
-                          max_new_tokens=MAX_NEW, eos_token_id=T5_EOS, pad_token_id=T5_PAD, do_sample=False)
-  ours = generation.generate(decoder, jnp.asarray(embeds), jnp.asarray(mask), max_new_tokens=MAX_NEW,
-                             eos_token_id=T5_EOS, pad_token_id=T5_PAD)
+  theirs = model.generate(
+    inputs_embeds=torch.from_numpy(embeds),
+    attention_mask=torch.from_numpy(mask),
+    max_new_tokens=MAX_NEW,
+    eos_token_id=T5_EOS,
+    pad_token_id=T5_PAD,
+    do_sample=False,
+  )
+  ours = generation.generate(
+    decoder, jnp.asarray(embeds), jnp.asarray(mask), max_new_tokens=MAX_NEW, eos_token_id=T5_EOS, pad_token_id=T5_PAD
+  )
   np.testing.assert_array_equal(ours.tokens, _until_eos(theirs[:, 1:], T5_EOS, T5_PAD))
   _assert_stops_vary(ours.tokens, T5_PAD)
 
@@ -153,11 +208,26 @@ def test_t5_beam_search_matches_hf(t5_models):
   model, decoder = t5_models
   embeds, mask = _t5_inputs(model)
   options = dict(num_beams=4, length_penalty=-1.0, min_new_tokens=2, repetition_penalty=1.2)
-  theirs = model.generate(inputs_embeds=torch.from_numpy(embeds), attention_mask=torch.from_numpy(mask),
-                          max_new_tokens=MAX_NEW, eos_token_id=T5_EOS, pad_token_id=T5_PAD, do_sample=False,
-                          return_dict_in_generate=True, output_scores=True, **options)
-  ours = generation.generate(decoder, jnp.asarray(embeds), jnp.asarray(mask), max_new_tokens=MAX_NEW,
-                             eos_token_id=T5_EOS, pad_token_id=T5_PAD, **options)
+  theirs = model.generate(
+    inputs_embeds=torch.from_numpy(embeds),
+    attention_mask=torch.from_numpy(mask),
+    max_new_tokens=MAX_NEW,
+    eos_token_id=T5_EOS,
+    pad_token_id=T5_PAD,
+    do_sample=False,
+    return_dict_in_generate=True,
+    output_scores=True,
+    **options,
+  )
+  ours = generation.generate(
+    decoder,
+    jnp.asarray(embeds),
+    jnp.asarray(mask),
+    max_new_tokens=MAX_NEW,
+    eos_token_id=T5_EOS,
+    pad_token_id=T5_PAD,
+    **options,
+  )
   np.testing.assert_array_equal(ours.tokens, _until_eos(theirs.sequences[:, 1:], T5_EOS, T5_PAD))
   np.testing.assert_allclose(ours.scores, theirs.sequences_scores, rtol=1e-5)
   _assert_stops_vary(ours.tokens, T5_PAD)
@@ -165,11 +235,19 @@ def test_t5_beam_search_matches_hf(t5_models):
 
 # --- sampling and compilation ---------------------------------------------------------------------------------
 
+
 def _opt_generate(decoder, model, **options):
   ids, mask, embeds = _opt_inputs(model)
-  return generation.generate(decoder, jnp.asarray(embeds), jnp.asarray(mask), max_new_tokens=MAX_NEW,
-                             eos_token_id=OPT_EOS, pad_token_id=OPT_PAD, prompt_ids=np.where(mask, ids, -1),
-                             **options).tokens
+  return generation.generate(
+    decoder,
+    jnp.asarray(embeds),
+    jnp.asarray(mask),
+    max_new_tokens=MAX_NEW,
+    eos_token_id=OPT_EOS,
+    pad_token_id=OPT_PAD,
+    prompt_ids=np.where(mask, ids, -1),
+    **options,
+  ).tokens
 
 
 def test_sampling_with_a_tiny_top_p_is_greedy(opt_models):
@@ -185,6 +263,7 @@ _TRACES = []
 @struct.dataclass
 class _CountingDecoder:
   """An adapter that counts how often jit traces the generation program (once per compile)."""
+
   inner: opt.OPTDecoder
 
   @property
@@ -206,8 +285,9 @@ def test_top_k_sampling_is_reproducible_stays_in_the_top_k_and_compiles_once(opt
   _TRACES.clear()
   first = _opt_generate(_CountingDecoder(decoder), model, rng=jax.random.PRNGKey(1), **options)
   # A new adapter built from an equal module and new arrays of the same shapes reuses the compiled program.
-  rebuilt = opt.OPTDecoder.create(opt.OPTForCausalLM(decoder.module.cfg.as_configdict()),
-                                         jax.tree.map(jnp.array, decoder.params))
+  rebuilt = opt.OPTDecoder.create(
+    opt.OPTForCausalLM(decoder.module.cfg.as_configdict()), jax.tree.map(jnp.array, decoder.params)
+  )
   again = _opt_generate(_CountingDecoder(rebuilt), model, rng=jax.random.PRNGKey(1), **options)
   other = _opt_generate(_CountingDecoder(decoder), model, rng=jax.random.PRNGKey(2), **options)
   assert len(_TRACES) == 1
@@ -220,7 +300,7 @@ def test_top_k_sampling_is_reproducible_stays_in_the_top_k_and_compiles_once(opt
   full_mask = torch.from_numpy(np.concatenate([mask, np.ones_like(first)], axis=1))
   with torch.no_grad():
     logits = model(input_ids=full_ids, attention_mask=full_mask).logits.numpy()
-  logits = logits[:, ids.shape[1] - 1:-1]  # the logits each generated token was sampled from
+  logits = logits[:, ids.shape[1] - 1 : -1]  # the logits each generated token was sampled from
   third = np.sort(logits, axis=-1)[..., -3]
   chosen = np.take_along_axis(logits, first[..., None], axis=-1)[..., 0]
   generated = np.cumsum(np.cumsum(first == OPT_EOS, axis=1), axis=1) <= 1  # up to and including EOS

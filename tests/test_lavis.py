@@ -5,36 +5,64 @@ LAVIS's `Blip2Qformer` saves (names from lavis/models/blip2_models/{Qformer,blip
 lavis/models/eva_vit.py), with the tensors HF lacks added: `temp`, the Q-Former LM head, the position_ids buffer.
 Parity is max |ours - theirs| / max |theirs| in float32, as in test_weights.py.
 """
+
 import functools
 import re
 import sys
 
+from flax import traverse_util
 import flax.linen as nn
+from helpers import hf_blip2_retrieval, rel_error
 import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import pytest
 import torch
-from flax import traverse_util
 
 from blip2_jax import lavis, weights
 from blip2_jax.models.blip2 import Blip2Qformer
-from helpers import hf_blip2_retrieval, rel_error
 
 VOCAB, MAX_POS, QUERIES, WIDTH, TOL = 50, 16, 8, 32, 1e-5
 
 
 def _config(*, num_layers=2, intermediate_size=64):
-  vit = dict(image_size=32, patch_size=8, width=WIDTH, depth=2, num_heads=4, mlp_dim=64, layer_norm_eps=1e-6,
-             act="gelu", dtype="float32")
-  qformer = dict(vocab_size=VOCAB, hidden_size=WIDTH, num_layers=num_layers, num_heads=4,
-                 intermediate_size=intermediate_size, cross_attention_freq=2, max_position_embeddings=MAX_POS,
-                 layer_norm_eps=1e-12, dropout_rate=0.0, dtype="float32")
+  vit = dict(
+    image_size=32,
+    patch_size=8,
+    width=WIDTH,
+    depth=2,
+    num_heads=4,
+    mlp_dim=64,
+    layer_norm_eps=1e-6,
+    act="gelu",
+    dtype="float32",
+  )
+  qformer = dict(
+    vocab_size=VOCAB,
+    hidden_size=WIDTH,
+    num_layers=num_layers,
+    num_heads=4,
+    intermediate_size=intermediate_size,
+    cross_attention_freq=2,
+    max_position_embeddings=MAX_POS,
+    layer_norm_eps=1e-12,
+    dropout_rate=0.0,
+    dtype="float32",
+  )
   # ln_vision eps 1e-6 to match HF's post_layernorm here (LAVIS's ln_vision uses 1e-5).
-  return ml_collections.ConfigDict(dict(vit=vit, qformer=qformer, num_query_tokens=QUERIES, embed_dim=16,
-                                        ln_vision_eps=1e-6, itc_label_smoothing=0.1, itg_label_smoothing=0.1,
-                                        bos_token_id=VOCAB - 1))
+  return ml_collections.ConfigDict(
+    dict(
+      vit=vit,
+      qformer=qformer,
+      num_query_tokens=QUERIES,
+      embed_dim=16,
+      ln_vision_eps=1e-6,
+      itc_label_smoothing=0.1,
+      itg_label_smoothing=0.1,
+      bos_token_id=VOCAB - 1,
+    )
+  )
 
 
 def _abstract(cfg):
@@ -50,22 +78,24 @@ def _flat(tree):
 # --- HF -> LAVIS, written from the LAVIS source ---------------------------------------------------------------
 
 _RENAMES = [  # (HF regex, LAVIS replacement), first match wins
-    (r"vision_model\.embeddings\.class_embedding", "visual_encoder.cls_token"),
-    (r"vision_model\.embeddings\.position_embedding", "visual_encoder.pos_embed"),
-    (r"vision_model\.embeddings\.patch_embedding\.", "visual_encoder.patch_embed.proj."),
-    (r"vision_model\.encoder\.layers\.(\d+)\.layer_norm(\d)\.", r"visual_encoder.blocks.\1.norm\2."),
-    (r"vision_model\.encoder\.layers\.(\d+)\.self_attn\.qkv\.weight", r"visual_encoder.blocks.\1.attn.qkv.weight"),
-    (r"vision_model\.encoder\.layers\.(\d+)\.self_attn\.projection\.", r"visual_encoder.blocks.\1.attn.proj."),
-    (r"vision_model\.encoder\.layers\.(\d+)\.mlp\.", r"visual_encoder.blocks.\1.mlp."),
-    (r"vision_model\.post_layernorm\.", "ln_vision."),
-    (r"embeddings\.", "Qformer.bert.embeddings."),
-    (r"qformer\.layernorm\.", "Qformer.bert.embeddings.LayerNorm."),
-    (r"qformer\.encoder\.layer\.(\d+)\.(attention|crossattention)\.attention\.",
-     r"Qformer.bert.encoder.layer.\1.\2.self."),
-    (r"qformer\.encoder\.", "Qformer.bert.encoder."),
-    (r"vision_projection\.", "vision_proj."),
-    (r"text_projection\.", "text_proj."),
-    (r"(query_tokens|itm_head\.)", r"\1"),
+  (r"vision_model\.embeddings\.class_embedding", "visual_encoder.cls_token"),
+  (r"vision_model\.embeddings\.position_embedding", "visual_encoder.pos_embed"),
+  (r"vision_model\.embeddings\.patch_embedding\.", "visual_encoder.patch_embed.proj."),
+  (r"vision_model\.encoder\.layers\.(\d+)\.layer_norm(\d)\.", r"visual_encoder.blocks.\1.norm\2."),
+  (r"vision_model\.encoder\.layers\.(\d+)\.self_attn\.qkv\.weight", r"visual_encoder.blocks.\1.attn.qkv.weight"),
+  (r"vision_model\.encoder\.layers\.(\d+)\.self_attn\.projection\.", r"visual_encoder.blocks.\1.attn.proj."),
+  (r"vision_model\.encoder\.layers\.(\d+)\.mlp\.", r"visual_encoder.blocks.\1.mlp."),
+  (r"vision_model\.post_layernorm\.", "ln_vision."),
+  (r"embeddings\.", "Qformer.bert.embeddings."),
+  (r"qformer\.layernorm\.", "Qformer.bert.embeddings.LayerNorm."),
+  (
+    r"qformer\.encoder\.layer\.(\d+)\.(attention|crossattention)\.attention\.",
+    r"Qformer.bert.encoder.layer.\1.\2.self.",
+  ),
+  (r"qformer\.encoder\.", "Qformer.bert.encoder."),
+  (r"vision_projection\.", "vision_proj."),
+  (r"text_projection\.", "text_proj."),
+  (r"(query_tokens|itm_head\.)", r"\1"),
 ]
 
 
@@ -89,7 +119,8 @@ def _lavis_state_dict(hf_model, seed=0) -> dict:
       sd[_lavis_name(name)] = tensor.clone()
   word = sd["Qformer.bert.embeddings.word_embeddings.weight"]
   head = "Qformer.cls.predictions"
-  sd.update({
+  sd.update(
+    {
       "Qformer.bert.embeddings.position_ids": torch.arange(MAX_POS).expand((1, -1)),
       f"{head}.transform.dense.weight": 0.2 * torch.randn(WIDTH, WIDTH, generator=g),
       f"{head}.transform.dense.bias": 0.2 * torch.randn(WIDTH, generator=g),
@@ -98,7 +129,8 @@ def _lavis_state_dict(hf_model, seed=0) -> dict:
       f"{head}.bias": 0.2 * torch.randn(VOCAB, generator=g),
       f"{head}.decoder.weight": word.clone(),  # tied to the word embeddings
       "temp": torch.tensor(0.0513),
-  })
+    }
+  )
   sd[f"{head}.decoder.bias"] = sd[f"{head}.bias"].clone()  # `self.decoder.bias = self.bias`
   return sd
 
@@ -148,6 +180,7 @@ def _inputs():
 
 # --- parity and values ----------------------------------------------------------------------------------------
 
+
 def test_fills_every_parameter(loaded, template):
   params, unfilled = loaded
   assert unfilled == set()
@@ -157,9 +190,9 @@ def test_fills_every_parameter(loaded, template):
 
 def _itm_and_itc(m, images, text_ids, text_mask):
   image_embeds = m.encode_image(images)
-  image_feats = m.image_feats(m.query_features(image_embeds)[0])             # [B, Q, E]
-  text_feat = m.text_feat(m.text_features(text_ids, text_mask))              # [B, E]
-  itc = jnp.einsum("iqe,te->iqt", image_feats, text_feat).max(axis=1)       # max over queries
+  image_feats = m.image_feats(m.query_features(image_embeds)[0])  # [B, Q, E]
+  text_feat = m.text_feat(m.text_features(text_ids, text_mask))  # [B, E]
+  itc = jnp.einsum("iqe,te->iqt", image_feats, text_feat).max(axis=1)  # max over queries
   return m.itm_logits(image_embeds, text_ids, text_mask), itc
 
 
@@ -168,7 +201,8 @@ def ours_and_hf(hf_blip2, loaded):
   """Our (ITM logits, ITC scores) from one compiled program, and HF's."""
   (images, ids, mask), (timages, tids, tmask) = _inputs()
   ours = jax.jit(functools.partial(Blip2Qformer(_config()).apply, method=_itm_and_itc))(
-      {"params": loaded[0]}, images, ids, mask)
+    {"params": loaded[0]}, images, ids, mask
+  )
   with torch.no_grad():
     itm = hf_blip2(timages, tids, tmask, use_image_text_matching_head=True).logits_per_image
     itc = hf_blip2(timages, tids, tmask, use_image_text_matching_head=False).logits_per_image
@@ -191,9 +225,13 @@ def test_temp_and_lm_head_are_the_files(loaded, lavis_sd):
   flat = _flat(loaded[0])
   head = "Qformer.cls.predictions"
   assert flat["temp"].shape == () and flat["temp"] == np.float32(0.0513)
-  for ours, theirs in (("lm_transform/kernel", "transform.dense.weight"), ("lm_transform/bias", "transform.dense.bias"),
-                       ("lm_norm/scale", "transform.LayerNorm.weight"), ("lm_norm/bias", "transform.LayerNorm.bias"),
-                       ("lm_bias", "bias")):
+  for ours, theirs in (
+    ("lm_transform/kernel", "transform.dense.weight"),
+    ("lm_transform/bias", "transform.dense.bias"),
+    ("lm_norm/scale", "transform.LayerNorm.weight"),
+    ("lm_norm/bias", "transform.LayerNorm.bias"),
+    ("lm_bias", "bias"),
+  ):
     value = lavis_sd[f"{head}.{theirs}"].numpy()
     np.testing.assert_array_equal(flat[f"qformer/{ours}"], value.T if ours.endswith("kernel") else value)
 
@@ -219,25 +257,33 @@ def test_file_without_vit_fills_the_rest(lavis_sd, loaded, template, tmp_path):
 
 def test_half_precision_vit_loads_as_its_float32_upcast(lavis_sd, template, tmp_path):
   """LAVIS casts the frozen EVA ViT to fp16 (vit_precision); bf16 is what numpy cannot hold."""
-  sd = {k: v.to(torch.bfloat16 if k.startswith("visual_encoder.blocks.0.") else torch.float16)
-        if k.startswith("visual_encoder.") else v for k, v in lavis_sd.items()}
+  sd = {
+    k: v.to(torch.bfloat16 if k.startswith("visual_encoder.blocks.0.") else torch.float16)
+    if k.startswith("visual_encoder.")
+    else v
+    for k, v in lavis_sd.items()
+  }
   params, _ = lavis.load_lavis_checkpoint(_save(tmp_path, {"model": sd}), template)
   flat = _flat(params)
-  np.testing.assert_array_equal(flat["visual_encoder/blocks_0/attn/q_bias"],
-                                sd["visual_encoder.blocks.0.attn.q_bias"].float().numpy())
-  np.testing.assert_array_equal(flat["visual_encoder/blocks_1/fc1/kernel"],
-                                sd["visual_encoder.blocks.1.mlp.fc1.weight"].float().numpy().T)
+  np.testing.assert_array_equal(
+    flat["visual_encoder/blocks_0/attn/q_bias"], sd["visual_encoder.blocks.0.attn.q_bias"].float().numpy()
+  )
+  np.testing.assert_array_equal(
+    flat["visual_encoder/blocks_1/fc1/kernel"], sd["visual_encoder.blocks.1.mlp.fc1.weight"].float().numpy().T
+  )
   assert all(v.dtype == np.float32 for v in flat.values())
 
 
 # --- what a user can get wrong ---------------------------------------------------------------------------------
 
+
 def test_missing_tensor_is_named(lavis_sd, template, tmp_path):
   sd = dict(lavis_sd)
   del sd["Qformer.bert.encoder.layer.1.output_query.dense.bias"]
   path = _save(tmp_path, {"model": sd})
-  with pytest.raises(ValueError, match=r"no tensor `Qformer\.bert\.encoder\.layer\.1\.output_query\.dense\.bias`") \
-      as err:
+  with pytest.raises(
+    ValueError, match=r"no tensor `Qformer\.bert\.encoder\.layer\.1\.output_query\.dense\.bias`"
+  ) as err:
     lavis.load_lavis_checkpoint(path, template)
   assert str(path) in str(err.value)
 

@@ -4,6 +4,7 @@ Expected values are worked out by hand in the tests (n-gram counts, tf-idf vecto
 were recorded from the reference tools: the Java PTBTokenizer shipped with pycocoevalcap and the official
 VQA evaluation script (vqaEval.py).
 """
+
 import importlib
 import math
 import os
@@ -14,11 +15,13 @@ import pytest
 
 from blip2_jax import metrics
 
-
 # --- caption tokenisation ------------------------------------------------------------------------------------
 
+
 # Outputs of pycocoevalcap's PTBTokenizer (CoreNLP 3.4.1, -preserveLines -lowerCase, punctuation removed).
-@pytest.mark.parametrize("caption, expected", [
+@pytest.mark.parametrize(
+  "caption, expected",
+  [
     ("A man, riding a horse.", "a man riding a horse"),
     ("A woman's hand holding a cell phone.", "a woman 's hand holding a cell phone"),
     ("Kids won't stop playing; it's fun!", "kids wo n't stop playing it 's fun"),
@@ -31,34 +34,35 @@ from blip2_jax import metrics
     # The removal list spells bracket escapes in upper case, the tokenizer lower-cases them: brackets stay.
     ("A man (maybe) skiing [sic].", "a man -lrb- maybe -rrb- skiing -lsb- sic -rsb-"),
     ("We cannot go, we\u2019re gonna wait\u2026 a.m.\u2014ok", "we can not go we 're gon na wait a.m. ok"),
-])
+  ],
+)
 def test_tokenize_caption_matches_ptb_tokenizer(caption, expected):
   assert metrics.tokenize_caption(caption) == expected
 
 
 _PARITY_CAPTIONS = [
-    "A man riding a wave on top of a surfboard.",
-    "There is a plate of food that has broccoli, carrots, and rice.",
-    "A bathroom with a toilet, sink, and shower.",
-    "A bus that is parked on the side of the road...",
-    "A close-up of a pizza with pepperoni & cheese.",
-    "There are 2 elephants (one big, one small) walking.",
-    "A stop sign at the corner of Main St. and 5th Ave.",
-    "A man wearing a t-shirt that reads \"I love NY\".",
-    "THE MAN IS RIDING A MOTORCYCLE DOWN THE ROAD.",
-    "A dog that's sitting in the driver's seat of a car.",
-    "A man and woman pose for a picture at a party..",
-    "The clock reads 10:30 on the building.",
-    "The bird is perched on a branch; it's looking left.",
-    "A 1/2 eaten sandwich and a cup of coffee.",
-    "A man is riding a bike -- on the sidewalk.",
-    "\"A cat,\" she said, \"is on the table.\"",
-    "A street sign that reads \"Dr. Martin Luther King Jr. Blvd.\"",
-    "A U.S. Air Force jet flies overhead at 3 p.m.",
-    "A T.V. sitting on top of a wooden stand.",
-    "Kids won't stop playing in the snow; we're at the zoo and they've got zebras!",
-    "It's the boys' bikes that are parked outside.",
-    "What a nice view?! A man is (maybe) skiing [in the Alps] {cold}.",
+  "A man riding a wave on top of a surfboard.",
+  "There is a plate of food that has broccoli, carrots, and rice.",
+  "A bathroom with a toilet, sink, and shower.",
+  "A bus that is parked on the side of the road...",
+  "A close-up of a pizza with pepperoni & cheese.",
+  "There are 2 elephants (one big, one small) walking.",
+  "A stop sign at the corner of Main St. and 5th Ave.",
+  'A man wearing a t-shirt that reads "I love NY".',
+  "THE MAN IS RIDING A MOTORCYCLE DOWN THE ROAD.",
+  "A dog that's sitting in the driver's seat of a car.",
+  "A man and woman pose for a picture at a party..",
+  "The clock reads 10:30 on the building.",
+  "The bird is perched on a branch; it's looking left.",
+  "A 1/2 eaten sandwich and a cup of coffee.",
+  "A man is riding a bike -- on the sidewalk.",
+  '"A cat," she said, "is on the table."',
+  'A street sign that reads "Dr. Martin Luther King Jr. Blvd."',
+  "A U.S. Air Force jet flies overhead at 3 p.m.",
+  "A T.V. sitting on top of a wooden stand.",
+  "Kids won't stop playing in the snow; we're at the zoo and they've got zebras!",
+  "It's the boys' bikes that are parked outside.",
+  "What a nice view?! A man is (maybe) skiing [in the Alps] {cold}.",
 ]
 
 
@@ -73,6 +77,7 @@ def test_tokenize_caption_agrees_with_the_java_tokenizer():
 
 
 # --- BLEU and CIDEr-D ----------------------------------------------------------------------------------------
+
 
 def test_identical_captions_score_bleu_1_and_cider_10_per_informative_ngram_order():
   """What pycocoevalcap returns when each candidate equals its references.
@@ -113,8 +118,10 @@ def test_bleu_against_ngram_counts_written_out():
   penalty is exp(1 - 10/9).
   """
   predictions = {1: "The dog runs on the grass.", 2: "A cat sits"}
-  references = {1: ["A dog is running on the grass.", "The dog runs on green grass"],
-                2: ["a cat sits on a mat", "the cat is sitting"]}
+  references = {
+    1: ["A dog is running on the grass.", "The dog runs on green grass"],
+    2: ["a cat sits on a mat", "the cat is sitting"],
+  }
   precisions = [8 / 9, 7 / 7, 4 / 5, 1 / 3]
   brevity = math.exp(1 - 10 / 9)
   scores = metrics.caption_scores(predictions, references)
@@ -146,14 +153,17 @@ def test_cider_d_against_tfidf_vectors_written_out():
   assert scores["cider"] == pytest.approx((image_a + 7.5 + 2.5) / 3, rel=1e-12)
 
 
-@pytest.mark.parametrize("predictions, references, message", [
+@pytest.mark.parametrize(
+  "predictions, references, message",
+  [
     ({1: "a dog", 2: "a cat"}, {1: ["a dog"]}, "in predictions but not in references"),
     ({1: "a dog"}, {1: ["a dog"], 3: ["a cat"]}, "in references but not in predictions"),
     ({1: "a dog"}, {1: []}, r"references\[1\] must be a list"),
     ({1: "a dog"}, {1: "a dog"}, r"references\[1\] must be a list"),
     ({1: ["a dog"]}, {1: ["a dog"]}, r"predictions\[1\] must be one caption"),
     ({}, {}, "predictions is empty"),
-])
+  ],
+)
 def test_caption_scores_rejects_bad_input(predictions, references, message):
   with pytest.raises(ValueError, match=message):
     metrics.caption_scores(predictions, references)
@@ -170,8 +180,11 @@ def test_module_imports_without_pycocoevalcap_and_says_how_to_install_it(monkeyp
 
 # --- VQA -----------------------------------------------------------------------------------------------------
 
+
 # Outputs of vqaEval.py's processPunctuation + processDigitArticle on these answers.
-@pytest.mark.parametrize("answer, expected", [
+@pytest.mark.parametrize(
+  "answer, expected",
+  [
     ("Two", "2"),
     ("none", "0"),  # the official number table maps "none" too
     ("dont", "don't"),
@@ -185,7 +198,8 @@ def test_module_imports_without_pycocoevalcap_and_says_how_to_install_it(monkeyp
     ("  Yes\n", "yes"),
     ("im", "im"),  # the official table's "Im" key is capitalised and never matches
     ("it's", "it's"),  # apostrophes are not in the punctuation list
-])
+  ],
+)
 def test_normalize_answer_as_the_official_vqa_evaluation(answer, expected):
   assert metrics.normalize_answer(answer) == expected
 
@@ -217,14 +231,17 @@ def test_vqa_human_answers_get_punctuation_handling_only_when_they_disagree():
   assert metrics.vqa_accuracy({1: "T-shirt"}, {1: unanimous})["per_question"][1] == 0.0
 
 
-@pytest.mark.parametrize("predictions, answers, message", [
+@pytest.mark.parametrize(
+  "predictions, answers, message",
+  [
     ({1: "yes", 2: "no"}, {1: ["yes"] * 10}, "in predictions but not in answers"),
     ({1: "yes"}, {1: ["yes"] * 10, 2: ["no"] * 10}, "in answers but not in predictions"),
     ({1: "yes"}, {1: "yes"}, r"answers\[1\] must be a list of at least 2"),
     ({1: "yes"}, {1: ["yes"]}, r"answers\[1\] must be a list of at least 2"),
     ({1: None}, {1: ["yes"] * 10}, r"predictions\[1\] must be one answer"),
     ({}, {}, "predictions is empty"),
-])
+  ],
+)
 def test_vqa_accuracy_rejects_bad_input(predictions, answers, message):
   with pytest.raises(ValueError, match=message):
     metrics.vqa_accuracy(predictions, answers)

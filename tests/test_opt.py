@@ -4,10 +4,13 @@ The HF model is tiny and randomised (std 0.2, LayerNorm scales around 1) so that
 hide behind zeros. Parity is max |ours - theirs| / max |theirs| in float32, over the real (unpadded) tokens: the
 outputs at padded positions are meaningless in both implementations.
 """
+
 import functools
 import json
 
+from flax import traverse_util
 import flax.linen as nn
+from helpers import randomise, rel_error
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -15,22 +18,25 @@ import numpy as np
 import pytest
 import torch
 import transformers
-from flax import traverse_util
 
 from blip2_jax import weights
 from blip2_jax.models import opt
-from helpers import randomise, rel_error
 
 VOCAB, WIDTH, MAX_POS, TOL = 100, 32, 64, 1e-5
 # Three rows: no padding, left padding (batched generation) and right padding.
-MASK = np.array([[1, 1, 1, 1, 1, 1, 1, 1],
-                 [0, 0, 0, 1, 1, 1, 1, 1],
-                 [1, 1, 1, 1, 1, 1, 0, 0]])
+MASK = np.array([[1, 1, 1, 1, 1, 1, 1, 1], [0, 0, 0, 1, 1, 1, 1, 1], [1, 1, 1, 1, 1, 1, 0, 0]])
 
 
 def _hf_config(**overrides):
-  kw = dict(vocab_size=VOCAB, hidden_size=WIDTH, num_hidden_layers=2, ffn_dim=64, num_attention_heads=4,
-            max_position_embeddings=MAX_POS, word_embed_proj_dim=WIDTH)
+  kw = dict(
+    vocab_size=VOCAB,
+    hidden_size=WIDTH,
+    num_hidden_layers=2,
+    ffn_dim=64,
+    num_attention_heads=4,
+    max_position_embeddings=MAX_POS,
+    word_embed_proj_dim=WIDTH,
+  )
   return transformers.OPTConfig(**{**kw, **overrides})
 
 
@@ -50,8 +56,7 @@ def _abstract(cfg):
 
 
 def _load(cfg, state_dict):
-  return weights.tree_from_hf(state_dict.__getitem__, opt.weight_map(cfg), _abstract(cfg),
-                              dtype=np.dtype(np.float32))
+  return weights.tree_from_hf(state_dict.__getitem__, opt.weight_map(cfg), _abstract(cfg), dtype=np.dtype(np.float32))
 
 
 @functools.lru_cache(maxsize=None)
@@ -60,8 +65,11 @@ def _fns(cfg_json):
   model = opt.OPTForCausalLM(ml_collections.ConfigDict(json.loads(cfg_json)))
   embed = jax.jit(lambda p, ids: model.apply({"params": p}, ids, method="embed"))
   forward = jax.jit(lambda p, x, mask: model.apply({"params": p}, x, mask)[0])
-  cached = jax.jit(lambda p, x, mask, pos, cache, index: model.apply(
-      {"params": p}, x, mask, positions=pos, cache=cache, cache_index=index))
+  cached = jax.jit(
+    lambda p, x, mask, pos, cache, index: model.apply(
+      {"params": p}, x, mask, positions=pos, cache=cache, cache_index=index
+    )
+  )
   return embed, forward, cached
 
 
@@ -89,6 +97,7 @@ def _ids(seed=0):
 
 
 # --- parity with transformers ------------------------------------------------------------------------------
+
 
 def test_logits_match_hf_from_ids_with_padding(hf_opt, cfg, params):
   embed, forward, _ = _jitted(cfg)
@@ -136,6 +145,7 @@ def test_gelu_without_biases_matches_hf():
 
 # --- KV cache ----------------------------------------------------------------------------------------------
 
+
 def test_prefill_then_token_steps_match_full_forward(cfg, params):
   """A 5-token prefill, then one token at a time through one compiled step; every real position's logits equal
   the full forward's. The cache has spare slots at the end that the key mask leaves invalid."""
@@ -150,7 +160,7 @@ def test_prefill_then_token_steps_match_full_forward(cfg, params):
   logits, cache = cached(params, x[:, :prefill], key_mask, positions[:, :prefill], cache, jnp.int32(0))
   steps = [logits]
   for t in range(prefill, n):
-    logits, cache = cached(params, x[:, t:t + 1], key_mask, positions[:, t:t + 1], cache, jnp.int32(t))
+    logits, cache = cached(params, x[:, t : t + 1], key_mask, positions[:, t : t + 1], cache, jnp.int32(t))
     steps.append(logits)
   assert cached._cache_size() == 2  # the prefill and one step program for every step
   assert jax.tree.map(jnp.shape, cache) == jax.tree.map(jnp.shape, opt.init_cache(cfg, b, slots, jnp.float32))
@@ -165,8 +175,9 @@ def test_cache_reorders_with_one_gather_on_the_batch_axis(cfg, params):
   x = embed(params, jnp.asarray(_ids()))
   positions = jnp.asarray(np.cumsum(MASK, axis=1) * MASK - 1, jnp.int32)
   key_mask = jnp.asarray(np.pad(MASK, ((0, 0), (0, slots - n))))
-  _, cache = cached(params, x[:, :5], key_mask, positions[:, :5], opt.init_cache(cfg, b, slots, jnp.float32),
-                    jnp.int32(0))
+  _, cache = cached(
+    params, x[:, :5], key_mask, positions[:, :5], opt.init_cache(cfg, b, slots, jnp.float32), jnp.int32(0)
+  )
   order = jnp.array([2, 0, 0])
   step = lambda c, i: cached(params, x[i, 5:6], key_mask[i], positions[i, 5:6], c, jnp.int32(5))[0]
   reordered = step(jax.tree.map(lambda a: a[order], cache), order)
@@ -174,6 +185,7 @@ def test_cache_reorders_with_one_gather_on_the_batch_axis(cfg, params):
 
 
 # --- remat and low precision -------------------------------------------------------------------------------
+
 
 def test_remat_policies_give_identical_logits_and_gradients(hf_opt, params):
   """Stage 2 backpropagates through the frozen LLM into the Q-Former: recomputation may only reorder float
@@ -205,6 +217,7 @@ def test_bfloat16_compute_returns_float32_logits(hf_opt, cfg, params):
 
 # --- parameters and weights --------------------------------------------------------------------------------
 
+
 def test_every_parameter_has_logical_axes(cfg):
   for path, leaf in traverse_util.flatten_dict(_abstract(cfg), sep="/").items():
     assert isinstance(leaf, nn.Partitioned) and len(leaf.names) == leaf.value.ndim, path
@@ -227,20 +240,27 @@ def test_wrong_shape_or_missing_tensor_is_one_line_error(hf_opt, cfg):
   with pytest.raises(ValueError, match=r"^Shape mismatch at `layers/fc1/kernel`[^\n]*$"):
     _load(cfg, wrong)
   missing = {k: v for k, v in state_dict.items() if k != "model.decoder.layers.0.self_attn.k_proj.bias"}
-  with pytest.raises(ValueError, match=r"^Checkpoint has no tensor `model.decoder.layers.0.self_attn.k_proj.bias`"
-                                       r"[^\n]*$"):
+  with pytest.raises(
+    ValueError,
+    match=r"^Checkpoint has no tensor `model.decoder.layers.0.self_attn.k_proj.bias`"
+    r"[^\n]*$",
+  ):
     _load(cfg, missing)
 
 
 # --- errors a user can cause -------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("overrides, field", [
+
+@pytest.mark.parametrize(
+  "overrides, field",
+  [
     (dict(word_embed_proj_dim=16), "word_embed_proj_dim=16"),
     (dict(do_layer_norm_before=False), "do_layer_norm_before=False"),
     (dict(activation_function="silu"), "activation_function='silu'"),
     (dict(tie_word_embeddings=False), "tie_word_embeddings=False"),
     (dict(layer_norm_elementwise_affine=False), "layer_norm_elementwise_affine=False"),
-])
+  ],
+)
 def test_unsupported_config_is_one_line_error(overrides, field):
   with pytest.raises(ValueError, match=r"^[^\n]*" + field + r"[^\n]*$"):
     opt.config_from_hf(_hf_config(**overrides))

@@ -4,8 +4,11 @@ Each HF model is built from a tiny config, randomised (std 0.2; norm scales arou
 name cannot hide, saved with `save_pretrained`, loaded by us, and compared in float32: max |ours - theirs| /
 max |theirs| <= 1e-5. Exports are reloaded by transformers and compared the same way.
 """
+
 import json
 
+from conftest import one_device_env
+from helpers import randomise, rel_error
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -16,40 +19,83 @@ import transformers
 
 from blip2_jax import partitioning
 from blip2_jax.api import Blip2
-from conftest import one_device_env
-from helpers import randomise, rel_error
 
 TOL = 1e-5
 WIDTH, QUERIES, VOCAB_QF, IMAGE = 32, 4, 40, 32
-VISION = dict(hidden_size=WIDTH, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-              image_size=IMAGE, patch_size=8, layer_norm_eps=1e-6, qkv_bias=True)
+VISION = dict(
+  hidden_size=WIDTH,
+  intermediate_size=64,
+  num_hidden_layers=2,
+  num_attention_heads=4,
+  image_size=IMAGE,
+  patch_size=8,
+  layer_norm_eps=1e-6,
+  qkv_bias=True,
+)
 
 
 def _qformer(text_input: bool):
-  return dict(hidden_size=WIDTH, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
-              cross_attention_frequency=2, encoder_hidden_size=WIDTH, vocab_size=VOCAB_QF,
-              use_qformer_text_input=text_input, max_position_embeddings=16)
+  return dict(
+    hidden_size=WIDTH,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    intermediate_size=64,
+    cross_attention_frequency=2,
+    encoder_hidden_size=WIDTH,
+    vocab_size=VOCAB_QF,
+    use_qformer_text_input=text_input,
+    max_position_embeddings=16,
+  )
 
 
-OPT_TEXT = dict(model_type="opt", vocab_size=64, hidden_size=24, num_hidden_layers=2, ffn_dim=48,
-                num_attention_heads=4, max_position_embeddings=40, word_embed_proj_dim=24, pad_token_id=1,
-                bos_token_id=2, eos_token_id=2)
-T5_TEXT = dict(model_type="t5", vocab_size=64, d_model=24, d_kv=8, d_ff=48, num_layers=2, num_decoder_layers=2,
-               num_heads=3, feed_forward_proj="gated-gelu", dense_act_fn="gelu", tie_word_embeddings=False,
-               relative_attention_num_buckets=8, relative_attention_max_distance=16, decoder_start_token_id=0,
-               pad_token_id=0, eos_token_id=1)
+OPT_TEXT = dict(
+  model_type="opt",
+  vocab_size=64,
+  hidden_size=24,
+  num_hidden_layers=2,
+  ffn_dim=48,
+  num_attention_heads=4,
+  max_position_embeddings=40,
+  word_embed_proj_dim=24,
+  pad_token_id=1,
+  bos_token_id=2,
+  eos_token_id=2,
+)
+T5_TEXT = dict(
+  model_type="t5",
+  vocab_size=64,
+  d_model=24,
+  d_kv=8,
+  d_ff=48,
+  num_layers=2,
+  num_decoder_layers=2,
+  num_heads=3,
+  feed_forward_proj="gated-gelu",
+  dense_act_fn="gelu",
+  tie_word_embeddings=False,
+  relative_attention_num_buckets=8,
+  relative_attention_max_distance=16,
+  decoder_start_token_id=0,
+  pad_token_id=0,
+  eos_token_id=1,
+)
 IMAGE_TOKEN = 63  # HF >= 4.47 puts num_query_tokens of these in front of the prompt ids
 
 
 def _hf_model(kind: str, seed=0):
   if kind == "retrieval":
-    config = transformers.Blip2Config(vision_config=VISION, qformer_config=_qformer(True),
-                                      num_query_tokens=QUERIES, image_text_hidden_size=16)
+    config = transformers.Blip2Config(
+      vision_config=VISION, qformer_config=_qformer(True), num_query_tokens=QUERIES, image_text_hidden_size=16
+    )
     cls = transformers.Blip2ForImageTextRetrieval
   else:
-    config = transformers.Blip2Config(vision_config=VISION, qformer_config=_qformer(False),
-                                      text_config=OPT_TEXT if kind == "opt" else T5_TEXT,
-                                      num_query_tokens=QUERIES, image_token_index=IMAGE_TOKEN)
+    config = transformers.Blip2Config(
+      vision_config=VISION,
+      qformer_config=_qformer(False),
+      text_config=OPT_TEXT if kind == "opt" else T5_TEXT,
+      num_query_tokens=QUERIES,
+      image_token_index=IMAGE_TOKEN,
+    )
     cls = transformers.Blip2ForConditionalGeneration
   torch.manual_seed(seed)
   return randomise(cls(config), seed)
@@ -89,6 +135,7 @@ def saved(tmp_path_factory):
     model = _hf_model(kind)
     model.save_pretrained(root / kind)
     return model, root / kind
+
   return _Lazy(make)
 
 
@@ -104,6 +151,7 @@ def _one_device_mesh():
 
 
 # --- parity ------------------------------------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("kind", ["retrieval", "opt", "t5"])
 def test_vision_and_query_outputs_match_hf(saved, loaded, kind):
@@ -121,10 +169,18 @@ def test_retrieval_itm_and_itc_match_hf(saved, loaded):
   x, px = _images()
   ids, mask = _texts(VOCAB_QF)
   with torch.no_grad():
-    itm = hf(pixel_values=px, input_ids=torch.from_numpy(ids), attention_mask=torch.from_numpy(mask),
-             use_image_text_matching_head=True).logits_per_image
-    itc = hf(pixel_values=px, input_ids=torch.from_numpy(ids), attention_mask=torch.from_numpy(mask),
-             use_image_text_matching_head=False).logits_per_image
+    itm = hf(
+      pixel_values=px,
+      input_ids=torch.from_numpy(ids),
+      attention_mask=torch.from_numpy(mask),
+      use_image_text_matching_head=True,
+    ).logits_per_image
+    itc = hf(
+      pixel_values=px,
+      input_ids=torch.from_numpy(ids),
+      attention_mask=torch.from_numpy(mask),
+      use_image_text_matching_head=False,
+    ).logits_per_image
   assert rel_error(ours.itm_logits(x, ids, mask), itm) < TOL
   assert rel_error(ours.itc_scores(x, ids, mask), itc) < TOL
 
@@ -140,8 +196,12 @@ def _hf_t5_logits(hf, px, ids, mask, dec_ids):
   hf_ids = np.concatenate([np.full((ids.shape[0], QUERIES), IMAGE_TOKEN), ids], axis=1)
   hf_mask = np.concatenate([np.ones((ids.shape[0], QUERIES), np.int64), mask], axis=1)
   with torch.no_grad():
-    return hf(pixel_values=px, input_ids=torch.from_numpy(hf_ids), attention_mask=torch.from_numpy(hf_mask),
-              decoder_input_ids=torch.from_numpy(dec_ids)).logits
+    return hf(
+      pixel_values=px,
+      input_ids=torch.from_numpy(hf_ids),
+      attention_mask=torch.from_numpy(hf_mask),
+      decoder_input_ids=torch.from_numpy(dec_ids),
+    ).logits
 
 
 def test_opt_llm_logits_match_hf(saved, loaded):
@@ -172,8 +232,9 @@ def test_sharded_and_bf16_checkpoints(saved, loaded, tmp_path):
   x, _ = _images()
   ids, mask = _texts(VOCAB_QF)
   assert sharded.mesh.devices.size == 8
-  np.testing.assert_allclose(np.asarray(sharded.itm_logits(x, ids, mask)), np.asarray(ours.itm_logits(x, ids, mask)),
-                             rtol=1e-6, atol=1e-6)
+  np.testing.assert_allclose(
+    np.asarray(sharded.itm_logits(x, ids, mask)), np.asarray(ours.itm_logits(x, ids, mask)), rtol=1e-6, atol=1e-6
+  )
 
   _hf_model("retrieval").to(torch.bfloat16).save_pretrained(tmp_path / "bf16", max_shard_size="20KB")
   low = Blip2.from_pretrained(tmp_path / "bf16", dtype="bfloat16", mesh=_one_device_mesh())
@@ -210,26 +271,38 @@ def test_export_reloads_in_transformers_with_the_same_outputs(saved, loaded, kin
 def test_stage1_workdir_exports_to_hf_retrieval(stage1_workdir, tmp_path):
   """A (tiny) stage-1 run's workdir -> `python -m blip2_jax.export` -> transformers' Blip2ForImageTextRetrieval
   gives our ITM logits and ITC scores."""
+  import os
   import subprocess
   import sys
-  import os
+
   repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
   workdir, out = stage1_workdir, tmp_path / "hf"
-  r = subprocess.run([sys.executable, "-m", "blip2_jax.export", f"--workdir={workdir}", f"--out={out}"],
-                     cwd=repo, capture_output=True, text=True, timeout=600, env=one_device_env())
+  r = subprocess.run(
+    [sys.executable, "-m", "blip2_jax.export", f"--workdir={workdir}", f"--out={out}"],
+    cwd=repo,
+    capture_output=True,
+    text=True,
+    timeout=600,
+    env=one_device_env(),
+  )
   assert r.returncode == 0, r.stderr[-3000:]
   ours = Blip2.from_workdir(workdir, devices=jax.devices()[:1])
   hf = transformers.Blip2ForImageTextRetrieval.from_pretrained(out).eval()
   tok = transformers.AutoTokenizer.from_pretrained(out)
-  enc = tok(["large red circle top left", "small blue square"], padding="max_length", max_length=12,
-            return_tensors="np")
+  enc = tok(
+    ["large red circle top left", "small blue square"], padding="max_length", max_length=12, return_tensors="np"
+  )
   ids, mask = enc["input_ids"], enc["attention_mask"]
   size = ours.cfg.vit.image_size
   x = np.random.default_rng(0).normal(size=(2, size, size, 3)).astype(np.float32)
   px = torch.from_numpy(x.transpose(0, 3, 1, 2).copy())
   with torch.no_grad():
-    itm = hf(pixel_values=px, input_ids=torch.from_numpy(ids), attention_mask=torch.from_numpy(mask),
-             use_image_text_matching_head=True).logits_per_image
+    itm = hf(
+      pixel_values=px,
+      input_ids=torch.from_numpy(ids),
+      attention_mask=torch.from_numpy(mask),
+      use_image_text_matching_head=True,
+    ).logits_per_image
     itc = hf(pixel_values=px, input_ids=torch.from_numpy(ids), attention_mask=torch.from_numpy(mask)).logits_per_image
   # The stage-1 config keeps LAVIS's ln_vision eps 1e-5 beside the ViT's 1e-6; HF's config has one eps for both,
   # so the export writes 1e-6 and the ln_vision outputs differ by about 5e-6 relative.
@@ -238,6 +311,7 @@ def test_stage1_workdir_exports_to_hf_retrieval(stage1_workdir, tmp_path):
 
 
 # --- bad input ---------------------------------------------------------------------------------------------
+
 
 def _copy_with(src, dst, edit):
   dst.mkdir()

@@ -1,27 +1,27 @@
 """Stage 2 end to end on tiny configs: the trainer with a frozen OPT / T5 (the demo's caption-trained LLM),
 frozen weights held out of the optimizer, evaluation by captioning, generation from the workdir, and export of
 the workdir into transformers' Blip2ForConditionalGeneration with the same logits."""
+
 import json
 import os
 import subprocess
 import sys
 
+from conftest import one_device_env
+from flax import traverse_util
 import jax
 import numpy as np
 import pytest
 import torch
 import transformers
-from flax import traverse_util
 
 from blip2_jax import state as state_lib
-from blip2_jax.data import images as images_lib
 from blip2_jax.api import Blip2
+from blip2_jax.data import images as images_lib
 from configs import stage2_opt, stage2_t5
-from conftest import one_device_env
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIGS = {"opt": stage2_opt, "t5": stage2_t5}
-
 
 
 @pytest.fixture(scope="module")
@@ -30,10 +30,23 @@ def workdirs(tiny_data_dir, tmp_path_factory):
   out = {}
   for kind in ("opt", "t5"):
     workdir = str(tmp_path_factory.mktemp(f"stage2_{kind}"))
-    r = subprocess.run([sys.executable, "-m", "blip2_jax.train", f"--config=configs/stage2_{kind}.py:tiny",
-                        f"--workdir={workdir}", f"--config.data.data_dir={tiny_data_dir}",
-                        "--config.eval_every=6", "--config.eval.during_training_images=8"],
-                       cwd=REPO, capture_output=True, text=True, timeout=900, env=one_device_env())
+    r = subprocess.run(
+      [
+        sys.executable,
+        "-m",
+        "blip2_jax.train",
+        f"--config=configs/stage2_{kind}.py:tiny",
+        f"--workdir={workdir}",
+        f"--config.data.data_dir={tiny_data_dir}",
+        "--config.eval_every=6",
+        "--config.eval.during_training_images=8",
+      ],
+      cwd=REPO,
+      capture_output=True,
+      text=True,
+      timeout=900,
+      env=one_device_env(),
+    )
     assert r.returncode == 0, r.stderr[-3000:]
     with open(os.path.join(workdir, "metrics.jsonl"), encoding="utf-8") as f:
       out[kind] = (workdir, [json.loads(line) for line in f])
@@ -58,17 +71,22 @@ def test_trains_reports_captions_and_keeps_llm_frozen(workdirs, kind):
   model = Blip2.from_workdir(workdir, devices=jax.devices()[:1])
   params = traverse_util.flatten_dict(jax.device_get(model.params), sep="/")
   from safetensors.numpy import load_file  # pylint: disable=g-import-not-at-top
+
   stored = load_file(os.path.join(workdir, "demo_llm", "model.safetensors"))
   first = "model.decoder.layers.0.fc1.weight" if kind == "opt" else "encoder.block.0.layer.0.SelfAttention.q.weight"
-  ours = ("language_model/layers/fc1/kernel" if kind == "opt"
-          else "language_model/encoder/layers/self_attention/q/kernel")
+  ours = (
+    "language_model/layers/fc1/kernel" if kind == "opt" else "language_model/encoder/layers/self_attention/q/kernel"
+  )
   np.testing.assert_array_equal(params[ours][0], stored[first].T)
   config = state_lib.resolve_demo_llm(CONFIGS[kind].get_config("tiny"), workdir)
   config.data.data_dir = os.path.dirname(workdir)
   from blip2_jax import checkpointing  # pylint: disable=g-import-not-at-top
+
   setup = state_lib.build(config, state_lib.load_tokenizer(config), devices=jax.devices()[:1])
-  opt_state_paths = {"/".join(str(getattr(k, "key", k)) for k in path)
-                     for path, _ in jax.tree_util.tree_flatten_with_path(setup.abstract_state["opt_state"])[0]}
+  opt_state_paths = {
+    "/".join(str(getattr(k, "key", k)) for k in path)
+    for path, _ in jax.tree_util.tree_flatten_with_path(setup.abstract_state["opt_state"])[0]
+  }
   assert not any("language_model" in p or "visual_encoder" in p for p in opt_state_paths)
   assert any("qformer" in p for p in opt_state_paths)
   del checkpointing
@@ -83,8 +101,14 @@ def test_workdir_generates_and_exports_to_transformers(workdirs, kind, tmp_path)
   captions = model.generate(x, "a photo of", max_new_tokens=6)
   assert len(captions) == 2 and all(isinstance(c, str) for c in captions)
 
-  r = subprocess.run([sys.executable, "-m", "blip2_jax.export", f"--workdir={workdir}", f"--out={tmp_path / 'hf'}"],
-                     cwd=REPO, capture_output=True, text=True, timeout=600, env=one_device_env())
+  r = subprocess.run(
+    [sys.executable, "-m", "blip2_jax.export", f"--workdir={workdir}", f"--out={tmp_path / 'hf'}"],
+    cwd=REPO,
+    capture_output=True,
+    text=True,
+    timeout=600,
+    env=one_device_env(),
+  )
   assert r.returncode == 0, r.stderr[-3000:]
   hf = transformers.Blip2ForConditionalGeneration.from_pretrained(tmp_path / "hf").eval()
   tok = model.tokenizer
@@ -103,7 +127,7 @@ def test_workdir_generates_and_exports_to_transformers(workdirs, kind, tmp_path)
       dec = torch.zeros((2, 3), dtype=torch.long)
       theirs = hf(pixel_values=px, input_ids=hf_ids, attention_mask=hf_mask, decoder_input_ids=dec).logits
       ours = model.lm_logits(x, ids, mask, dec.numpy())
-  theirs = theirs.numpy()[..., :ours.shape[-1]]  # the export's extra <image> row
+  theirs = theirs.numpy()[..., : ours.shape[-1]]  # the export's extra <image> row
   if kind == "opt":  # compare where HF's positions are real tokens (padding rows are meaningless in both)
     keep = hf_mask.numpy().astype(bool)
     theirs, ours = theirs[keep], np.asarray(ours)[keep]
@@ -111,12 +135,19 @@ def test_workdir_generates_and_exports_to_transformers(workdirs, kind, tmp_path)
 
 
 def _cli(*args):
-  return subprocess.run([sys.executable, "-m", "blip2_jax.generate", *args], cwd=REPO, capture_output=True,
-                        text=True, timeout=600, env=one_device_env())
+  return subprocess.run(
+    [sys.executable, "-m", "blip2_jax.generate", *args],
+    cwd=REPO,
+    capture_output=True,
+    text=True,
+    timeout=600,
+    env=one_device_env(),
+  )
 
 
 def test_generate_cli_folder_with_mixed_sizes_and_a_corrupt_image(workdirs, tmp_path):
   from PIL import Image  # pylint: disable=g-import-not-at-top
+
   workdir, _ = workdirs["opt"]
   folder = tmp_path / "images"
   folder.mkdir()
@@ -124,8 +155,15 @@ def test_generate_cli_folder_with_mixed_sizes_and_a_corrupt_image(workdirs, tmp_
   Image.new("RGB", (100, 64), (0, 0, 255)).save(folder / "b.jpg")  # another size: resized like the rest
   (folder / "c.png").write_bytes(b"not an image")
   out = tmp_path / "out.jsonl"
-  r = _cli(f"--model={workdir}", f"--images={folder}", f"--out={out}", "--batch_size=2", "--max_new_tokens=5",
-           "--num_beams=1", "--min_new_tokens=0")
+  r = _cli(
+    f"--model={workdir}",
+    f"--images={folder}",
+    f"--out={out}",
+    "--batch_size=2",
+    "--max_new_tokens=5",
+    "--num_beams=1",
+    "--min_new_tokens=0",
+  )
   assert r.returncode == 0, r.stderr[-3000:]
   rows = [json.loads(line) for line in out.read_text().splitlines()]
   assert [row["image"] for row in rows] == ["a.png", "b.jpg"]
@@ -138,6 +176,7 @@ def test_generate_bad_input_is_one_line(workdirs, tmp_path):
   longer than the LLM's context is refused before anything is compiled."""
   workdir, _ = workdirs["opt"]
   from PIL import Image  # pylint: disable=g-import-not-at-top
+
   Image.new("RGB", (48, 48)).save(tmp_path / "x.png")
   (tmp_path / "bad.png").write_bytes(b"\x89PNG broken")
   r = _cli(f"--model={workdir}", f"--image={tmp_path / 'bad.png'}")
@@ -157,8 +196,9 @@ def test_generate_bad_input_is_one_line(workdirs, tmp_path):
   assert batch.shape == (3, size, size, 3) and batch.dtype == np.float32
   np.testing.assert_array_equal(batch[0], images_lib.eval_preprocess(pil, size))
   np.testing.assert_array_equal(batch[2], images_lib.eval_preprocess(Image.fromarray(pixels), size))
-  assert model.generate([pil, tmp_path / "x.png", pixels], "a photo of", max_new_tokens=4) == \
-      model.generate(batch, "a photo of", max_new_tokens=4)
+  assert model.generate([pil, tmp_path / "x.png", pixels], "a photo of", max_new_tokens=4) == model.generate(
+    batch, "a photo of", max_new_tokens=4
+  )
   with pytest.raises(ValueError, match=r"^Image 1 is a float array of shape \(10, 10, 3\): float arrays must be "):
     model.pixels([pixels, np.zeros((10, 10, 3), np.float32)])
   with pytest.raises(ValueError, match=r"^Image 0 is a dict: give a PIL image, a file path or an \[H, W, 3\] array"):

@@ -7,9 +7,11 @@ randomised (std 0.2, norm scales around 1) so a wrong transpose or name cannot h
 wrong reshape cannot either, and 8 position buckets make short sequences reach the log-spaced ones. Parity is
 max |ours - theirs| / max |theirs| in float32.
 """
+
 import functools
 
 import flax.linen as nn
+from helpers import randomise, rel_error
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -22,7 +24,6 @@ from transformers.models.t5.modeling_t5 import T5Attention
 
 from blip2_jax import weights
 from blip2_jax.models import t5
-from helpers import randomise, rel_error
 
 VOCAB, WIDTH, ENC_LEN, DEC_LEN, TOL = 64, 32, 13, 8, 1e-5
 F32 = np.dtype("float32")
@@ -32,12 +33,22 @@ jit = functools.partial(jax.jit, compiler_options={"xla_backend_optimization_lev
 
 
 def _hf_config(variant: str) -> transformers.T5Config:
-  common = dict(vocab_size=VOCAB, d_model=WIDTH, d_kv=6, d_ff=48, num_layers=2, num_heads=4,
-                relative_attention_num_buckets=8, relative_attention_max_distance=20, dropout_rate=0.0,
-                decoder_start_token_id=0)
+  common = dict(
+    vocab_size=VOCAB,
+    d_model=WIDTH,
+    d_kv=6,
+    d_ff=48,
+    num_layers=2,
+    num_heads=4,
+    relative_attention_num_buckets=8,
+    relative_attention_max_distance=20,
+    dropout_rate=0.0,
+    decoder_start_token_id=0,
+  )
   if variant == "flan":
-    return transformers.T5Config(**common, num_decoder_layers=3, feed_forward_proj="gated-gelu",
-                                 dense_act_fn="gelu", tie_word_embeddings=False)
+    return transformers.T5Config(
+      **common, num_decoder_layers=3, feed_forward_proj="gated-gelu", dense_act_fn="gelu", tie_word_embeddings=False
+    )
   return transformers.T5Config(**common, feed_forward_proj="relu", tie_word_embeddings=True)
 
 
@@ -113,14 +124,17 @@ def _inputs(seed=0):
 
 # --- parity with transformers ---------------------------------------------------------------------------------
 
+
 def test_relative_position_buckets_match_hf():
   relative = np.arange(-300, 301)
   for num_buckets, max_distance in ((8, 20), (32, 128)):
     for bidirectional in (True, False):
-      ours = t5.relative_position_bucket(jnp.asarray(relative), bidirectional=bidirectional,
-                                         num_buckets=num_buckets, max_distance=max_distance)
-      theirs = T5Attention._relative_position_bucket(torch.from_numpy(relative), bidirectional=bidirectional,
-                                                     num_buckets=num_buckets, max_distance=max_distance)
+      ours = t5.relative_position_bucket(
+        jnp.asarray(relative), bidirectional=bidirectional, num_buckets=num_buckets, max_distance=max_distance
+      )
+      theirs = T5Attention._relative_position_bucket(
+        torch.from_numpy(relative), bidirectional=bidirectional, num_buckets=num_buckets, max_distance=max_distance
+      )
       np.testing.assert_array_equal(np.asarray(ours), theirs.numpy())
 
 
@@ -141,22 +155,29 @@ def test_logits_match_hf(checkpoints, variant):
   embeds = t5.T5ForConditionalGeneration(cfg).apply(params, jnp.asarray(ids), method="embed")
   ours = forward(params, embeds, mask, decoder_ids, decoder_mask)
   with torch.no_grad():
-    theirs = hf(input_ids=torch.from_numpy(ids), attention_mask=torch.from_numpy(mask),
-                decoder_input_ids=torch.from_numpy(decoder_ids),
-                decoder_attention_mask=torch.from_numpy(decoder_mask)).logits
+    theirs = hf(
+      input_ids=torch.from_numpy(ids),
+      attention_mask=torch.from_numpy(mask),
+      decoder_input_ids=torch.from_numpy(decoder_ids),
+      decoder_attention_mask=torch.from_numpy(decoder_mask),
+    ).logits
   assert ours.dtype == jnp.float32
   assert rel_error(ours, theirs) < TOL
 
   embeds = np.random.default_rng(1).normal(size=(3, ENC_LEN, WIDTH)).astype(np.float32)
   ours = forward(params, embeds, mask, decoder_ids, decoder_mask)
   with torch.no_grad():
-    theirs = hf(inputs_embeds=torch.from_numpy(embeds), attention_mask=torch.from_numpy(mask),
-                decoder_input_ids=torch.from_numpy(decoder_ids),
-                decoder_attention_mask=torch.from_numpy(decoder_mask)).logits
+    theirs = hf(
+      inputs_embeds=torch.from_numpy(embeds),
+      attention_mask=torch.from_numpy(mask),
+      decoder_input_ids=torch.from_numpy(decoder_ids),
+      decoder_attention_mask=torch.from_numpy(decoder_mask),
+    ).logits
   assert rel_error(ours, theirs) < TOL
 
 
 # --- cached decoding ------------------------------------------------------------------------------------------
+
 
 def test_cached_decoding_matches_full_forward(flan):
   """A 3-token prefill and then one token per step, through one compiled step function, give the logits of the
@@ -176,12 +197,15 @@ def test_cached_decoding_matches_full_forward(flan):
   full, cache = _jit(cfg, full_pass_and_cache)(params, embeds, mask, decoder_ids, decoder_mask)
   assert all(leaf.shape[0] == 3 for leaf in jax.tree.leaves(cache))  # batch first: beam search gathers axis 0
   key_mask = np.pad(decoder_mask, ((0, 0), (0, max_len - DEC_LEN)), constant_values=1)
-  decode = jit(lambda p, tokens, c, i: model.apply(p, tokens, None, None, decoder_mask=key_mask, cache=c,
-                                                     cache_index=i, method="decode"))
+  decode = jit(
+    lambda p, tokens, c, i: model.apply(
+      p, tokens, None, None, decoder_mask=key_mask, cache=c, cache_index=i, method="decode"
+    )
+  )
   logits, cache = decode(params, decoder_ids[:, :3], cache, jnp.int32(0))
   steps = [logits]
   for i in range(3, DEC_LEN):
-    logits, cache = decode(params, decoder_ids[:, i:i + 1], cache, jnp.int32(i))
+    logits, cache = decode(params, decoder_ids[:, i : i + 1], cache, jnp.int32(i))
     steps.append(logits)
   assert decode._cache_size() == 2  # the prefill and one step function for every step
   assert rel_error(jnp.concatenate(steps, axis=1), full) < TOL
@@ -210,13 +234,14 @@ def test_unrolled_decode_step_matches_full_forward(flan):
   step = jit(lambda p, lp, tokens, caches, i: t5.decode_step(model, p, lp, tokens, mask, caches, i))
   caches, steps = t5.split_cache(cache), [logits]
   for i in range(3, DEC_LEN):
-    logits, caches = step(params["params"], layer_params, decoder_ids[:, i:i + 1], caches, jnp.int32(i))
+    logits, caches = step(params["params"], layer_params, decoder_ids[:, i : i + 1], caches, jnp.int32(i))
     steps.append(logits)
   assert step._cache_size() == 1
   assert rel_error(jnp.concatenate(steps, axis=1), full) < TOL
 
 
 # --- remat, precision, parameters -----------------------------------------------------------------------------
+
 
 def test_remat_policies_give_identical_values_and_gradients(flan):
   """Stage 2 backpropagates through the frozen T5 into the soft prompts: every policy gives the same loss and the
@@ -266,6 +291,7 @@ def test_every_parameter_has_logical_axes(checkpoints, variant):
 
 # --- the weight map ---------------------------------------------------------------------------------------------
 
+
 @BOTH
 def test_weight_map_round_trips_what_save_pretrained_wrote(checkpoints, variant):
   _, saved, cfg = checkpoints[variant]
@@ -292,15 +318,24 @@ def test_weight_map_errors(checkpoints):
 
 # --- configs --------------------------------------------------------------------------------------------------
 
+
 def test_config_from_hf_dicts():
   # BLIP-2's Flan-T5 text_config as its config.json spells it (written before transformers 5).
-  cfg = t5.config_from_hf({"model_type": "t5", "feed_forward_proj": "gated-gelu", "dense_act_fn": "gelu",
-                           "tie_word_embeddings": False, "d_model": 2048, "num_layers": 24, "num_heads": 32})
+  cfg = t5.config_from_hf(
+    {
+      "model_type": "t5",
+      "feed_forward_proj": "gated-gelu",
+      "dense_act_fn": "gelu",
+      "tie_word_embeddings": False,
+      "d_model": 2048,
+      "num_layers": 24,
+      "num_heads": 32,
+    }
+  )
   assert (cfg.is_gated_act, cfg.dense_act_fn, cfg.tie_word_embeddings) == (True, "gelu", False)
   assert (cfg.num_decoder_layers, cfg.decoder_start_token_id) == (24, 0)
   # Flan-T5's own config: the tanh GELU; T5 1.0: relu, tied and scaled.
-  assert t5.config_from_hf({"feed_forward_proj": "gated-gelu", "tie_word_embeddings": False}).dense_act_fn == \
-      "gelu_new"
+  assert t5.config_from_hf({"feed_forward_proj": "gated-gelu", "tie_word_embeddings": False}).dense_act_fn == "gelu_new"
   cfg = t5.config_from_hf({"feed_forward_proj": "relu"})
   assert (cfg.is_gated_act, cfg.dense_act_fn, cfg.tie_word_embeddings) == (False, "relu", True)
   # A config transformers >= 5 wrote: tie_word_embeddings is always true, scale_decoder_outputs carries the rest.

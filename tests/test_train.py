@@ -1,4 +1,5 @@
 """The trainer: sharding invariance, frozen weights, exact resume across processes, failure modes."""
+
 import json
 import os
 import shutil
@@ -6,16 +7,15 @@ import subprocess
 import sys
 
 import chex
+from conftest import STAGE1_STEPS, one_device_env
+from flax import traverse_util
 import jax
 import numpy as np
 import pytest
-from flax import traverse_util
 
-from blip2_jax import checkpointing
+from blip2_jax import checkpointing, train
 from blip2_jax import state as state_lib
-from blip2_jax import train
 from configs import stage1
-from conftest import STAGE1_STEPS, one_device_env
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -41,9 +41,11 @@ def random_batch(config, vocab, seed=0):
   rng = np.random.default_rng(seed)
   b, s, L = config.global_batch_size, config.data.image_size, config.data.max_text_len
   mask = (np.arange(L)[None] < rng.integers(4, L + 1, (b, 1))).astype(np.int32)
-  return {"image": rng.standard_normal((b, s, s, 3)).astype(np.float32),
-          "text_ids": (rng.integers(5, vocab, (b, L)) * mask).astype(np.int32),
-          "text_mask": mask}
+  return {
+    "image": rng.standard_normal((b, s, s, 3)).astype(np.float32),
+    "text_ids": (rng.integers(5, vocab, (b, L)) * mask).astype(np.int32),
+    "text_mask": mask,
+  }
 
 
 def run_steps(config, devices, mesh, batches, init_state=None):
@@ -119,8 +121,15 @@ def test_frozen_weights_untouched_and_outside_optimizer(data_dir):
 
 
 def _train_cli(workdir, data_dir, *overrides):
-  cmd = [sys.executable, "-m", "blip2_jax.train", "--config=configs/stage1.py:tiny", f"--workdir={workdir}",
-         f"--config.data.data_dir={data_dir}", *overrides]
+  cmd = [
+    sys.executable,
+    "-m",
+    "blip2_jax.train",
+    "--config=configs/stage1.py:tiny",
+    f"--workdir={workdir}",
+    f"--config.data.data_dir={data_dir}",
+    *overrides,
+  ]
   return subprocess.run(cmd, cwd=REPO, env=one_device_env(), capture_output=True, text=True, timeout=600)
 
 
@@ -142,8 +151,12 @@ def _restore_params(workdir, step, config):
 def test_resume_after_process_exit_equals_straight_run(stage1_workdir, data_dir, tmp_path):
   """2N steps straight == N steps, exit, restart in the same workdir, N more (params within 1e-6)."""
   n = STAGE1_STEPS // 2
-  flags = [f"--config.total_steps={2 * n}", f"--config.checkpoint_every={n}", f"--config.log_every={n}",
-           "--config.keep_checkpoints=5"]  # as the straight run, conftest's stage1_workdir, was made
+  flags = [
+    f"--config.total_steps={2 * n}",
+    f"--config.checkpoint_every={n}",
+    f"--config.log_every={n}",
+    "--config.keep_checkpoints=5",
+  ]  # as the straight run, conftest's stage1_workdir, was made
   straight = str(tmp_path / "straight")
   shutil.copytree(stage1_workdir, straight)
   # A run that stopped after step N: the same workdir as it was then (checkpoint N, metrics up to N).
@@ -167,13 +180,26 @@ def test_resume_after_process_exit_equals_straight_run(stage1_workdir, data_dir,
   np.testing.assert_allclose([last_b[k] for k in keys], [last_a[k] for k in keys], rtol=1e-6)
   eval_a = [m for m in _metrics(straight) if "eval/txt2img_r1" in m][-1]
   eval_b = [m for m in _metrics(resumed) if "eval/txt2img_r1" in m][-1]
-  assert {k: v for k, v in eval_a.items() if k.startswith("eval/")} == \
-      {k: v for k, v in eval_b.items() if k.startswith("eval/")}
+  assert {k: v for k, v in eval_a.items() if k.startswith("eval/")} == {
+    k: v for k, v in eval_b.items() if k.startswith("eval/")
+  }
 
   # `python -m blip2_jax.evaluate` on the workdir alone reproduces the end-of-training evaluation.
-  r = subprocess.run([sys.executable, "-m", "blip2_jax.evaluate", "--config=configs/stage1.py:tiny",
-                      f"--workdir={straight}", f"--config.data.data_dir={data_dir}"],
-                     cwd=REPO, capture_output=True, text=True, timeout=600, env=one_device_env())
+  r = subprocess.run(
+    [
+      sys.executable,
+      "-m",
+      "blip2_jax.evaluate",
+      "--config=configs/stage1.py:tiny",
+      f"--workdir={straight}",
+      f"--config.data.data_dir={data_dir}",
+    ],
+    cwd=REPO,
+    capture_output=True,
+    text=True,
+    timeout=600,
+    env=one_device_env(),
+  )
   assert r.returncode == 0, r.stderr[-3000:]
   with open(os.path.join(straight, f"eval_step_{2 * n}.json"), encoding="utf-8") as f:
     report = json.load(f)
@@ -195,6 +221,7 @@ def test_non_finite_loss_stops_naming_the_step_and_keeps_last_checkpoint(data_di
       if int(state["step"]) == 5:  # as if the update of step 5 had overflowed
         metrics = dict(metrics, loss=metrics["loss"] * float("nan"))
       return state, metrics
+
     return step
 
   monkeypatch.setattr(train, "make_train_step", make_train_step_that_diverges_at_step_5)
@@ -208,20 +235,39 @@ def test_non_finite_loss_stops_naming_the_step_and_keeps_last_checkpoint(data_di
 
 
 def test_misspelt_config_key_is_one_clear_error(tmp_path):
-  r = subprocess.run([sys.executable, "-m", "blip2_jax.train", "--config=configs/stage1.py:tiny",
-                      f"--workdir={tmp_path}", "--config.optimzer.lr=1e-3"],
-                     cwd=REPO, capture_output=True, text=True, timeout=600)
+  r = subprocess.run(
+    [
+      sys.executable,
+      "-m",
+      "blip2_jax.train",
+      "--config=configs/stage1.py:tiny",
+      f"--workdir={tmp_path}",
+      "--config.optimzer.lr=1e-3",
+    ],
+    cwd=REPO,
+    capture_output=True,
+    text=True,
+    timeout=600,
+  )
   assert r.returncode != 0
   assert "optimzer" in r.stderr and "Traceback" not in r.stderr
 
 
-@pytest.mark.parametrize("config, expected", [
+@pytest.mark.parametrize(
+  "config, expected",
+  [
     ("configs/stage1.py:demoo", "--config=configs/stage1.py:demoo: Unknown variant 'demoo' of configs/stage1.py"),
     ("configs/stage9.py:demo", "--config=configs/stage9.py:demo: no config file 'configs/stage9.py'"),
-])
+  ],
+)
 def test_unknown_config_variant_or_file_is_one_line(tmp_path, config, expected):
-  r = subprocess.run([sys.executable, "-m", "blip2_jax.train", f"--config={config}", f"--workdir={tmp_path}"],
-                     cwd=REPO, capture_output=True, text=True, timeout=600)
+  r = subprocess.run(
+    [sys.executable, "-m", "blip2_jax.train", f"--config={config}", f"--workdir={tmp_path}"],
+    cwd=REPO,
+    capture_output=True,
+    text=True,
+    timeout=600,
+  )
   assert r.returncode != 0
   assert r.stderr.strip().splitlines()[-1].startswith(f"error: {expected}")
   assert "Traceback" not in r.stderr and not os.listdir(tmp_path)
@@ -235,13 +281,18 @@ def test_missing_vision_weights_is_one_clear_error(data_dir, tmp_path):
 
 def test_learning_rate_schedule_and_weight_decay_mask():
   from blip2_jax import optim
+
   c = stage1.get_config()
   sched = optim.learning_rate_schedule(c.optimizer, c.total_steps)
   assert float(sched(0)) == pytest.approx(1e-6)
   assert float(sched(2000)) == pytest.approx(1e-4)
   assert float(sched(c.total_steps)) == pytest.approx(1e-5, rel=1e-3)
-  params = {"a": {"kernel": np.zeros((2, 2)), "bias": np.zeros(2)}, "ln": {"scale": np.zeros(2)},
-            "temp": np.zeros(()), "query_tokens": np.zeros((1, 2, 2))}
+  params = {
+    "a": {"kernel": np.zeros((2, 2)), "bias": np.zeros(2)},
+    "ln": {"scale": np.zeros(2)},
+    "temp": np.zeros(()),
+    "query_tokens": np.zeros((1, 2, 2)),
+  }
   mask = traverse_util.flatten_dict(optim.decay_mask(params), sep="/")
   assert mask == {"a/kernel": True, "a/bias": False, "ln/scale": False, "temp": False, "query_tokens": True}
 
@@ -250,15 +301,30 @@ def test_trainer_reads_frozen_vit_from_hf_blip2_checkpoint(data_dir, tmp_path):
   """config.init.vision_weights: the frozen tower (and ln_vision) come from a HF BLIP-2 safetensors dir."""
   torch = pytest.importorskip("torch")
   import transformers  # pylint: disable=g-import-not-at-top
+
   config = tiny_config(data_dir, global_batch_size=8)
   v = config.model.vit
   hf_config = transformers.Blip2Config(
-      vision_config=dict(hidden_size=v.width, intermediate_size=v.mlp_dim, num_hidden_layers=v.depth,
-                         num_attention_heads=v.num_heads, image_size=v.image_size, patch_size=v.patch_size,
-                         layer_norm_eps=v.layer_norm_eps, qkv_bias=True),
-      qformer_config=dict(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64,
-                          encoder_hidden_size=v.width, vocab_size=64),
-      num_query_tokens=4)
+    vision_config=dict(
+      hidden_size=v.width,
+      intermediate_size=v.mlp_dim,
+      num_hidden_layers=v.depth,
+      num_attention_heads=v.num_heads,
+      image_size=v.image_size,
+      patch_size=v.patch_size,
+      layer_norm_eps=v.layer_norm_eps,
+      qkv_bias=True,
+    ),
+    qformer_config=dict(
+      hidden_size=32,
+      num_hidden_layers=1,
+      num_attention_heads=2,
+      intermediate_size=64,
+      encoder_hidden_size=v.width,
+      vocab_size=64,
+    ),
+    num_query_tokens=4,
+  )
   torch.manual_seed(0)
   hf = transformers.Blip2Model(hf_config)
   with torch.no_grad():
@@ -271,8 +337,9 @@ def test_trainer_reads_frozen_vit_from_hf_blip2_checkpoint(data_dir, tmp_path):
   mngr = checkpointing.manager(str(tmp_path / "wd"), 2)
   state, frozen, _ = state_lib.restore_or_init(config, setup, mngr)
   sd = {k: t.detach().numpy() for k, t in hf.vision_model.state_dict().items()}
-  np.testing.assert_array_equal(frozen["visual_encoder"]["blocks_0"]["fc1"]["kernel"],
-                                sd["encoder.layers.0.mlp.fc1.weight"].T)
+  np.testing.assert_array_equal(
+    frozen["visual_encoder"]["blocks_0"]["fc1"]["kernel"], sd["encoder.layers.0.mlp.fc1.weight"].T
+  )
   np.testing.assert_array_equal(state["params"]["ln_vision"]["scale"], sd["post_layernorm.weight"])
   before = jax.device_get(frozen)
   step = train.make_train_step(setup)
@@ -285,8 +352,14 @@ def test_collapsed_itc_warns_once_and_training_goes_on(data_dir, tmp_path, monke
   The same run evaluates on the split's first images every eval_every steps (eval_N/) and on all of it at the
   end (eval/), and writes examples.png."""
   workdir = str(tmp_path / "collapsed")
-  config = tiny_config(data_dir, total_steps=8, log_every=1, eval_every=4, collapse_patience=3,
-                       **{"optimizer.warmup_steps": 2, "eval.during_training_images": 16})
+  config = tiny_config(
+    data_dir,
+    total_steps=8,
+    log_every=1,
+    eval_every=4,
+    collapse_patience=3,
+    **{"optimizer.warmup_steps": 2, "eval.during_training_images": 16},
+  )
   real_make_train_step = train.make_train_step
 
   def make_train_step_at_chance(setup):
@@ -295,6 +368,7 @@ def test_collapsed_itc_warns_once_and_training_goes_on(data_dir, tmp_path, monke
     def step(state, frozen, batch):
       state, metrics = step_fn(state, frozen, batch)
       return state, dict(metrics, loss_itc=metrics["loss_itc"] * 0 + np.log(config.global_batch_size))
+
     return step
 
   monkeypatch.setattr(train, "make_train_step", make_train_step_at_chance)
@@ -311,5 +385,6 @@ def test_collapsed_itc_warns_once_and_training_goes_on(data_dir, tmp_path, monke
   assert [m["eval_16/num_images"] for m in lines if "eval_16/num_images" in m] == [16, 16]
   assert [(m["step"], m["eval/num_images"]) for m in lines if "eval/num_images" in m] == [(8, 64)]
   from PIL import Image  # pylint: disable=g-import-not-at-top
+
   with Image.open(os.path.join(workdir, "examples.png")) as picture:
     assert picture.mode == "RGB" and picture.width > 4 * 224

@@ -3,10 +3,13 @@
 Every HF model here is randomised (std 0.2, LayerNorm scales around 1, q/v biases set) so a wrong transpose,
 split or name cannot hide behind zeros. Parity is max |ours - theirs| / max |theirs| in float32.
 """
+
 import functools
 import logging
 
+from flax import traverse_util
 import flax.linen as nn
+from helpers import hf_blip2_retrieval, randomise, rel_error
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -16,26 +19,51 @@ import pytest
 import safetensors.numpy
 import torch
 import transformers
-from flax import traverse_util
 
 from blip2_jax import weights
 from blip2_jax.models import masks
 from blip2_jax.models.blip2 import Blip2Qformer
-from helpers import hf_blip2_retrieval, randomise, rel_error
 
 VOCAB, MAX_POS, QUERIES, WIDTH, TOL = 50, 16, 8, 32, 1e-5
 
 
 def _config(*, vocab=VOCAB, depth=2, mlp_dim=64, num_layers=2):
-  vit = dict(image_size=32, patch_size=8, width=WIDTH, depth=depth, num_heads=4, mlp_dim=mlp_dim,
-             layer_norm_eps=1e-6, act="gelu", dtype="float32")
-  qformer = dict(vocab_size=vocab, hidden_size=WIDTH, num_layers=num_layers, num_heads=4, intermediate_size=64,
-                 cross_attention_freq=2, max_position_embeddings=MAX_POS, layer_norm_eps=1e-12,
-                 dropout_rate=0.0, dtype="float32")
+  vit = dict(
+    image_size=32,
+    patch_size=8,
+    width=WIDTH,
+    depth=depth,
+    num_heads=4,
+    mlp_dim=mlp_dim,
+    layer_norm_eps=1e-6,
+    act="gelu",
+    dtype="float32",
+  )
+  qformer = dict(
+    vocab_size=vocab,
+    hidden_size=WIDTH,
+    num_layers=num_layers,
+    num_heads=4,
+    intermediate_size=64,
+    cross_attention_freq=2,
+    max_position_embeddings=MAX_POS,
+    layer_norm_eps=1e-12,
+    dropout_rate=0.0,
+    dtype="float32",
+  )
   # ln_vision eps 1e-6: HF's post_layernorm takes the vision config's eps (LAVIS uses 1e-5).
-  return ml_collections.ConfigDict(dict(vit=vit, qformer=qformer, num_query_tokens=QUERIES, embed_dim=16,
-                                        ln_vision_eps=1e-6, itc_label_smoothing=0.1, itg_label_smoothing=0.1,
-                                        bos_token_id=vocab - 1))
+  return ml_collections.ConfigDict(
+    dict(
+      vit=vit,
+      qformer=qformer,
+      num_query_tokens=QUERIES,
+      embed_dim=16,
+      ln_vision_eps=1e-6,
+      itc_label_smoothing=0.1,
+      itg_label_smoothing=0.1,
+      bos_token_id=vocab - 1,
+    )
+  )
 
 
 def _init_args():
@@ -71,6 +99,7 @@ def _flat(tree):
 
 
 # --- fixtures: one tiny random HF BLIP-2 retrieval model, saved three ways ----------------------------------
+
 
 @pytest.fixture(scope="module")
 def hf_blip2():
@@ -109,11 +138,11 @@ def _texts(vocab=VOCAB, seed=1):
   ids = rng.integers(1, vocab, size=(3, 7))
   mask = (np.arange(7)[None] < np.array([[7], [5], [2]])).astype(np.int64)
   ids = ids * mask
-  return (jnp.asarray(ids, jnp.int32), jnp.asarray(mask, jnp.int32),
-          torch.from_numpy(ids), torch.from_numpy(mask))
+  return (jnp.asarray(ids, jnp.int32), jnp.asarray(mask, jnp.int32), torch.from_numpy(ids), torch.from_numpy(mask))
 
 
 # --- BLIP-2 parity ------------------------------------------------------------------------------------------
+
 
 def test_vision_matches_hf(hf_blip2, loaded):
   params, _ = loaded
@@ -139,14 +168,20 @@ def test_query_features_match_hf(hf_blip2, loaded):
   _, torch_in = _images(32)
   with torch.no_grad():
     image_embeds = hf_blip2.vision_model(torch_in).last_hidden_state
-    theirs = hf_blip2.qformer(query_embeds=hf_blip2.query_tokens.expand(3, -1, -1),
-                              encoder_hidden_states=image_embeds).last_hidden_state
-  ours, _ = _apply(_config(), params, jnp.asarray(image_embeds.numpy()),
-                                          method="query_features")
+    theirs = hf_blip2.qformer(
+      query_embeds=hf_blip2.query_tokens.expand(3, -1, -1), encoder_hidden_states=image_embeds
+    ).last_hidden_state
+  ours, _ = _apply(_config(), params, jnp.asarray(image_embeds.numpy()), method="query_features")
   assert rel_error(ours, theirs) < TOL
   # HF keeps neither the learnable temperature nor the Q-Former's LM head.
-  assert unfilled == {"temp", "qformer/lm_transform/kernel", "qformer/lm_transform/bias",
-                      "qformer/lm_norm/scale", "qformer/lm_norm/bias", "qformer/lm_bias"}
+  assert unfilled == {
+    "temp",
+    "qformer/lm_transform/kernel",
+    "qformer/lm_transform/bias",
+    "qformer/lm_norm/scale",
+    "qformer/lm_norm/bias",
+    "qformer/lm_bias",
+  }
 
 
 def test_itm_logits_match_hf(hf_blip2, loaded):
@@ -155,8 +190,9 @@ def test_itm_logits_match_hf(hf_blip2, loaded):
   ids, mask, tids, tmask = _texts()
   with torch.no_grad():
     theirs = hf_blip2(torch_img, tids, tmask, use_image_text_matching_head=True).logits_per_image
-  ours = _apply(_config(), params, ours_img, ids, mask,
-                method=lambda m, images, *text: m.itm_logits(m.encode_image(images), *text))
+  ours = _apply(
+    _config(), params, ours_img, ids, mask, method=lambda m, images, *text: m.itm_logits(m.encode_image(images), *text)
+  )
   assert ours.shape == (3, 2)
   assert rel_error(ours, theirs) < TOL
 
@@ -170,8 +206,8 @@ def test_itc_similarity_matches_hf(hf_blip2, loaded):
 
   def itc_similarity(m, images, text_ids, text_mask):
     image_feats = m.image_feats(m.query_features(m.encode_image(images))[0])  # [B, Q, E]
-    text_feat = m.text_feat(m.text_features(text_ids, text_mask))             # [B, E]
-    return jnp.einsum("iqe,te->iqt", image_feats, text_feat).max(axis=1)      # max over queries
+    text_feat = m.text_feat(m.text_features(text_ids, text_mask))  # [B, E]
+    return jnp.einsum("iqe,te->iqt", image_feats, text_feat).max(axis=1)  # max over queries
 
   ours = _apply(_config(), params, ours_img, ids, mask, method=itc_similarity)
   assert ours.shape == (3, 3)
@@ -211,9 +247,16 @@ BERT_VOCAB = 40
 
 @pytest.fixture(scope="module")
 def hf_bert(tmp_path_factory):
-  config = transformers.BertConfig(vocab_size=BERT_VOCAB, hidden_size=WIDTH, num_hidden_layers=2,
-                                   num_attention_heads=4, intermediate_size=64, max_position_embeddings=MAX_POS,
-                                   hidden_act="gelu", layer_norm_eps=1e-12)
+  config = transformers.BertConfig(
+    vocab_size=BERT_VOCAB,
+    hidden_size=WIDTH,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    intermediate_size=64,
+    max_position_embeddings=MAX_POS,
+    hidden_act="gelu",
+    layer_norm_eps=1e-12,
+  )
   torch.manual_seed(0)
   bert = randomise(transformers.BertForMaskedLM(config), seed=1)
   with torch.no_grad():
@@ -262,8 +305,9 @@ def test_qformer_from_bert_matches_bert(hf_bert, bert_template):
     if "/crossattention/" in path or path.startswith(("query_tokens", "vision_proj", "text_proj", "itm_head")):
       np.testing.assert_array_equal(flat[path], init[path], err_msg=path)
   # The added [DEC] row keeps its init, as resize_token_embeddings does.
-  np.testing.assert_array_equal(flat["qformer/word_embeddings/embedding"][BERT_VOCAB],
-                                init["qformer/word_embeddings/embedding"][BERT_VOCAB])
+  np.testing.assert_array_equal(
+    flat["qformer/word_embeddings/embedding"][BERT_VOCAB], init["qformer/word_embeddings/embedding"][BERT_VOCAB]
+  )
   assert "visual_encoder" not in qformer and "ln_vision" not in qformer
 
 
@@ -271,8 +315,12 @@ def test_bert_legacy_names_load_identically(hf_bert, bert_template, tmp_path):
   """Old checkpoints spell LayerNorm weights gamma/beta, and a bare BertModel has no `bert.` prefix."""
   _, root = hf_bert
   tensors = safetensors.numpy.load_file(str(root / "model.safetensors"))
-  legacy = {k.removeprefix("bert.").replace("LayerNorm.weight", "LayerNorm.gamma")
-            .replace("LayerNorm.bias", "LayerNorm.beta"): v for k, v in tensors.items()}
+  legacy = {
+    k.removeprefix("bert.")
+    .replace("LayerNorm.weight", "LayerNorm.gamma")
+    .replace("LayerNorm.bias", "LayerNorm.beta"): v
+    for k, v in tensors.items()
+  }
   assert "embeddings.LayerNorm.gamma" in legacy
   safetensors.numpy.save_file(legacy, str(tmp_path / "model.safetensors"))
   a = _flat(weights.load_qformer_from_bert(root, bert_template))
@@ -282,6 +330,7 @@ def test_bert_legacy_names_load_identically(hf_bert, bert_template, tmp_path):
 
 
 # --- what a user can get wrong ------------------------------------------------------------------------------
+
 
 def test_shape_mismatch_names_first_parameter_and_shapes(blip2_dirs):
   with pytest.raises(ValueError) as err:
@@ -306,8 +355,9 @@ def test_deeper_checkpoint_keeps_first_blocks(blip2_dirs, loaded, caplog):
     vision = weights.load_vision_from_blip2(blip2_dirs["single"], _abstract(_config(depth=1)))
   assert "has 2 ViT blocks; using the first 1" in caplog.text
   assert set(vision["visual_encoder"]) == {"cls_token", "pos_embed", "patch_embed", "blocks_0"}
-  np.testing.assert_array_equal(vision["visual_encoder"]["blocks_0"]["fc1"]["kernel"],
-                                params["visual_encoder"]["blocks_0"]["fc1"]["kernel"])
+  np.testing.assert_array_equal(
+    vision["visual_encoder"]["blocks_0"]["fc1"]["kernel"], params["visual_encoder"]["blocks_0"]["fc1"]["kernel"]
+  )
   with pytest.raises(ValueError, match="has 2 ViT blocks but the config asks for depth=3"):
     weights.load_vision_from_blip2(blip2_dirs["single"], _abstract(_config(depth=3)))
 

@@ -9,6 +9,7 @@
   (VQAv2's COCO 2014 images), 000000000042.jpg (COCO 2017), 42.png.
 A file of another layout, a missing file or image is one error sentence naming the file.
 """
+
 import contextlib
 import json
 import os
@@ -16,10 +17,14 @@ import re
 
 from blip2_jax.data import images as images_lib
 
-CAPTIONS_FORMAT = ('a COCO captions file ({"images": [{"id", "file_name"}], "annotations": [{"image_id", '
-                   '"caption"}]}) or a Karpathy-style list ([{"image", "caption": [...]}])')
+CAPTIONS_FORMAT = (
+  'a COCO captions file ({"images": [{"id", "file_name"}], "annotations": [{"image_id", '
+  '"caption"}]}) or a Karpathy-style list ([{"image", "caption": [...]}])'
+)
 QUESTIONS_FORMAT = 'a VQAv2 questions file ({"questions": [{"question_id", "image_id", "question"}]})'
 ANSWERS_FORMAT = 'a VQAv2 annotations file ({"annotations": [{"question_id", "answers": [{"answer"}, ...]}]})'
+
+
 def _read_json(path: str, expected: str):
   if not os.path.isfile(path):
     raise FileNotFoundError(f"{path} does not exist (expected {expected}).")
@@ -66,8 +71,11 @@ def load_captions(path: str, images_dir: str, limit: int | None = None) -> list[
         captions.setdefault(ann["image_id"], []).append(ann["caption"])
       for image in images:
         if image["id"] in captions:
-          samples[image["id"]] = {"image": image["file_name"], "image_id": image["id"],
-                                  "captions": captions[image["id"]]}
+          samples[image["id"]] = {
+            "image": image["file_name"],
+            "image_id": image["id"],
+            "captions": captions[image["id"]],
+          }
       unknown = [i for i in captions if i not in samples]
       if unknown:
         raise ValueError(f"{path} has captions of image_id {unknown[0]}, which its `images` list does not have.")
@@ -89,16 +97,18 @@ def load_captions(path: str, images_dir: str, limit: int | None = None) -> list[
   return samples
 
 
-def load_vqa(questions_path: str, annotations_path: str | None, images_dir: str,
-             limit: int | None = None) -> list[dict]:
+def load_vqa(
+  questions_path: str, annotations_path: str | None, images_dir: str, limit: int | None = None
+) -> list[dict]:
   """VQAv2 files -> one sample per question, in the questions file's order (the first `limit`): {"question_id",
   "image_id", "question", "image" (file name), "path"}, plus "answers" (the human answers) and "answer_type" from
   the annotations file if given. Images: see the module docstring."""
   _check_images_dir(images_dir)
   data = _read_json(questions_path, QUESTIONS_FORMAT)
   with _reading(questions_path, QUESTIONS_FORMAT):
-    questions = [{"question_id": q["question_id"], "image_id": q["image_id"], "question": q["question"]}
-                 for q in data["questions"]][:limit]
+    questions = [
+      {"question_id": q["question_id"], "image_id": q["image_id"], "question": q["question"]} for q in data["questions"]
+    ][:limit]
     file_names = {image["id"]: image["file_name"] for image in data.get("images", [])}
     for q in questions:
       if not isinstance(q["question"], str) or not q["question"].strip():
@@ -119,8 +129,10 @@ def load_vqa(questions_path: str, annotations_path: str | None, images_dir: str,
       by_id = {a["question_id"]: a for a in data["annotations"]}
       for q in questions:
         if q["question_id"] not in by_id:
-          raise ValueError(f"{annotations_path} has no annotation for question {q['question_id']} of "
-                           f"{questions_path}: are they files of the same split?")
+          raise ValueError(
+            f"{annotations_path} has no annotation for question {q['question_id']} of "
+            f"{questions_path}: are they files of the same split?"
+          )
         a = by_id[q["question_id"]]
         q["answers"] = [h["answer"] for h in a["answers"]]
         if "answer_type" in a:
@@ -138,9 +150,13 @@ def _files_by_image_id(images_dir: str, image_ids: set) -> dict:
   for image_id in sorted(image_ids, key=str):
     if image_id not in found:
       padded = f"{image_id:012d}" if isinstance(image_id, int) else image_id
-      raise FileNotFoundError(f"No image for image_id {image_id} in {images_dir}: expected a file whose name ends in "
-                              f"its number, e.g. COCO_val2014_{padded}.jpg or {padded}.jpg.")
+      raise FileNotFoundError(
+        f"No image for image_id {image_id} in {images_dir}: expected a file whose name ends in "
+        f"its number, e.g. COCO_val2014_{padded}.jpg or {padded}.jpg."
+      )
     if len(found[image_id]) > 1:
-      raise ValueError(f"Several images in {images_dir} end in image_id {image_id}: "
-                       f"{', '.join(sorted(found[image_id]))}; keep one split per folder.")
+      raise ValueError(
+        f"Several images in {images_dir} end in image_id {image_id}: "
+        f"{', '.join(sorted(found[image_id]))}; keep one split per folder."
+      )
   return {image_id: names[0] for image_id, names in found.items()}

@@ -5,6 +5,7 @@ too); the model takes float32 [B, S, S, 3], channels last. Every entry point (tr
 the evaluation and generation command lines) reads images through this module. Batches of a fixed size (the
 last one padded with copies of its last row) keep one compiled program per shape.
 """
+
 import io
 import os
 
@@ -67,15 +68,19 @@ def to_pixels(images, size: int):
       image = np.asarray(image)
       if np.issubdtype(image.dtype, np.floating):
         if image.shape != (size, size, 3):
-          raise ValueError(f"Image {i} is a float array of shape {image.shape}: float arrays must be "
-                           f"preprocessed already, [{size}, {size}, 3]; give uint8 pixels to have it resized.")
+          raise ValueError(
+            f"Image {i} is a float array of shape {image.shape}: float arrays must be "
+            f"preprocessed already, [{size}, {size}, 3]; give uint8 pixels to have it resized."
+          )
         out.append(image.astype(np.float32))
       else:
         out.append(eval_preprocess(Image.fromarray(image.astype(np.uint8)), size))
     else:
       shape = getattr(image, "shape", None)
-      raise ValueError(f"Image {i} is a {type(image).__name__}{f' of shape {shape}' if shape else ''}: give a "
-                       "PIL image, a file path or an [H, W, 3] array.")
+      raise ValueError(
+        f"Image {i} is a {type(image).__name__}{f' of shape {shape}' if shape else ''}: give a "
+        "PIL image, a file path or an [H, W, 3] array."
+      )
   return np.stack(out)
 
 
@@ -89,5 +94,5 @@ def padded_batches(*arrays, batch_size: int):
   """(batch, number of real rows): the arrays (equal length) in fixed-size chunks, the last one padded with
   copies of its last row; one array gives batches of it, several give tuples."""
   for start in range(0, len(arrays[0]), batch_size):
-    chunk = [pad_rows(a[start:start + batch_size], batch_size) for a in arrays]
+    chunk = [pad_rows(a[start : start + batch_size], batch_size) for a in arrays]
     yield (chunk[0] if len(arrays) == 1 else tuple(chunk)), min(batch_size, len(arrays[0]) - start)

@@ -14,8 +14,8 @@ import threading
 
 import grain
 import numpy as np
-import tensorflow_datasets as tfds
 from PIL import Image
+import tensorflow_datasets as tfds
 
 from blip2_jax.data import images as images_lib
 from blip2_jax.data import tokenizer as tokenizer_lib
@@ -34,28 +34,27 @@ SHIPPED_BUILDERS = {"synthetic_shapes": SyntheticShapes, "coco_captions": CocoCa
 
 
 def get_source(data_cfg, split: str):
-    """A random-access source of raw examples of `split`: {'image': encoded bytes, 'caption', ...}."""
-    kwargs = dict(data_cfg.builder_kwargs or {})
-    if data_cfg.name in SHIPPED_BUILDERS:
-        builder = SHIPPED_BUILDERS[data_cfg.name](
-            data_dir=data_cfg.data_dir, file_format="array_record", **kwargs)
-        builder.download_and_prepare()  # a no-op once the files exist
-    else:
-        try:
-            builder = tfds.builder(data_cfg.name, data_dir=data_cfg.data_dir, **kwargs)
-            prepared = builder.is_prepared()
-        except tfds.core.registered.DatasetNotFoundError:
-            prepared = False
-        if not prepared:
-            raise FileNotFoundError(
-                f"No prepared TFDS dataset {data_cfg.name!r} (split {split!r}) under data_dir "
-                f"{data_cfg.data_dir or tfds.core.constants.DATA_DIR!r}: prepare it there first in array_record "
-                f"format, e.g. `tfds build {data_cfg.name} --data_dir=... --file_format=array_record`.")
-    if split.split("[")[0] not in builder.info.splits:
-        raise ValueError(f"Dataset {data_cfg.name!r} has no split {split!r}; it has "
-                         f"{sorted(builder.info.splits)}.")
-    # Skip TFDS's image decoding (it would need TensorFlow); we decode with PIL and can catch bad images.
-    return builder.as_data_source(split, decoders={"image": tfds.decode.SkipDecoding()})
+  """A random-access source of raw examples of `split`: {'image': encoded bytes, 'caption', ...}."""
+  kwargs = dict(data_cfg.builder_kwargs or {})
+  if data_cfg.name in SHIPPED_BUILDERS:
+    builder = SHIPPED_BUILDERS[data_cfg.name](data_dir=data_cfg.data_dir, file_format="array_record", **kwargs)
+    builder.download_and_prepare()  # a no-op once the files exist
+  else:
+    try:
+      builder = tfds.builder(data_cfg.name, data_dir=data_cfg.data_dir, **kwargs)
+      prepared = builder.is_prepared()
+    except tfds.core.registered.DatasetNotFoundError:
+      prepared = False
+    if not prepared:
+      raise FileNotFoundError(
+        f"No prepared TFDS dataset {data_cfg.name!r} (split {split!r}) under data_dir "
+        f"{data_cfg.data_dir or tfds.core.constants.DATA_DIR!r}: prepare it there first in array_record "
+        f"format, e.g. `tfds build {data_cfg.name} --data_dir=... --file_format=array_record`."
+      )
+  if split.split("[")[0] not in builder.info.splits:
+    raise ValueError(f"Dataset {data_cfg.name!r} has no split {split!r}; it has {sorted(builder.info.splits)}.")
+  # Skip TFDS's image decoding (it would need TensorFlow); we decode with PIL and can catch bad images.
+  return builder.as_data_source(split, decoders={"image": tfds.decode.SkipDecoding()})
 
 
 # ------------------------------------------------------------------------------------------ bad images
@@ -66,220 +65,237 @@ _skipped_lock = threading.Lock()  # grain decodes in several threads
 
 
 def num_skipped_images() -> int:
-    """How many examples this process has dropped because their image could not be decoded."""
-    return _skipped
+  """How many examples this process has dropped because their image could not be decoded."""
+  return _skipped
 
 
 def _decode(example: dict, index: int) -> dict:
-    """Decodes the image bytes to an RGB PIL image, or sets it to None (and counts it) if it is broken."""
-    global _skipped
-    try:
-        image = images_lib.decode(example["image"])
-    except Exception as e:  # PIL raises a grab-bag of types for bad data; any of them means "skip"
-        with _skipped_lock:
-            _skipped += 1
-            first_time = index not in _warned
-            _warned.add(index)
-        if first_time:
-            logging.warning("Skipping example %d: its image cannot be decoded (%s: %s).",
-                            index, type(e).__name__, e)
-        image = None
-    caption = example["caption"]
-    out = {"image": image, "caption": caption.decode("utf-8") if isinstance(caption, bytes) else caption}
-    if "image_id" in example:
-        out["image_id"] = int(example["image_id"])
-    return out
+  """Decodes the image bytes to an RGB PIL image, or sets it to None (and counts it) if it is broken."""
+  global _skipped
+  try:
+    image = images_lib.decode(example["image"])
+  except Exception as e:  # PIL raises a grab-bag of types for bad data; any of them means "skip"
+    with _skipped_lock:
+      _skipped += 1
+      first_time = index not in _warned
+      _warned.add(index)
+    if first_time:
+      logging.warning("Skipping example %d: its image cannot be decoded (%s: %s).", index, type(e).__name__, e)
+    image = None
+  caption = example["caption"]
+  out = {"image": image, "caption": caption.decode("utf-8") if isinstance(caption, bytes) else caption}
+  if "image_id" in example:
+    out["image_id"] = int(example["image_id"])
+  return out
 
 
 # -------------------------------------------------------------------------------------- preprocessing
 
 
 def random_resized_crop(image: Image.Image, size: int, scale, rng: np.random.Generator) -> Image.Image:
-    """torchvision's RandomResizedCrop (10 tries, then a central crop), bicubic, with a numpy rng."""
-    w, h = image.size
-    for _ in range(10):
-        area = w * h * rng.uniform(*scale)
-        aspect = np.exp(rng.uniform(*np.log(CROP_RATIO)))
-        cw, ch = int(round(np.sqrt(area * aspect))), int(round(np.sqrt(area / aspect)))
-        if 0 < cw <= w and 0 < ch <= h:
-            x, y = int(rng.integers(0, w - cw + 1)), int(rng.integers(0, h - ch + 1))
-            break
-    else:  # no sampled box fits: the whole image, cut to the nearest allowed aspect ratio
-        cw, ch = w, h
-        if w / h < CROP_RATIO[0]:
-            ch = int(round(w / CROP_RATIO[0]))
-        elif w / h > CROP_RATIO[1]:
-            cw = int(round(h * CROP_RATIO[1]))
-        x, y = (w - cw) // 2, (h - ch) // 2
-    return image.resize((size, size), Image.BICUBIC, box=(x, y, x + cw, y + ch))
+  """torchvision's RandomResizedCrop (10 tries, then a central crop), bicubic, with a numpy rng."""
+  w, h = image.size
+  for _ in range(10):
+    area = w * h * rng.uniform(*scale)
+    aspect = np.exp(rng.uniform(*np.log(CROP_RATIO)))
+    cw, ch = int(round(np.sqrt(area * aspect))), int(round(np.sqrt(area / aspect)))
+    if 0 < cw <= w and 0 < ch <= h:
+      x, y = int(rng.integers(0, w - cw + 1)), int(rng.integers(0, h - ch + 1))
+      break
+  else:  # no sampled box fits: the whole image, cut to the nearest allowed aspect ratio
+    cw, ch = w, h
+    if w / h < CROP_RATIO[0]:
+      ch = int(round(w / CROP_RATIO[0]))
+    elif w / h > CROP_RATIO[1]:
+      cw = int(round(h * CROP_RATIO[1]))
+    x, y = (w - cw) // 2, (h - ch) // 2
+  return image.resize((size, size), Image.BICUBIC, box=(x, y, x + cw, y + ch))
 
 
 _LEFT_RIGHT = re.compile(r"\b(left|right)\b")
 
 
 def swap_left_right(caption: str) -> str:
-    return _LEFT_RIGHT.sub(lambda m: "right" if m.group(1) == "left" else "left", caption)
+  return _LEFT_RIGHT.sub(lambda m: "right" if m.group(1) == "left" else "left", caption)
 
 
 def train_preprocess(example: dict, rng: np.random.Generator, data_cfg, kind: str = llms.RETRIEVAL) -> dict:
-    """An augmented training example of the model `kind` (models/llms.py): the normalised image and the cleaned
-    caption, which an encoder-decoder LLM's prefix-LM splits into a prefix and a suffix."""
-    image = random_resized_crop(example["image"], data_cfg.image_size, data_cfg.crop_scale, rng)
-    caption = tokenizer_lib.clean_caption(example["caption"])
-    if data_cfg.flip and rng.random() < 0.5:
-        # A flip turns "on the left" into "on the right". LAVIS flips and leaves the caption wrong; we swap
-        # the words instead, so the caption stays true (skipping the flip would lose the augmentation).
-        image = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
-        caption = swap_left_right(caption)
-    out = {"image": images_lib.normalize(image), "caption": caption}
-    if kind != llms.RETRIEVAL and llms.family(kind).encoder_decoder:
-        if data_cfg.get("prompt_fraction", 0.0) and rng.random() < data_cfg.prompt_fraction:
-            out["prefix"], out["suffix"] = data_cfg.prompt, caption  # the captioning format: prompt -> caption
-        else:
-            out["prefix"], out["suffix"] = split_prefix_lm(caption, rng)
-    return out
+  """An augmented training example of the model `kind` (models/llms.py): the normalised image and the cleaned
+  caption, which an encoder-decoder LLM's prefix-LM splits into a prefix and a suffix."""
+  image = random_resized_crop(example["image"], data_cfg.image_size, data_cfg.crop_scale, rng)
+  caption = tokenizer_lib.clean_caption(example["caption"])
+  if data_cfg.flip and rng.random() < 0.5:
+    # A flip turns "on the left" into "on the right". LAVIS flips and leaves the caption wrong; we swap
+    # the words instead, so the caption stays true (skipping the flip would lose the augmentation).
+    image = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+    caption = swap_left_right(caption)
+  out = {"image": images_lib.normalize(image), "caption": caption}
+  if kind != llms.RETRIEVAL and llms.family(kind).encoder_decoder:
+    if data_cfg.get("prompt_fraction", 0.0) and rng.random() < data_cfg.prompt_fraction:
+      out["prefix"], out["suffix"] = data_cfg.prompt, caption  # the captioning format: prompt -> caption
+    else:
+      out["prefix"], out["suffix"] = split_prefix_lm(caption, rng)
+  return out
 
 
 def split_prefix_lm(caption: str, rng: np.random.Generator) -> tuple[str, str]:
-    """BLIP-2's prefix-LM for FlanT5: the caption cut at a random word boundary into an encoder prefix and a
-    decoder suffix of at least one word (the prefix may be empty)."""
-    words = caption.split()
-    cut = int(rng.integers(0, max(len(words), 1)))
-    return " ".join(words[:cut]), " ".join(words[cut:])
+  """BLIP-2's prefix-LM for FlanT5: the caption cut at a random word boundary into an encoder prefix and a
+  decoder suffix of at least one word (the prefix may be empty)."""
+  words = caption.split()
+  cut = int(rng.integers(0, max(len(words), 1)))
+  return " ".join(words[:cut]), " ".join(words[cut:])
 
 
 # ------------------------------------------------------------------------------------------- training
 
 
-def make_train_iterator(data_cfg, tokenizer, *, global_batch_size: int, seed: int, kind: str = llms.RETRIEVAL,
-                        process_index: int = 0, process_count: int = 1):
-    """An endless iterator of this process's batches: {'image' f32 [b,S,S,3], 'text_ids', 'text_mask' i32 [b,L],
-    and the other text fields the model `kind` reads (see _tokenize_batch)}.
+def make_train_iterator(
+  data_cfg,
+  tokenizer,
+  *,
+  global_batch_size: int,
+  seed: int,
+  kind: str = llms.RETRIEVAL,
+  process_index: int = 0,
+  process_count: int = 1,
+):
+  """An endless iterator of this process's batches: {'image' f32 [b,S,S,3], 'text_ids', 'text_mask' i32 [b,L],
+  and the other text fields the model `kind` reads (see _tokenize_batch)}.
 
-    b = global_batch_size // process_count. The iterator is a grain DatasetIterator: `get_state()` is a
-    JSON-serialisable dict and `set_state(state)` resumes with exactly the batches that would have come
-    next, because all randomness (shuffle, crop, flip) is a function of (seed, position in the stream).
-    """
-    if global_batch_size % process_count:
-        raise ValueError(f"global_batch_size {global_batch_size} is not divisible by the number of processes "
-                         f"{process_count}; pick a multiple of {process_count}.")
-    _check_prompt_fraction(data_cfg, kind)
-    source = get_source(data_cfg, data_cfg.train_split)
-    ds = (
-        grain.MapDataset.source(source)
-        .seed(seed)
-        # The record's index, for the bad-image warning (grain passes later epochs' indices unwrapped).
-        .map_with_index(lambda i, ex: _decode(ex, i % len(source)))
-        [process_index::process_count]  # disjoint shares that together cover the data
-        .shuffle()  # a new order each epoch (grain mixes the epoch into the seed)
-        .repeat()
-        .filter(lambda ex: ex["image"] is not None)
-        .random_map(lambda ex, rng: train_preprocess(ex, rng, data_cfg, kind))
-        .to_iter_dataset(grain.ReadOptions(num_threads=data_cfg.num_threads,
-                                           prefetch_buffer_size=data_cfg.prefetch))
-        # Batch after to_iter_dataset: grain can't batch a MapDataset after a filter (its length is unknown).
-        .batch(global_batch_size // process_count, drop_remainder=True)
-        # Tokenise whole batches in the consuming thread: one call per batch is fast, and a HF fast
-        # tokenizer shared by grain's worker threads can fail with "Already borrowed".
-        .map(lambda batch: _tokenize_batch(batch, tokenizer, data_cfg, kind))
+  b = global_batch_size // process_count. The iterator is a grain DatasetIterator: `get_state()` is a
+  JSON-serialisable dict and `set_state(state)` resumes with exactly the batches that would have come
+  next, because all randomness (shuffle, crop, flip) is a function of (seed, position in the stream).
+  """
+  if global_batch_size % process_count:
+    raise ValueError(
+      f"global_batch_size {global_batch_size} is not divisible by the number of processes "
+      f"{process_count}; pick a multiple of {process_count}."
     )
-    return iter(ds)
+  _check_prompt_fraction(data_cfg, kind)
+  source = get_source(data_cfg, data_cfg.train_split)
+  ds = (
+    grain.MapDataset.source(source)
+    .seed(seed)
+    # The record's index, for the bad-image warning (grain passes later epochs' indices unwrapped).
+    .map_with_index(lambda i, ex: _decode(ex, i % len(source)))[
+      process_index::process_count
+    ]  # disjoint shares that together cover the data
+    .shuffle()  # a new order each epoch (grain mixes the epoch into the seed)
+    .repeat()
+    .filter(lambda ex: ex["image"] is not None)
+    .random_map(lambda ex, rng: train_preprocess(ex, rng, data_cfg, kind))
+    .to_iter_dataset(grain.ReadOptions(num_threads=data_cfg.num_threads, prefetch_buffer_size=data_cfg.prefetch))
+    # Batch after to_iter_dataset: grain can't batch a MapDataset after a filter (its length is unknown).
+    .batch(global_batch_size // process_count, drop_remainder=True)
+    # Tokenise whole batches in the consuming thread: one call per batch is fast, and a HF fast
+    # tokenizer shared by grain's worker threads can fail with "Already borrowed".
+    .map(lambda batch: _tokenize_batch(batch, tokenizer, data_cfg, kind))
+  )
+  return iter(ds)
 
 
 def _check_prompt_fraction(data_cfg, kind: str):
-    fraction = data_cfg.get("prompt_fraction", 0.0)
-    if not fraction:
-        return
-    if kind == llms.RETRIEVAL or not llms.family(kind).encoder_decoder:
-        raise ValueError(f"config.data.prompt_fraction={fraction} is for encoder-decoder LLMs such as T5 (the share "
-                         f"of prompt -> caption examples beside the prefix-LM ones); with a {kind!r} model set it to 0"
-                         + ("." if kind == llms.RETRIEVAL else " (a decoder-only LLM has data.prompt before every "
-                            "caption)."))
-    if not 0.0 <= fraction <= 1.0:
-        raise ValueError(f"config.data.prompt_fraction={fraction} is not in [0, 1].")
-    if not data_cfg.get("prompt"):
-        raise ValueError(f"config.data.prompt_fraction={fraction} needs a config.data.prompt to put before the "
-                         "caption (e.g. 'a photo of').")
+  fraction = data_cfg.get("prompt_fraction", 0.0)
+  if not fraction:
+    return
+  if kind == llms.RETRIEVAL or not llms.family(kind).encoder_decoder:
+    raise ValueError(
+      f"config.data.prompt_fraction={fraction} is for encoder-decoder LLMs such as T5 (the share "
+      f"of prompt -> caption examples beside the prefix-LM ones); with a {kind!r} model set it to 0"
+      + ("." if kind == llms.RETRIEVAL else " (a decoder-only LLM has data.prompt before every caption).")
+    )
+  if not 0.0 <= fraction <= 1.0:
+    raise ValueError(f"config.data.prompt_fraction={fraction} is not in [0, 1].")
+  if not data_cfg.get("prompt"):
+    raise ValueError(
+      f"config.data.prompt_fraction={fraction} needs a config.data.prompt to put before the "
+      "caption (e.g. 'a photo of')."
+    )
 
 
 def _tokenize_batch(batch: dict, tokenizer, data_cfg, kind: str) -> dict:
-    """The text side of a batch, as the model `kind` reads it:
-    - retrieval (stage 1): text_ids, text_mask ([CLS] caption [SEP], BERT);
-    - a decoder-only LLM (OPT): text_ids, text_mask of the tokenizer's BOS ("</s>") + prompt + caption + the
-      family's caption_end ("\n"), and label_mask (caption and end only);
-    - an encoder-decoder LLM (T5, prefix-LM): text_ids, text_mask of the prefix + "</s>"; target_ids, target_mask
-      of the suffix + "</s>" (for data.prompt_fraction of the examples the prefix is data.prompt, the suffix the
-      whole caption)."""
-    max_len = data_cfg.max_text_len
-    out = {"image": batch["image"]}
-    if kind == llms.RETRIEVAL:
-        out["text_ids"], out["text_mask"] = tokenizer_lib.tokenize(tokenizer, [str(c) for c in batch["caption"]],
-                                                                   max_len)
-        return out
-    family = llms.family(kind)
-    if not family.encoder_decoder:
-        out.update(tokenize_decoder_only(tokenizer, [str(c) for c in batch["caption"]], data_cfg.prompt, max_len,
-                                         family.caption_end or tokenizer.eos_token))
-    else:
-        out["text_ids"], out["text_mask"] = tokenizer_lib.tokenize(tokenizer, [str(c) for c in batch["prefix"]],
-                                                                   max_len)
-        out["target_ids"], out["target_mask"] = tokenizer_lib.tokenize(
-            tokenizer, [str(c) for c in batch["suffix"]], max_len)
+  """The text side of a batch, as the model `kind` reads it:
+  - retrieval (stage 1): text_ids, text_mask ([CLS] caption [SEP], BERT);
+  - a decoder-only LLM (OPT): text_ids, text_mask of the tokenizer's BOS ("</s>") + prompt + caption + the
+    family's caption_end ("\n"), and label_mask (caption and end only);
+  - an encoder-decoder LLM (T5, prefix-LM): text_ids, text_mask of the prefix + "</s>"; target_ids, target_mask
+    of the suffix + "</s>" (for data.prompt_fraction of the examples the prefix is data.prompt, the suffix the
+    whole caption)."""
+  max_len = data_cfg.max_text_len
+  out = {"image": batch["image"]}
+  if kind == llms.RETRIEVAL:
+    out["text_ids"], out["text_mask"] = tokenizer_lib.tokenize(tokenizer, [str(c) for c in batch["caption"]], max_len)
     return out
+  family = llms.family(kind)
+  if not family.encoder_decoder:
+    out.update(
+      tokenize_decoder_only(
+        tokenizer,
+        [str(c) for c in batch["caption"]],
+        data_cfg.prompt,
+        max_len,
+        family.caption_end or tokenizer.eos_token,
+      )
+    )
+  else:
+    out["text_ids"], out["text_mask"] = tokenizer_lib.tokenize(tokenizer, [str(c) for c in batch["prefix"]], max_len)
+    out["target_ids"], out["target_mask"] = tokenizer_lib.tokenize(
+      tokenizer, [str(c) for c in batch["suffix"]], max_len
+    )
+  return out
 
 
 def tokenize_decoder_only(tokenizer, captions: list[str], prompt: str, max_len: int, end: str) -> dict:
-    """BLIP-2's text for a decoder-only LLM: the tokenizer's BOS ("</s>" for OPT) + prompt + caption + end ("\n"
-    for OPT); label_mask is 1 on the caption and end tokens, 0 on BOS, prompt and pads (LAVIS Blip2OPT)."""
-    prompt = prompt.rstrip()
-    texts = [f"{prompt} {c}{end}" if prompt else f"{c}{end}" for c in captions]
-    ids, mask = tokenizer_lib.tokenize(tokenizer, texts, max_len)
-    prompt_len = len(tokenizer(prompt).input_ids)  # bos + prompt tokens
-    label_mask = mask * (np.arange(max_len)[None] >= prompt_len)
-    return {"text_ids": ids, "text_mask": mask, "label_mask": label_mask.astype(np.int32)}
+  """BLIP-2's text for a decoder-only LLM: the tokenizer's BOS ("</s>" for OPT) + prompt + caption + end ("\n"
+  for OPT); label_mask is 1 on the caption and end tokens, 0 on BOS, prompt and pads (LAVIS Blip2OPT)."""
+  prompt = prompt.rstrip()
+  texts = [f"{prompt} {c}{end}" if prompt else f"{c}{end}" for c in captions]
+  ids, mask = tokenizer_lib.tokenize(tokenizer, texts, max_len)
+  prompt_len = len(tokenizer(prompt).input_ids)  # bos + prompt tokens
+  label_mask = mask * (np.arange(max_len)[None] >= prompt_len)
+  return {"text_ids": ids, "text_mask": mask, "label_mask": label_mask.astype(np.int32)}
 
 
 # --------------------------------------------------------------------------------------------- eval
 
 
 def load_eval_set(data_cfg, tokenizer, split: str | None = None) -> dict:
-    """The whole eval split (or its first eval_max_examples examples), for retrieval and captioning.
+  """The whole eval split (or its first eval_max_examples examples), for retrieval and captioning.
 
-    Examples that share an `image_id` (COCO has ~5 captions per image) become one image with several
-    texts; without an image_id every example is its own image. Returns
-      images   f32 [N_img, S, S, 3]     text_ids, text_mask  i32 [N_txt, L]
-      txt2img  i32 [N_txt]              img2txt  list of N_img lists of text indices
-      captions list of N_txt cleaned captions.
-    """
-    source = get_source(data_cfg, split or data_cfg.eval_split)
-    n = len(source) if data_cfg.eval_max_examples is None else min(len(source), data_cfg.eval_max_examples)
-    examples = (
-        grain.MapDataset.source(source)[:n]
-        .map_with_index(lambda i, ex: _decode(ex, i))
-        .filter(lambda ex: ex["image"] is not None)
-        .map(lambda ex: {**ex, "image": images_lib.eval_preprocess(ex["image"], data_cfg.image_size)})
-        # Threads decode in parallel, and the order stays that of the split.
-        .to_iter_dataset(grain.ReadOptions(num_threads=data_cfg.num_threads,
-                                           prefetch_buffer_size=data_cfg.prefetch))
-    )
-    images, captions, txt2img = [], [], []
-    image_index = {}  # image_id -> row in images
-    for i, ex in enumerate(examples):
-        key = ex.get("image_id", ("example", i))
-        if key not in image_index:
-            image_index[key] = len(images)
-            images.append(ex["image"])
-        captions.append(tokenizer_lib.clean_caption(ex["caption"]))
-        txt2img.append(image_index[key])
-    img2txt = collections.defaultdict(list)
-    for t, i in enumerate(txt2img):
-        img2txt[i].append(t)
-    ids, mask = tokenizer_lib.tokenize(tokenizer, captions, data_cfg.max_text_len)
-    return {
-        "images": np.stack(images),
-        "text_ids": ids,
-        "text_mask": mask,
-        "txt2img": np.asarray(txt2img, np.int32),
-        "img2txt": [img2txt[i] for i in range(len(images))],
-        "captions": captions,
-    }
+  Examples that share an `image_id` (COCO has ~5 captions per image) become one image with several
+  texts; without an image_id every example is its own image. Returns
+    images   f32 [N_img, S, S, 3]     text_ids, text_mask  i32 [N_txt, L]
+    txt2img  i32 [N_txt]              img2txt  list of N_img lists of text indices
+    captions list of N_txt cleaned captions.
+  """
+  source = get_source(data_cfg, split or data_cfg.eval_split)
+  n = len(source) if data_cfg.eval_max_examples is None else min(len(source), data_cfg.eval_max_examples)
+  examples = (
+    grain.MapDataset.source(source)[:n]
+    .map_with_index(lambda i, ex: _decode(ex, i))
+    .filter(lambda ex: ex["image"] is not None)
+    .map(lambda ex: {**ex, "image": images_lib.eval_preprocess(ex["image"], data_cfg.image_size)})
+    # Threads decode in parallel, and the order stays that of the split.
+    .to_iter_dataset(grain.ReadOptions(num_threads=data_cfg.num_threads, prefetch_buffer_size=data_cfg.prefetch))
+  )
+  images, captions, txt2img = [], [], []
+  image_index = {}  # image_id -> row in images
+  for i, ex in enumerate(examples):
+    key = ex.get("image_id", ("example", i))
+    if key not in image_index:
+      image_index[key] = len(images)
+      images.append(ex["image"])
+    captions.append(tokenizer_lib.clean_caption(ex["caption"]))
+    txt2img.append(image_index[key])
+  img2txt = collections.defaultdict(list)
+  for t, i in enumerate(txt2img):
+    img2txt[i].append(t)
+  ids, mask = tokenizer_lib.tokenize(tokenizer, captions, data_cfg.max_text_len)
+  return {
+    "images": np.stack(images),
+    "text_ids": ids,
+    "text_mask": mask,
+    "txt2img": np.asarray(txt2img, np.int32),
+    "img2txt": [img2txt[i] for i in range(len(images))],
+    "captions": captions,
+  }

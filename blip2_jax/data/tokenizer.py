@@ -10,39 +10,39 @@ _STRIPPED = re.compile(r'[.!"()*#:;~]')  # the characters LAVIS's caption proces
 
 
 def demo_vocab_path() -> str:
-    """The WordPiece vocab shipped for synthetic_shapes (every word its captions use)."""
-    return os.path.join(os.path.dirname(__file__), "demo_vocab.txt")
+  """The WordPiece vocab shipped for synthetic_shapes (every word its captions use)."""
+  return os.path.join(os.path.dirname(__file__), "demo_vocab.txt")
 
 
 def load_tokenizer(path: str) -> transformers.PreTrainedTokenizerFast:
-    """A local bert-base-uncased directory, or a WordPiece `.txt` vocab, plus the `[DEC]` bos token.
+  """A local bert-base-uncased directory, or a WordPiece `.txt` vocab, plus the `[DEC]` bos token.
 
-    `len(tokenizer)` is then the Q-Former's vocab size (30,523 for bert-base-uncased), and
-    `tokenizer.bos_token_id` the id that replaces [CLS] for image-grounded text generation (ITG).
-    """
-    if os.path.isdir(path):
-        # local_files_only: a typo in the path must fail here, not start a download from a hub.
-        tokenizer = transformers.AutoTokenizer.from_pretrained(path, local_files_only=True)
-    elif os.path.isfile(path) and path.endswith(".txt"):
-        # transformers 5 takes the file as `vocab`; the old `vocab_file=` is silently ignored there and
-        # leaves a 5-token tokenizer that maps every word to [UNK].
-        tokenizer = transformers.BertTokenizerFast(vocab=path, do_lower_case=True)
-    else:
-        raise FileNotFoundError(
-            f"No tokenizer at {path!r}: expected a local bert-base-uncased directory (vocab.txt, "
-            f"tokenizer_config.json) or a WordPiece vocab .txt file.")
-    tokenizer.add_special_tokens({"bos_token": "[DEC]"})
-    return tokenizer
+  `len(tokenizer)` is then the Q-Former's vocab size (30,523 for bert-base-uncased), and
+  `tokenizer.bos_token_id` the id that replaces [CLS] for image-grounded text generation (ITG).
+  """
+  if os.path.isdir(path):
+    # local_files_only: a typo in the path must fail here, not start a download from a hub.
+    tokenizer = transformers.AutoTokenizer.from_pretrained(path, local_files_only=True)
+  elif os.path.isfile(path) and path.endswith(".txt"):
+    # transformers 5 takes the file as `vocab`; the old `vocab_file=` is silently ignored there and
+    # leaves a 5-token tokenizer that maps every word to [UNK].
+    tokenizer = transformers.BertTokenizerFast(vocab=path, do_lower_case=True)
+  else:
+    raise FileNotFoundError(
+      f"No tokenizer at {path!r}: expected a local bert-base-uncased directory (vocab.txt, "
+      f"tokenizer_config.json) or a WordPiece vocab .txt file."
+    )
+  tokenizer.add_special_tokens({"bos_token": "[DEC]"})
+  return tokenizer
 
 
 def clean_caption(text: str, max_words: int = 50) -> str:
-    """Lower-cases, strips `[.!"()*#:;~]`, collapses whitespace and keeps `max_words` words (as LAVIS)."""
-    words = _STRIPPED.sub(" ", text.lower()).split()
-    return " ".join(words[:max_words])
+  """Lower-cases, strips `[.!"()*#:;~]`, collapses whitespace and keeps `max_words` words (as LAVIS)."""
+  words = _STRIPPED.sub(" ", text.lower()).split()
+  return " ".join(words[:max_words])
 
 
 def tokenize(tokenizer, captions: list[str], max_len: int) -> tuple[np.ndarray, np.ndarray]:
-    """(ids, mask), both int32 [N, max_len]: [CLS] caption [SEP], truncated or padded to max_len."""
-    out = tokenizer(list(captions), padding="max_length", truncation=True, max_length=max_len,
-                    return_tensors="np")
-    return out["input_ids"].astype(np.int32), out["attention_mask"].astype(np.int32)
+  """(ids, mask), both int32 [N, max_len]: [CLS] caption [SEP], truncated or padded to max_len."""
+  out = tokenizer(list(captions), padding="max_length", truncation=True, max_length=max_len, return_tensors="np")
+  return out["input_ids"].astype(np.int32), out["attention_mask"].astype(np.int32)

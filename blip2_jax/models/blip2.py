@@ -3,6 +3,7 @@
 The ViT's parameters live under `visual_encoder/` and are frozen (config `frozen_params`); its output is cut
 with stop_gradient so no backward pass ever runs through it.
 """
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -24,9 +25,12 @@ def _setup_image_side(model):
   cfg = model.cfg
   model.visual_encoder = VisionTransformer(cfg.vit)
   model.ln_vision = layers.layer_norm(cfg.ln_vision_eps)
-  model.query_tokens = model.param("query_tokens", layers.logical(nn.initializers.normal(init_std(cfg.qformer)),
-                                                                   (None, None, "embed")),
-                                   (1, cfg.num_query_tokens, cfg.qformer.hidden_size), jnp.float32)
+  model.query_tokens = model.param(
+    "query_tokens",
+    layers.logical(nn.initializers.normal(init_std(cfg.qformer)), (None, None, "embed")),
+    (1, cfg.num_query_tokens, cfg.qformer.hidden_size),
+    jnp.float32,
+  )
   model.qformer = QFormer(cfg.qformer)
 
 
@@ -47,6 +51,7 @@ def _query_features(model, image_embeds, deterministic):
 class Blip2Qformer(nn.Module):
   """cfg: vit (ViT config), qformer (Q-Former config), num_query_tokens, embed_dim, ln_vision_eps,
   itc_label_smoothing, itg_label_smoothing, and bos_token_id (the tokenizer's [DEC])."""
+
   cfg: ml_collections.ConfigDict
 
   def setup(self):
@@ -85,8 +90,7 @@ class Blip2Qformer(nn.Module):
     q = self.cfg.num_query_tokens
     queries = jnp.broadcast_to(self.query_tokens, (b,) + self.query_tokens.shape[1:])
     x = self.qformer.embed(queries, text_ids, deterministic=deterministic)
-    x, _ = self.qformer.encode(x, q, masks.bidirectional_mask(q, text_mask), image_embeds,
-                               deterministic=deterministic)
+    x, _ = self.qformer.encode(x, q, masks.bidirectional_mask(q, text_mask), image_embeds, deterministic=deterministic)
     return self.itm_head(x[:, :q]).astype(jnp.float32).mean(axis=1)
 
   def itg_logits(self, query_kvs, text_ids, text_mask, *, deterministic=True):
@@ -143,8 +147,7 @@ class Blip2Qformer(nn.Module):
     lm_logits = self.itg_logits(query_kvs, text_ids, text_mask, deterministic=det)
     loss_itg = losses.itg_loss(lm_logits, text_ids, text_mask, cfg.itg_label_smoothing)
 
-    return {"loss": loss_itc + loss_itm + loss_itg,
-            "loss_itc": loss_itc, "loss_itm": loss_itm, "loss_itg": loss_itg}
+    return {"loss": loss_itc + loss_itm + loss_itg, "loss_itc": loss_itc, "loss_itm": loss_itm, "loss_itg": loss_itg}
 
 
 class Blip2LLM(nn.Module):
@@ -155,14 +158,14 @@ class Blip2LLM(nn.Module):
   cfg: vit, qformer (text_input False), num_query_tokens, ln_vision_eps, llm (the LLM's config, with `kind` its
   family in models/llms.py). The LLM's weights are frozen (config `frozen_params`); gradients reach only its inputs.
   """
+
   cfg: ml_collections.ConfigDict
 
   def setup(self):
     cfg = self.cfg
     _setup_image_side(self)
     self.family = llms.family(cfg.llm.kind)
-    self.language_projection = layers.dense(self.family.width(cfg.llm), ("embed", None),
-                                            init_std=init_std(cfg.qformer))
+    self.language_projection = layers.dense(self.family.width(cfg.llm), ("embed", None), init_std=init_std(cfg.qformer))
     self.language_model = self.family.module(cfg.llm)
 
   def encode_image(self, images):
@@ -183,17 +186,18 @@ class Blip2LLM(nn.Module):
     mask = jnp.concatenate([jnp.ones(image_prompt.shape[:2], attention_mask.dtype), attention_mask], axis=1)
     return embeds, mask
 
-  def __call__(self, images, input_ids, attention_mask, decoder_input_ids=None, decoder_attention_mask=None, *,
-               deterministic=True):
+  def __call__(
+    self, images, input_ids, attention_mask, decoder_input_ids=None, decoder_attention_mask=None, *, deterministic=True
+  ):
     """LLM logits as HF's Blip2ForConditionalGeneration computes them: OPT, over [queries; text] positions
     [B, Q + T, V]; T5, over the decoder positions [B, T_dec, V]. float32."""
-    embeds, mask = self.llm_inputs(self.image_prompt(images, deterministic=deterministic), input_ids,
-                                   attention_mask)
+    embeds, mask = self.llm_inputs(self.image_prompt(images, deterministic=deterministic), input_ids, attention_mask)
     if not self.family.encoder_decoder:
       return self.language_model(embeds, mask)[0]
     if decoder_input_ids is None:
-      raise ValueError("A T5 BLIP-2 needs decoder_input_ids (the decoder's input, starting with "
-                       "decoder_start_token_id).")
+      raise ValueError(
+        "A T5 BLIP-2 needs decoder_input_ids (the decoder's input, starting with decoder_start_token_id)."
+      )
     encoder_out = self.language_model.encode(embeds, mask)
     return self.language_model.decode(decoder_input_ids, encoder_out, mask, decoder_mask=decoder_attention_mask)[0]
 
@@ -221,4 +225,3 @@ class Blip2LLM(nn.Module):
       logits = self.language_model.decode(decoder_ids, encoder_out, mask)[0]
       loss = losses.lm_loss(logits, targets, batch["target_mask"])
     return {"loss": loss, "loss_lm": loss}
-

@@ -3,6 +3,7 @@
 Every parameter is created with logical axis names (MaxText style); `partitioning.py` maps them to mesh axes
 through the rules in the config, so the model code never names a mesh axis.
 """
+
 from typing import Any, Sequence
 
 import flax.linen as nn
@@ -20,20 +21,38 @@ def logical(init, axes: Sequence[str | None]):
   return nn.with_logical_partitioning(init, tuple(axes))
 
 
-def dense(features: int, axes: tuple[str | None, str | None], *, use_bias: bool = True,
-          dtype: Dtype = jnp.float32, init_std: float = 0.02, name: str | None = None) -> nn.Dense:
+def dense(
+  features: int,
+  axes: tuple[str | None, str | None],
+  *,
+  use_bias: bool = True,
+  dtype: Dtype = jnp.float32,
+  init_std: float = 0.02,
+  name: str | None = None,
+) -> nn.Dense:
   """nn.Dense whose kernel carries logical axes (in_axis, out_axis) and bias (out_axis,); fp32 master weights.
   The kernel starts N(0, init_std^2)."""
-  return nn.Dense(features, use_bias=use_bias, dtype=dtype, param_dtype=jnp.float32,
-                  kernel_init=logical(nn.initializers.normal(stddev=init_std), axes),
-                  bias_init=logical(nn.initializers.zeros, (axes[1],)), name=name)
+  return nn.Dense(
+    features,
+    use_bias=use_bias,
+    dtype=dtype,
+    param_dtype=jnp.float32,
+    kernel_init=logical(nn.initializers.normal(stddev=init_std), axes),
+    bias_init=logical(nn.initializers.zeros, (axes[1],)),
+    name=name,
+  )
 
 
 def layer_norm(eps: float, name: str | None = None) -> nn.LayerNorm:
   """LayerNorm computed and returned in float32 whatever the activation dtype (bf16 statistics drift)."""
-  return nn.LayerNorm(epsilon=eps, dtype=jnp.float32, param_dtype=jnp.float32,
-                      scale_init=logical(nn.initializers.ones, ("norm",)),
-                      bias_init=logical(nn.initializers.zeros, ("norm",)), name=name)
+  return nn.LayerNorm(
+    epsilon=eps,
+    dtype=jnp.float32,
+    param_dtype=jnp.float32,
+    scale_init=logical(nn.initializers.ones, ("norm",)),
+    bias_init=logical(nn.initializers.zeros, ("norm",)),
+    name=name,
+  )
 
 
 def gelu(x):
@@ -62,8 +81,9 @@ def cudnn_attention_available(dtype) -> bool:
   return jax.default_backend() == "gpu" and jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16)
 
 
-def attention(q, k, v, mask=None, *, dropout_rate=0.0, deterministic=True, dropout_rng=None,
-              implementation: str = "xla"):
+def attention(
+  q, k, v, mask=None, *, dropout_rate=0.0, deterministic=True, dropout_rng=None, implementation: str = "xla"
+):
   """Multi-head scaled dot-product attention.
 
   q: [B, Lq, H, Dh]; k, v: [B, Lk, H, Dh]; mask: bool, broadcastable to [B, H, Lq, Lk], True = may attend.

@@ -11,13 +11,13 @@ One name says which kind of BLIP-2 model something is, everywhere (configs, the 
 RETRIEVAL for the stage-1 model (ViT + Q-Former with ITC/ITM/ITG heads; HF Blip2ForImageTextRetrieval), else the
 name of the LLM family of a stage-2 model (HF Blip2ForConditionalGeneration).
 """
-import dataclasses
+
 from collections.abc import Callable
+import dataclasses
 
 import ml_collections
 
-from blip2_jax.models import opt
-from blip2_jax.models import t5
+from blip2_jax.models import opt, t5
 
 RETRIEVAL = "retrieval"
 
@@ -25,6 +25,7 @@ RETRIEVAL = "retrieval"
 @dataclasses.dataclass(frozen=True)
 class LLMFamily:
   """One LLM family: what BLIP-2's stage 2 and its inference need to know about it."""
+
   name: str  # HF's `model_type`
   module: Callable  # cfg -> the frozen LLM's Flax module
   decoder: type  # its adapter for blip2_jax.generation: `create(module, params)`
@@ -54,8 +55,10 @@ class LLMFamily:
       return tokenizer.eos_token_id
     ids = tokenizer(self.caption_end, add_special_tokens=False).input_ids
     if len(ids) != 1:
-      raise ValueError(f"The {self.name} tokenizer splits {self.caption_end!r} into {ids}; BLIP-2 needs it as one "
-                       "token (its end of caption).")
+      raise ValueError(
+        f"The {self.name} tokenizer splits {self.caption_end!r} into {ids}; BLIP-2 needs it as one "
+        "token (its end of caption)."
+      )
     return ids[0]
 
 
@@ -71,16 +74,32 @@ def _t5_config(hf, *, dtype, remat_policy, tensor_names=None):
 
 
 FAMILIES = {
-    "opt": LLMFamily(
-        name="opt", module=opt.OPTForCausalLM, decoder=opt.OPTDecoder, config_from_hf=_opt_config,
-        weight_map=opt.weight_map, width=lambda cfg: cfg.hidden_size, encoder_decoder=False, padding_side="left",
-        caption_end="\n",  # BLIP-2 OPT ends every caption with "\n" (LAVIS Blip2OPT)
-        vqa_prompt="Question: {} Answer:", vocab_tables=("model.decoder.embed_tokens.weight",)),
-    "t5": LLMFamily(
-        name="t5", module=t5.T5ForConditionalGeneration, decoder=t5.T5Decoder, config_from_hf=_t5_config,
-        weight_map=t5.weight_map, width=lambda cfg: cfg.d_model, encoder_decoder=True, padding_side="right",
-        caption_end=None, vqa_prompt="Question: {} Short answer:",
-        vocab_tables=("shared.weight", "lm_head.weight")),
+  "opt": LLMFamily(
+    name="opt",
+    module=opt.OPTForCausalLM,
+    decoder=opt.OPTDecoder,
+    config_from_hf=_opt_config,
+    weight_map=opt.weight_map,
+    width=lambda cfg: cfg.hidden_size,
+    encoder_decoder=False,
+    padding_side="left",
+    caption_end="\n",  # BLIP-2 OPT ends every caption with "\n" (LAVIS Blip2OPT)
+    vqa_prompt="Question: {} Answer:",
+    vocab_tables=("model.decoder.embed_tokens.weight",),
+  ),
+  "t5": LLMFamily(
+    name="t5",
+    module=t5.T5ForConditionalGeneration,
+    decoder=t5.T5Decoder,
+    config_from_hf=_t5_config,
+    weight_map=t5.weight_map,
+    width=lambda cfg: cfg.d_model,
+    encoder_decoder=True,
+    padding_side="right",
+    caption_end=None,
+    vqa_prompt="Question: {} Short answer:",
+    vocab_tables=("shared.weight", "lm_head.weight"),
+  ),
 }
 
 
@@ -95,8 +114,9 @@ def kind_of(model_cfg) -> str:
   return model_cfg.llm.kind if "llm" in model_cfg else RETRIEVAL
 
 
-def llm_config(hf: dict, *, dtype: str = "float32", remat_policy: str = "none",
-               tensor_names=None) -> ml_collections.ConfigDict:
+def llm_config(
+  hf: dict, *, dtype: str = "float32", remat_policy: str = "none", tensor_names=None
+) -> ml_collections.ConfigDict:
   """The frozen LLM's config from its HF config dict (a config.json, or BLIP-2's text_config), with `kind` set.
   tensor_names: the checkpoint's tensor names relative to the LLM, when there is a checkpoint."""
   kind = hf.get("model_type")

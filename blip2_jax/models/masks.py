@@ -7,6 +7,7 @@ All masks are boolean [B, 1, rows, cols], True where a position (row) may attend
 | ITM       | queries + text   | queries + text                         |
 | ITG       | queries only     | all queries + earlier text (causal)    |
 """
+
 import jax.numpy as jnp
 
 

@@ -9,15 +9,16 @@ Decoding uses a KV cache {"k", "v"} of [B, layers, S_max, heads, head_dim], batc
 reorders a whole decoding state with one gather on axis 0. The caller owns the cache's key mask [B, S_max] and
 the positions; new keys/values are written at the traced `cache_index`, so one compiled step serves every step.
 """
+
 from typing import Any
 
+from flax import struct
 import flax.linen as nn
 import jax
+from jax import lax
 import jax.numpy as jnp
 import ml_collections
 import transformers
-from flax import struct
-from jax import lax
 
 from blip2_jax.models import layers
 
@@ -31,8 +32,11 @@ ACTIVATIONS = {"relu": jax.nn.relu, "gelu": layers.gelu}  # HF's "gelu" is the e
 
 # Recomputation of a decoder layer in the backward pass (stage 2 backpropagates through the frozen LLM into the
 # Q-Former): "full" saves nothing, the others keep the matmul outputs ("dots_no_batch": those without batch dims).
-REMAT_POLICIES = {"full": None, "dots": jax.checkpoint_policies.checkpoint_dots,
-                  "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable}
+REMAT_POLICIES = {
+  "full": None,
+  "dots": jax.checkpoint_policies.checkpoint_dots,
+  "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
 
 
 def config_from_hf(hf, *, dtype: str = "float32", remat_policy: str = "none") -> ml_collections.ConfigDict:
@@ -47,38 +51,50 @@ def config_from_hf(hf, *, dtype: str = "float32", remat_policy: str = "none") ->
   if isinstance(hf, dict):
     hf = transformers.OPTConfig.from_dict(hf)
   if hf.word_embed_proj_dim != hf.hidden_size:
-    raise ValueError(f"OPT config word_embed_proj_dim={hf.word_embed_proj_dim} differs from hidden_size="
-                     f"{hf.hidden_size}: project_in/project_out (as in OPT-350m) are not supported.")
+    raise ValueError(
+      f"OPT config word_embed_proj_dim={hf.word_embed_proj_dim} differs from hidden_size="
+      f"{hf.hidden_size}: project_in/project_out (as in OPT-350m) are not supported."
+    )
   if not hf.do_layer_norm_before:
-    raise ValueError("OPT config do_layer_norm_before=False (post-LayerNorm blocks, as in OPT-350m) is not "
-                     "supported.")
+    raise ValueError("OPT config do_layer_norm_before=False (post-LayerNorm blocks, as in OPT-350m) is not supported.")
   if getattr(hf, "_remove_final_layer_norm", False):
     raise ValueError("OPT config _remove_final_layer_norm=True (pre-v4.20 fine-tunes) is not supported.")
   if not hf.layer_norm_elementwise_affine:
     raise ValueError("OPT config layer_norm_elementwise_affine=False is not supported.")
   if not hf.tie_word_embeddings:
-    raise ValueError("OPT config tie_word_embeddings=False is not supported: the lm_head must be the token "
-                     "embeddings.")
+    raise ValueError("OPT config tie_word_embeddings=False is not supported: the lm_head must be the token embeddings.")
   if hf.activation_function not in ACTIVATIONS:
-    raise ValueError(f"OPT config activation_function={hf.activation_function!r} is not supported; use one of "
-                     f"{sorted(ACTIVATIONS)}.")
+    raise ValueError(
+      f"OPT config activation_function={hf.activation_function!r} is not supported; use one of {sorted(ACTIVATIONS)}."
+    )
   if hf.hidden_size % hf.num_attention_heads:
-    raise ValueError(f"OPT config hidden_size={hf.hidden_size} is not divisible by num_attention_heads="
-                     f"{hf.num_attention_heads}.")
+    raise ValueError(
+      f"OPT config hidden_size={hf.hidden_size} is not divisible by num_attention_heads={hf.num_attention_heads}."
+    )
   if remat_policy != "none" and remat_policy not in REMAT_POLICIES:
     raise ValueError(f"remat_policy={remat_policy!r} is not one of {['none', *REMAT_POLICIES]}.")
-  return ml_collections.ConfigDict(dict(
-      vocab_size=hf.vocab_size, hidden_size=hf.hidden_size, num_hidden_layers=hf.num_hidden_layers,
-      num_attention_heads=hf.num_attention_heads, ffn_dim=hf.ffn_dim,
-      max_position_embeddings=hf.max_position_embeddings, activation_function=hf.activation_function,
-      enable_bias=hf.enable_bias, dtype=dtype, remat_policy=remat_policy))
+  return ml_collections.ConfigDict(
+    dict(
+      vocab_size=hf.vocab_size,
+      hidden_size=hf.hidden_size,
+      num_hidden_layers=hf.num_hidden_layers,
+      num_attention_heads=hf.num_attention_heads,
+      ffn_dim=hf.ffn_dim,
+      max_position_embeddings=hf.max_position_embeddings,
+      activation_function=hf.activation_function,
+      enable_bias=hf.enable_bias,
+      dtype=dtype,
+      remat_policy=remat_policy,
+    )
+  )
 
 
 def init_cache(cfg, batch: int, max_len: int, dtype) -> dict:
   """An empty KV cache for `max_len` positions: {"k", "v"}, each [batch, layers, max_len, heads, head_dim]."""
   if max_len > cfg.max_position_embeddings:
-    raise ValueError(f"A KV cache of {max_len} positions exceeds OPT's max_position_embeddings="
-                     f"{cfg.max_position_embeddings}.")
+    raise ValueError(
+      f"A KV cache of {max_len} positions exceeds OPT's max_position_embeddings={cfg.max_position_embeddings}."
+    )
   heads = cfg.num_attention_heads
   shape = (batch, cfg.num_hidden_layers, max_len, heads, cfg.hidden_size // heads)
   return {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)}
@@ -94,6 +110,7 @@ def _attention_mask(key_mask, num_queries: int, first):
 
 class Attention(nn.Module):
   """OPT self-attention; with a cache, this layer's new keys/values are written at `cache_index` first."""
+
   cfg: ml_collections.ConfigDict
 
   @nn.compact
@@ -119,6 +136,7 @@ class Attention(nn.Module):
 
 class DecoderLayer(nn.Module):
   """Pre-LayerNorm block: x + attn(LN(x)), then x + fc2(act(fc1(LN(x))))."""
+
   cfg: ml_collections.ConfigDict
 
   @nn.compact
@@ -140,21 +158,33 @@ class OPTForCausalLM(nn.Module):
   Parameter names follow HF's (`weight_map` pairs them); the decoder layers are stacked by nn.scan on a leading
   "layers" axis.
   """
+
   cfg: ml_collections.ConfigDict
 
   def setup(self):
     cfg = self.cfg
-    embed = lambda rows, axes: nn.Embed(rows, cfg.hidden_size, dtype=cfg.dtype, param_dtype=jnp.float32,
-                                        embedding_init=layers.logical(layers.default_init, axes))
+    embed = lambda rows, axes: nn.Embed(
+      rows,
+      cfg.hidden_size,
+      dtype=cfg.dtype,
+      param_dtype=jnp.float32,
+      embedding_init=layers.logical(layers.default_init, axes),
+    )
     self.embed_tokens = embed(cfg.vocab_size, ("vocab", "embed"))
     self.embed_positions = embed(cfg.max_position_embeddings + POSITION_OFFSET, (None, "embed"))
     block = DecoderLayer
     if cfg.remat_policy != "none":
       block = nn.remat(block, policy=REMAT_POLICIES[cfg.remat_policy], prevent_cse=False)
     # The cache is scanned along its layer axis (1), keeping the batch first outside.
-    self.layers = nn.scan(block, variable_axes={"params": 0}, split_rngs={"params": True},
-                          in_axes=(nn.broadcast, nn.broadcast, 1), out_axes=1, length=cfg.num_hidden_layers,
-                          metadata_params={nn.PARTITION_NAME: "layers"})(cfg)
+    self.layers = nn.scan(
+      block,
+      variable_axes={"params": 0},
+      split_rngs={"params": True},
+      in_axes=(nn.broadcast, nn.broadcast, 1),
+      out_axes=1,
+      length=cfg.num_hidden_layers,
+      metadata_params={nn.PARTITION_NAME: "layers"},
+    )(cfg)
     self.final_layer_norm = layers.layer_norm(LAYER_NORM_EPS)
 
   def embed(self, ids):
@@ -175,12 +205,15 @@ class OPTForCausalLM(nn.Module):
     cfg = self.cfg
     b, t, _ = embeds.shape
     if attention_mask.shape[1] > cfg.max_position_embeddings:
-      raise ValueError(f"OPT attention_mask of length {attention_mask.shape[1]} exceeds max_position_embeddings="
-                       f"{cfg.max_position_embeddings}.")
+      raise ValueError(
+        f"OPT attention_mask of length {attention_mask.shape[1]} exceeds max_position_embeddings="
+        f"{cfg.max_position_embeddings}."
+      )
     if cache is None:
       if attention_mask.shape != (b, t):
-        raise ValueError(f"OPT attention_mask has shape {attention_mask.shape}; without a cache it must be "
-                         f"[batch, tokens] = {(b, t)}.")
+        raise ValueError(
+          f"OPT attention_mask has shape {attention_mask.shape}; without a cache it must be [batch, tokens] = {(b, t)}."
+        )
       if positions is None:
         real = attention_mask.astype(jnp.int32)
         positions = jnp.cumsum(real, axis=1) * real - 1  # HF's rule; padding gets -1 (row 1 of the table)
@@ -188,12 +221,14 @@ class OPTForCausalLM(nn.Module):
     elif positions is None or cache_index is None:
       raise ValueError("OPT decoding with a cache needs both `positions` [B, T] and `cache_index`.")
     elif attention_mask.shape != cache["k"].shape[:1] + cache["k"].shape[2:3]:
-      raise ValueError(f"OPT attention_mask has shape {attention_mask.shape}; with a cache it must be "
-                       f"[batch, cache slots] = {cache['k'].shape[:1] + cache['k'].shape[2:3]}.")
+      raise ValueError(
+        f"OPT attention_mask has shape {attention_mask.shape}; with a cache it must be "
+        f"[batch, cache slots] = {cache['k'].shape[:1] + cache['k'].shape[2:3]}."
+      )
     mask = _attention_mask(attention_mask, t, cache_index)
     x, cache = self.layers(self.inputs(embeds, positions), mask, cache_index, cache)
     if logits_range is not None:
-      x = x[:, logits_range[0]:logits_range[1]]
+      x = x[:, logits_range[0] : logits_range[1]]
     return self.head(x), cache
 
   def inputs(self, embeds, positions):
@@ -217,8 +252,9 @@ def split_cache(cache) -> list:
   return [{"k": cache["k"][:, i], "v": cache["v"][:, i]} for i in range(cache["k"].shape[1])]
 
 
-def decode_step(model: OPTForCausalLM, params, layer_params: list, embeds, attention_mask, positions,
-                caches: list, cache_index):
+def decode_step(
+  model: OPTForCausalLM, params, layer_params: list, embeds, attention_mask, positions, caches: list, cache_index
+):
   """`model(embeds, attention_mask, positions=..., cache=..., cache_index=...)` with the layers unrolled: the same
   function, faster for decoding one token at a time.
 
@@ -242,10 +278,12 @@ def weight_map(cfg) -> list[tuple[str, str, str]]:
   """(our parameter path, HF `OPTForCausalLM.state_dict()` name, kind) for weights.tree_from_hf / hf_tensors.
 
   `lm_head.weight` is absent: it is tied to the token embeddings and HF stores only those."""
-  out = [("embed_tokens/embedding", "model.decoder.embed_tokens.weight", "copy"),
-         ("embed_positions/embedding", "model.decoder.embed_positions.weight", "copy"),
-         ("final_layer_norm/scale", "model.decoder.final_layer_norm.weight", "copy"),
-         ("final_layer_norm/bias", "model.decoder.final_layer_norm.bias", "copy")]
+  out = [
+    ("embed_tokens/embedding", "model.decoder.embed_tokens.weight", "copy"),
+    ("embed_positions/embedding", "model.decoder.embed_positions.weight", "copy"),
+    ("final_layer_norm/scale", "model.decoder.final_layer_norm.weight", "copy"),
+    ("final_layer_norm/bias", "model.decoder.final_layer_norm.bias", "copy"),
+  ]
   for ours in ("self_attn/q_proj", "self_attn/k_proj", "self_attn/v_proj", "self_attn/out_proj", "fc1", "fc2"):
     hf = "model.decoder.layers.{i}." + ours.replace("/", ".")
     out.append((f"layers/{ours}/kernel", f"{hf}.weight", "linear"))
@@ -256,7 +294,9 @@ def weight_map(cfg) -> list[tuple[str, str, str]]:
     out += [(f"layers/{norm}/scale", f"{hf}.weight", "copy"), (f"layers/{norm}/bias", f"{hf}.bias", "copy")]
   return out
 
+
 # --- decoding adapter for blip2_jax.generation ---------------------------------------------------------------
+
 
 @struct.dataclass
 class OPTDecoder:
@@ -268,6 +308,7 @@ class OPTDecoder:
   (`decode_step`) on `layer_params`, the layers' weights split once per generate call (this holds a second
   copy of the LLM's layer weights while generating).
   """
+
   module: OPTForCausalLM = struct.field(pytree_node=False)
   params: Any
   layer_params: Any
@@ -288,17 +329,23 @@ class OPTDecoder:
     real = prefix_mask.astype(jnp.int32)
     mask = jnp.zeros((b, slots), jnp.int32).at[:, :p].set(real)
     positions = jnp.cumsum(real, axis=1) * real - 1
-    logits, cache = self.module.apply({"params": self.params}, prefix_embeds, mask, positions=positions,
-                                      cache=cache, cache_index=0)
-    state = {"cache": split_cache(cache), "mask": mask, "position": real.sum(axis=1),
-             "index": jnp.full((b,), p, jnp.int32)}
+    logits, cache = self.module.apply(
+      {"params": self.params}, prefix_embeds, mask, positions=positions, cache=cache, cache_index=0
+    )
+    state = {
+      "cache": split_cache(cache),
+      "mask": mask,
+      "position": real.sum(axis=1),
+      "index": jnp.full((b,), p, jnp.int32),
+    }
     return logits[:, -1], state
 
   def step(self, tokens, state):
     index = state["index"][0]
     mask = lax.dynamic_update_slice(state["mask"], jnp.ones((tokens.shape[0], 1), jnp.int32), (0, index))
     embeds = self.module.apply({"params": self.params}, tokens[:, None], method="embed")
-    logits, cache = decode_step(self.module, self.params, self.layer_params, embeds, mask,
-                                    state["position"][:, None], state["cache"], index)
+    logits, cache = decode_step(
+      self.module, self.params, self.layer_params, embeds, mask, state["position"][:, None], state["cache"], index
+    )
     state = {"cache": cache, "mask": mask, "position": state["position"] + 1, "index": state["index"] + 1}
     return logits[:, 0], state

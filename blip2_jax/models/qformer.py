@@ -10,6 +10,7 @@ positions that cross-attend (every `cross_attention_freq`-th layer).
 
 Masks are boolean [B, 1, L_query_side, L_key_side], True where attention is allowed (see `masks.py`).
 """
+
 import flax.linen as nn
 import jax.numpy as jnp
 import ml_collections
@@ -25,6 +26,7 @@ def init_std(cfg) -> float:
 
 class MultiHeadAttention(nn.Module):
   """BERT attention block: q/k/v -> attention -> dense -> dropout -> LayerNorm(x + .)."""
+
   cfg: ml_collections.ConfigDict
   kv_axis: str = "embed"
 
@@ -43,8 +45,9 @@ class MultiHeadAttention(nn.Module):
       k = jnp.concatenate([prefix_kv[0], k], axis=1)
       v = jnp.concatenate([prefix_kv[1], v], axis=1)
     rng = None if deterministic or cfg.dropout_rate == 0 else self.make_rng("dropout")
-    out = layers.attention(q, k, v, mask, dropout_rate=cfg.dropout_rate, deterministic=deterministic,
-                           dropout_rng=rng).reshape(b, lq, d)
+    out = layers.attention(
+      q, k, v, mask, dropout_rate=cfg.dropout_rate, deterministic=deterministic, dropout_rng=rng
+    ).reshape(b, lq, d)
     out = layers.dense(d, ("heads", "embed"), dtype=cfg.dtype, init_std=std, name="output")(out)
     out = nn.Dropout(cfg.dropout_rate)(out, deterministic=deterministic)
     out = layers.layer_norm(cfg.layer_norm_eps, name="output_norm")(out + x)
@@ -73,8 +76,7 @@ class QFormerLayer(nn.Module):
   @nn.compact
   def __call__(self, x, query_len, mask, image_embeds=None, *, prefix_kv=None, deterministic=True):
     cfg = self.cfg
-    x, kv = MultiHeadAttention(cfg, name="attention")(
-        x, x, mask, prefix_kv=prefix_kv, deterministic=deterministic)
+    x, kv = MultiHeadAttention(cfg, name="attention")(x, x, mask, prefix_kv=prefix_kv, deterministic=deterministic)
     outs = []
     if query_len > 0:
       q = x[:, :query_len]
@@ -82,7 +84,8 @@ class QFormerLayer(nn.Module):
         if image_embeds is None:
           raise ValueError("Query positions need image_embeds for cross-attention.")
         q, _ = MultiHeadAttention(cfg, kv_axis="vit_embed", name="crossattention")(
-            q, image_embeds, None, deterministic=deterministic)
+          q, image_embeds, None, deterministic=deterministic
+        )
       outs.append(FeedForward(cfg, name="ffn_query")(q, deterministic=deterministic))
     if x.shape[1] > query_len:
       outs.append(FeedForward(cfg, name="ffn")(x[:, query_len:], deterministic=deterministic))
@@ -92,6 +95,7 @@ class QFormerLayer(nn.Module):
 class QFormer(nn.Module):
   """cfg: vocab_size, hidden_size, num_layers, num_heads, intermediate_size, cross_attention_freq,
   max_position_embeddings, layer_norm_eps, dropout_rate, dtype."""
+
   cfg: ml_collections.ConfigDict
 
   def setup(self):
@@ -99,22 +103,30 @@ class QFormer(nn.Module):
     # Stage 2 and HF's captioning checkpoints keep the query side only: no text embeddings, no LM head.
     if cfg.get("text_input", True):
       self.word_embeddings = nn.Embed(
-          cfg.vocab_size, cfg.hidden_size, param_dtype=jnp.float32,
-          embedding_init=layers.logical(nn.initializers.normal(init_std(cfg)), ("vocab", "embed")),
-          name="word_embeddings")
+        cfg.vocab_size,
+        cfg.hidden_size,
+        param_dtype=jnp.float32,
+        embedding_init=layers.logical(nn.initializers.normal(init_std(cfg)), ("vocab", "embed")),
+        name="word_embeddings",
+      )
       self.position_embeddings = self.param(
-          "position_embeddings", layers.logical(nn.initializers.normal(init_std(cfg)), (None, "embed")),
-          (cfg.max_position_embeddings, cfg.hidden_size), jnp.float32)
+        "position_embeddings",
+        layers.logical(nn.initializers.normal(init_std(cfg)), (None, "embed")),
+        (cfg.max_position_embeddings, cfg.hidden_size),
+        jnp.float32,
+      )
     self.embed_norm = layers.layer_norm(cfg.layer_norm_eps)
     self.embed_dropout = nn.Dropout(cfg.dropout_rate)
-    self.layers = [QFormerLayer(cfg, has_cross_attention=(i % cfg.cross_attention_freq == 0))
-                   for i in range(cfg.num_layers)]
+    self.layers = [
+      QFormerLayer(cfg, has_cross_attention=(i % cfg.cross_attention_freq == 0)) for i in range(cfg.num_layers)
+    ]
     if cfg.get("text_input", True) and cfg.get("lm_head", True):
       # BERT's MLM head: transform (dense, gelu, LayerNorm) then the decoder tied to the word embeddings.
       self.lm_transform = layers.dense(cfg.hidden_size, ("embed", "mlp"), dtype=cfg.dtype, init_std=init_std(cfg))
       self.lm_norm = layers.layer_norm(cfg.layer_norm_eps)
-      self.lm_bias = self.param("lm_bias", layers.logical(nn.initializers.zeros, ("vocab",)),
-                                (cfg.vocab_size,), jnp.float32)
+      self.lm_bias = self.param(
+        "lm_bias", layers.logical(nn.initializers.zeros, ("vocab",)), (cfg.vocab_size,), jnp.float32
+      )
 
   def embed(self, query_embeds=None, text_ids=None, *, deterministic=True):
     """[queries; word + position embeddings of text] -> LayerNorm -> dropout. Queries get no position."""
@@ -123,9 +135,11 @@ class QFormer(nn.Module):
       parts.append(query_embeds.astype(jnp.float32))
     if text_ids is not None:
       if text_ids.shape[1] > self.cfg.max_position_embeddings:
-        raise ValueError(f"Text of {text_ids.shape[1]} tokens exceeds the Q-Former's "
-                         f"max_position_embeddings={self.cfg.max_position_embeddings}.")
-      parts.append(self.word_embeddings(text_ids) + self.position_embeddings[None, :text_ids.shape[1]])
+        raise ValueError(
+          f"Text of {text_ids.shape[1]} tokens exceeds the Q-Former's "
+          f"max_position_embeddings={self.cfg.max_position_embeddings}."
+        )
+      parts.append(self.word_embeddings(text_ids) + self.position_embeddings[None, : text_ids.shape[1]])
     x = jnp.concatenate(parts, axis=1) if len(parts) > 1 else parts[0]
     return self.embed_dropout(self.embed_norm(x), deterministic=deterministic)
 
@@ -133,8 +147,14 @@ class QFormer(nn.Module):
     """Runs the layers. Returns (hidden [B, L, D], per-layer self-attention (k, v) of these positions)."""
     kvs = []
     for i, layer in enumerate(self.layers):
-      x, kv = layer(x, query_len, mask, image_embeds,
-                    prefix_kv=None if prefix_kvs is None else prefix_kvs[i], deterministic=deterministic)
+      x, kv = layer(
+        x,
+        query_len,
+        mask,
+        image_embeds,
+        prefix_kv=None if prefix_kvs is None else prefix_kvs[i],
+        deterministic=deterministic,
+      )
       kvs.append(kv)
     return x, kvs
 

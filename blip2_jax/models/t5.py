@@ -16,18 +16,19 @@ costs no encoder-length projection; the cache is {"self_k", "self_v": [B, layers
 reorders a whole decoding state with one gather on axis 0. New self-attention keys/values go in at the traced
 `cache_index`, so one compiled step serves every step.
 """
-import math
+
 from collections.abc import Mapping
+import math
 from typing import Any
 
+from flax import struct
 import flax.linen as nn
 import jax
+from jax import lax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import transformers
-from flax import struct
-from jax import lax
 
 from blip2_jax.models import layers
 
@@ -37,14 +38,18 @@ ACTIVATIONS = {"relu": jax.nn.relu, "gelu": layers.gelu, "gelu_new": lambda x: j
 
 # Recomputation of a block in the backward pass (stage 2 backpropagates through the frozen T5 into the
 # Q-Former): "full" saves nothing, the others keep the matmul outputs ("dots_no_batch": those without batch dims).
-REMAT_POLICIES = {"full": None, "dots": jax.checkpoint_policies.checkpoint_dots,
-                  "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable}
+REMAT_POLICIES = {
+  "full": None,
+  "dots": jax.checkpoint_policies.checkpoint_dots,
+  "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
 
 _CACHE_KEYS = ("self_k", "self_v", "cross_k", "cross_v")
 
 
-def config_from_hf(hf, *, dtype: str = "float32", remat_policy: str = "none",
-                   has_lm_head: bool | None = None) -> ml_collections.ConfigDict:
+def config_from_hf(
+  hf, *, dtype: str = "float32", remat_policy: str = "none", has_lm_head: bool | None = None
+) -> ml_collections.ConfigDict:
   """Our config from a transformers T5Config or its dict (a config.json, or BLIP-2's text_config).
 
   Fields keep HF's names and meaning. Two flags say what transformers' one `tie_word_embeddings` used to say
@@ -70,15 +75,29 @@ def config_from_hf(hf, *, dtype: str = "float32", remat_policy: str = "none",
   if has_lm_head is not None:
     tied = not has_lm_head
   start = getattr(hf, "decoder_start_token_id", None)
-  cfg = ml_collections.ConfigDict(dict(
-      vocab_size=hf.vocab_size, d_model=hf.d_model, d_kv=hf.d_kv, d_ff=hf.d_ff, num_layers=hf.num_layers,
-      num_decoder_layers=hf.num_decoder_layers, num_heads=hf.num_heads,
+  cfg = ml_collections.ConfigDict(
+    dict(
+      vocab_size=hf.vocab_size,
+      d_model=hf.d_model,
+      d_kv=hf.d_kv,
+      d_ff=hf.d_ff,
+      num_layers=hf.num_layers,
+      num_decoder_layers=hf.num_decoder_layers,
+      num_heads=hf.num_heads,
       relative_attention_num_buckets=hf.relative_attention_num_buckets,
       relative_attention_max_distance=hf.relative_attention_max_distance,
-      layer_norm_epsilon=hf.layer_norm_epsilon, is_gated_act=hf.is_gated_act, dense_act_fn=hf.dense_act_fn,
-      tie_word_embeddings=tied, scale_decoder_outputs=scale, pad_token_id=hf.pad_token_id, eos_token_id=hf.eos_token_id,
-      decoder_start_token_id=hf.pad_token_id if start is None else start, dtype=dtype,
-      remat_policy=remat_policy))
+      layer_norm_epsilon=hf.layer_norm_epsilon,
+      is_gated_act=hf.is_gated_act,
+      dense_act_fn=hf.dense_act_fn,
+      tie_word_embeddings=tied,
+      scale_decoder_outputs=scale,
+      pad_token_id=hf.pad_token_id,
+      eos_token_id=hf.eos_token_id,
+      decoder_start_token_id=hf.pad_token_id if start is None else start,
+      dtype=dtype,
+      remat_policy=remat_policy,
+    )
+  )
   check_config(cfg)
   return cfg
 
@@ -86,19 +105,21 @@ def config_from_hf(hf, *, dtype: str = "float32", remat_policy: str = "none",
 def check_config(cfg):
   """Raises ValueError for a config this module cannot run (also called by the model, for hand-made configs)."""
   if cfg.dense_act_fn not in ACTIVATIONS:
-    raise ValueError(f"T5 config dense_act_fn={cfg.dense_act_fn!r} is not supported; use one of "
-                     f"{sorted(ACTIVATIONS)}.")
+    raise ValueError(f"T5 config dense_act_fn={cfg.dense_act_fn!r} is not supported; use one of {sorted(ACTIVATIONS)}.")
   if cfg.remat_policy != "none" and cfg.remat_policy not in REMAT_POLICIES:
     raise ValueError(f"remat_policy={cfg.remat_policy!r} is not one of {['none', *REMAT_POLICIES]}.")
   if cfg.dtype not in ("float32", "bfloat16"):
     # T5's activations outgrow float16's range (HF clamps infinities; Flan-T5 was trained in bfloat16).
     raise ValueError(f"T5 dtype={cfg.dtype!r} is not supported; use 'float32' or 'bfloat16'.")
   if cfg.relative_attention_max_distance <= cfg.relative_attention_num_buckets // 2:
-    raise ValueError(f"T5 config relative_attention_max_distance={cfg.relative_attention_max_distance} must exceed "
-                     f"half of relative_attention_num_buckets={cfg.relative_attention_num_buckets}.")
+    raise ValueError(
+      f"T5 config relative_attention_max_distance={cfg.relative_attention_max_distance} must exceed "
+      f"half of relative_attention_num_buckets={cfg.relative_attention_num_buckets}."
+    )
 
 
 # --- relative position buckets -------------------------------------------------------------------------------
+
 
 def _bucket_of_distance(num_buckets: int, max_distance: int) -> np.ndarray:
   """Bucket of each distance 0..max_distance: the first num_buckets // 2 distances get a bucket each, then
@@ -109,7 +130,8 @@ def _bucket_of_distance(num_buckets: int, max_distance: int) -> np.ndarray:
   exact = num_buckets // 2
   distance = np.arange(max_distance + 1)
   ratio = np.log(np.maximum(distance, exact).astype(np.float32) / np.float32(exact)) / np.float32(
-      math.log(max_distance / exact))
+    math.log(max_distance / exact)
+  )
   log_bucket = np.minimum(exact + (ratio * np.float32(num_buckets - exact)).astype(np.int32), num_buckets - 1)
   return np.where(distance < exact, distance, log_bucket).astype(np.int32)
 
@@ -130,8 +152,10 @@ def relative_position_bucket(relative_position, *, bidirectional: bool, num_buck
 
 # --- building blocks -----------------------------------------------------------------------------------------
 
+
 class RMSNorm(nn.Module):
   """T5's LayerNorm: x / rms(x) * scale, no mean subtraction and no bias; computed and returned in float32."""
+
   eps: float
 
   @nn.compact
@@ -145,6 +169,7 @@ class RMSNorm(nn.Module):
 class Attention(nn.Module):
   """T5 attention (no bias terms). Keys/values are projected separately (`project_kv`) so the decoder can cache
   them: its own per step, the encoder's once per sequence."""
+
   cfg: ml_collections.ConfigDict
 
   def setup(self):
@@ -179,6 +204,7 @@ class Attention(nn.Module):
 class FeedForward(nn.Module):
   """relu: wo(act(wi x)); gated: wo(act(wi_0 x) * wi_1 x). HF keeps `wo` in float32 against float16 overflow;
   bfloat16's range makes that unnecessary, so it runs in cfg.dtype like the rest."""
+
   cfg: ml_collections.ConfigDict
 
   @nn.compact
@@ -195,6 +221,7 @@ class FeedForward(nn.Module):
 
 class EncoderBlock(nn.Module):
   """x + attn(norm(x)) with the shared position bias, then x + ffn(norm(x)). A scan body: returns (x, None)."""
+
   cfg: ml_collections.ConfigDict
 
   @nn.compact
@@ -210,6 +237,7 @@ class EncoderBlock(nn.Module):
 class DecoderBlock(nn.Module):
   """Causal self-attention (with the shared position bias), cross-attention to the encoder (no position bias),
   FFN, each pre-normed with a residual. Both methods are scan bodies."""
+
   cfg: ml_collections.ConfigDict
 
   def setup(self):
@@ -246,8 +274,12 @@ def _scanned(block, cfg, length: int, methods: dict):
   rematerialised per cfg.remat_policy; `methods` gives each scanned method's in_axes/out_axes."""
   if cfg.remat_policy != "none":
     block = nn.remat(block, policy=REMAT_POLICIES[cfg.remat_policy], prevent_cse=False)
-  common = dict(variable_axes={"params": 0}, split_rngs={"params": True}, length=length,
-                metadata_params={nn.PARTITION_NAME: "layers"})
+  common = dict(
+    variable_axes={"params": 0},
+    split_rngs={"params": True},
+    length=length,
+    metadata_params={nn.PARTITION_NAME: "layers"},
+  )
   return nn.scan(block, methods={name: {**common, **axes} for name, axes in methods.items()})
 
 
@@ -262,6 +294,7 @@ def _position_bias(table, buckets):
 
 class Encoder(nn.Module):
   """embeds [B, S, D], mask [B, S] -> [B, S, D]: bidirectional, padding keys masked, final RMS norm."""
+
   cfg: ml_collections.ConfigDict
 
   @nn.compact
@@ -269,19 +302,24 @@ class Encoder(nn.Module):
     cfg = self.cfg
     table = self.param("relative_attention_bias", *_bias_table(cfg), jnp.float32)
     positions = jnp.arange(x.shape[1])
-    buckets = relative_position_bucket(positions[None, :] - positions[:, None], bidirectional=True,
-                                       num_buckets=cfg.relative_attention_num_buckets,
-                                       max_distance=cfg.relative_attention_max_distance)
+    buckets = relative_position_bucket(
+      positions[None, :] - positions[:, None],
+      bidirectional=True,
+      num_buckets=cfg.relative_attention_num_buckets,
+      max_distance=cfg.relative_attention_max_distance,
+    )
     bias = _position_bias(table, buckets)
     mask = attention_mask.astype(bool)[:, None, None, :]
-    stack = _scanned(EncoderBlock, cfg, cfg.num_layers,
-                     {"__call__": dict(in_axes=(nn.broadcast, nn.broadcast))})(cfg, name="layers")
+    stack = _scanned(EncoderBlock, cfg, cfg.num_layers, {"__call__": dict(in_axes=(nn.broadcast, nn.broadcast))})(
+      cfg, name="layers"
+    )
     x, _ = stack(x.astype(cfg.dtype), bias, mask)
     return RMSNorm(cfg.layer_norm_epsilon, name="final_norm")(x)
 
 
 class Decoder(nn.Module):
   """Decoder blocks from token embeddings, with or without a cache (see `DecoderBlock`), then the final norm."""
+
   cfg: ml_collections.ConfigDict
 
   def setup(self):
@@ -289,9 +327,15 @@ class Decoder(nn.Module):
     self.relative_attention_bias = self.param("relative_attention_bias", *_bias_table(cfg), jnp.float32)
     # Biases, masks and cache_index are shared by all layers; the keys/values in `state` and those returned are
     # batch first with the layer axis second.
-    self.layers = _scanned(DecoderBlock, cfg, cfg.num_decoder_layers, {
+    self.layers = _scanned(
+      DecoderBlock,
+      cfg,
+      cfg.num_decoder_layers,
+      {
         "__call__": dict(in_axes=(nn.broadcast,) * 4 + (1,), out_axes=1),
-        "cross_kv": dict(in_axes=(nn.broadcast,), out_axes=1)})(cfg)
+        "cross_kv": dict(in_axes=(nn.broadcast,), out_axes=1),
+      },
+    )(cfg)
     self.final_norm = RMSNorm(cfg.layer_norm_epsilon)
 
   def cross_kv(self, encoder_out):
@@ -304,8 +348,9 @@ class Decoder(nn.Module):
     key_mask [B, S_self] (or None) allows, and to encoder positions where encoder_mask [B, S_enc] allows."""
     cfg = self.cfg
     num_slots = state["self_k"].shape[2] if "self_k" in state else x.shape[1]
-    bias, self_mask, cross_mask = _decoder_bias_and_masks(cfg, self.relative_attention_bias, first, x.shape[1],
-                                                          num_slots, key_mask, encoder_mask)
+    bias, self_mask, cross_mask = _decoder_bias_and_masks(
+      cfg, self.relative_attention_bias, first, x.shape[1], num_slots, key_mask, encoder_mask
+    )
     x, new = self.layers(x.astype(cfg.dtype), bias, self_mask, cross_mask, first, state)
     return self.final_norm(x), new
 
@@ -316,9 +361,12 @@ def _decoder_bias_and_masks(cfg, table, first, num_tokens: int, num_slots: int, 
   and the cross mask of encoder_mask [B, S_enc]."""
   queries = first + jnp.arange(num_tokens)
   slots = jnp.arange(num_slots)
-  buckets = relative_position_bucket(slots[None, :] - queries[:, None], bidirectional=False,
-                                     num_buckets=cfg.relative_attention_num_buckets,
-                                     max_distance=cfg.relative_attention_max_distance)
+  buckets = relative_position_bucket(
+    slots[None, :] - queries[:, None],
+    bidirectional=False,
+    num_buckets=cfg.relative_attention_num_buckets,
+    max_distance=cfg.relative_attention_max_distance,
+  )
   self_mask = (slots[None, :] <= queries[:, None])[None, None]
   if key_mask is not None:
     self_mask = self_mask & key_mask.astype(bool)[:, None, None, :]
@@ -326,6 +374,7 @@ def _decoder_bias_and_masks(cfg, table, first, num_tokens: int, num_slots: int, 
 
 
 # --- the model -----------------------------------------------------------------------------------------------
+
 
 def _check_mask(name: str, mask, expected):
   if mask is not None and tuple(mask.shape) != tuple(expected):
@@ -338,18 +387,25 @@ class T5ForConditionalGeneration(nn.Module):
   Parameters are float32 and every one carries logical axis names; the blocks of each stack are stacked by
   nn.scan on a leading "layers" axis, and `weight_map` pairs them with HF's names.
   """
+
   cfg: ml_collections.ConfigDict
 
   def setup(self):
     cfg = self.cfg
     check_config(cfg)
-    self.shared = nn.Embed(cfg.vocab_size, cfg.d_model, dtype=cfg.dtype, param_dtype=jnp.float32,
-                           embedding_init=layers.logical(layers.default_init, ("vocab", "embed")))
+    self.shared = nn.Embed(
+      cfg.vocab_size,
+      cfg.d_model,
+      dtype=cfg.dtype,
+      param_dtype=jnp.float32,
+      embedding_init=layers.logical(layers.default_init, ("vocab", "embed")),
+    )
     self.encoder = Encoder(cfg)
     self.decoder = Decoder(cfg)
     if not cfg.tie_word_embeddings:
-      self.lm_head = self.param("lm_head", layers.logical(layers.default_init, ("embed", "vocab")),
-                                (cfg.d_model, cfg.vocab_size), jnp.float32)
+      self.lm_head = self.param(
+        "lm_head", layers.logical(layers.default_init, ("embed", "vocab")), (cfg.d_model, cfg.vocab_size), jnp.float32
+      )
 
   def embed(self, ids):
     """Token embeddings [B, T, D] of the shared table (T5 adds no positions to them)."""
@@ -367,8 +423,13 @@ class T5ForConditionalGeneration(nn.Module):
     _check_mask("encoder_mask", encoder_mask, encoder_out.shape[:2])
     cross_k, cross_v = self.decoder.cross_kv(encoder_out)
     shape = (encoder_out.shape[0], cfg.num_decoder_layers, max_len, cfg.num_heads, cfg.d_kv)
-    return {"self_k": jnp.zeros(shape, cfg.dtype), "self_v": jnp.zeros(shape, cfg.dtype),
-            "cross_k": cross_k, "cross_v": cross_v, "encoder_mask": encoder_mask.astype(bool)}
+    return {
+      "self_k": jnp.zeros(shape, cfg.dtype),
+      "self_v": jnp.zeros(shape, cfg.dtype),
+      "cross_k": cross_k,
+      "cross_v": cross_v,
+      "encoder_mask": encoder_mask.astype(bool),
+    }
 
   def decode(self, decoder_ids, encoder_out, encoder_mask, *, decoder_mask=None, cache=None, cache_index=None):
     """decoder_ids [B, T] -> (logits [B, T, vocab] float32, the updated cache or None).
@@ -386,8 +447,10 @@ class T5ForConditionalGeneration(nn.Module):
       state, first = {"cross_k": cross_k, "cross_v": cross_v}, 0
     else:
       if encoder_out is not None or encoder_mask is not None or cache_index is None:
-        raise ValueError("T5 decoding with a cache takes encoder_out=None and encoder_mask=None (the cache holds "
-                         "what the encoder gave) and needs a cache_index.")
+        raise ValueError(
+          "T5 decoding with a cache takes encoder_out=None and encoder_mask=None (the cache holds "
+          "what the encoder gave) and needs a cache_index."
+        )
       _check_mask("decoder_mask", decoder_mask, cache["self_k"].shape[:1] + cache["self_k"].shape[2:3])
       state, first, encoder_mask = {k: cache[k] for k in _CACHE_KEYS}, cache_index, cache["encoder_mask"]
     h, new = self.decoder(self.embed(decoder_ids), decoder_mask, encoder_mask, first, state)
@@ -398,10 +461,11 @@ class T5ForConditionalGeneration(nn.Module):
     cfg = self.cfg
     if cfg.scale_decoder_outputs:
       # T5 1.0 scales the decoder output before the tied head (the table's rows have norm ~sqrt(d_model)).
-      h = h * cfg.d_model ** -0.5
+      h = h * cfg.d_model**-0.5
     head = self.shared.embedding.T if cfg.tie_word_embeddings else self.lm_head
-    return jnp.einsum("btd,dv->btv", h.astype(cfg.dtype), jnp.asarray(head, cfg.dtype),
-                      preferred_element_type=jnp.float32)
+    return jnp.einsum(
+      "btd,dv->btv", h.astype(cfg.dtype), jnp.asarray(head, cfg.dtype), preferred_element_type=jnp.float32
+    )
 
   def __call__(self, embeds, attention_mask, decoder_ids, decoder_mask=None):
     """Teacher-forced logits [B, T, vocab] float32 of decoder_ids given encoder embeds [B, S, D]."""
@@ -421,8 +485,9 @@ def split_cache(cache) -> list:
   return [{k: cache[k][:, i] for k in _CACHE_KEYS} for i in range(cache["self_k"].shape[1])]
 
 
-def decode_step(model: T5ForConditionalGeneration, params, layer_params: list, decoder_ids, encoder_mask, caches: list,
-                cache_index):
+def decode_step(
+  model: T5ForConditionalGeneration, params, layer_params: list, decoder_ids, encoder_mask, caches: list, cache_index
+):
   """`model.decode(decoder_ids, None, None, cache=..., cache_index=...)` with the decoder layers unrolled, for
   decoding one token at a time (see `opt.decode_step`): each layer's cache is its own loop-carried buffer and each
   layer reads its own weights. layer_params: `split_layers(params)`; caches: `split_cache(cache)`; encoder_mask
@@ -430,8 +495,14 @@ def decode_step(model: T5ForConditionalGeneration, params, layer_params: list, d
   cfg = model.cfg
   x = model.apply({"params": params}, decoder_ids, method="embed").astype(cfg.dtype)
   bias, self_mask, cross_mask = _decoder_bias_and_masks(
-      cfg, params["decoder"]["relative_attention_bias"], cache_index, x.shape[1], caches[0]["self_k"].shape[1],
-      None, encoder_mask)
+    cfg,
+    params["decoder"]["relative_attention_bias"],
+    cache_index,
+    x.shape[1],
+    caches[0]["self_k"].shape[1],
+    None,
+    encoder_mask,
+  )
   block = DecoderBlock(cfg)
   new_caches = []
   for lp, cache in zip(layer_params, caches):
@@ -452,8 +523,13 @@ def weight_map(cfg) -> list[tuple[str, str, str]]:
   ffn_names = ("wi_0", "wi_1", "wo") if cfg.is_gated_act else ("wi", "wo")
   for stack in ("encoder", "decoder"):
     block = f"{stack}.block.{{i}}.layer"
-    out.append((f"{stack}/relative_attention_bias",
-                f"{stack}.block.0.layer.0.SelfAttention.relative_attention_bias.weight", "copy"))
+    out.append(
+      (
+        f"{stack}/relative_attention_bias",
+        f"{stack}.block.0.layer.0.SelfAttention.relative_attention_bias.weight",
+        "copy",
+      )
+    )
     out += attention(f"{stack}/layers/self_attention", f"{block}.0.SelfAttention")
     out.append((f"{stack}/layers/self_attention_norm/scale", f"{block}.0.layer_norm.weight", "copy"))
     ffn = 1
@@ -461,15 +537,19 @@ def weight_map(cfg) -> list[tuple[str, str, str]]:
       out += attention("decoder/layers/cross_attention", f"{block}.1.EncDecAttention")
       out.append(("decoder/layers/cross_attention_norm/scale", f"{block}.1.layer_norm.weight", "copy"))
       ffn = 2
-    out += [(f"{stack}/layers/ffn/{name}/kernel", f"{block}.{ffn}.DenseReluDense.{name}.weight", "linear")
-            for name in ffn_names]
+    out += [
+      (f"{stack}/layers/ffn/{name}/kernel", f"{block}.{ffn}.DenseReluDense.{name}.weight", "linear")
+      for name in ffn_names
+    ]
     out.append((f"{stack}/layers/ffn_norm/scale", f"{block}.{ffn}.layer_norm.weight", "copy"))
     out.append((f"{stack}/final_norm/scale", f"{stack}.final_layer_norm.weight", "copy"))
   if not cfg.tie_word_embeddings:
     out.append(("lm_head", "lm_head.weight", "linear"))
   return out
 
+
 # --- decoding adapter for blip2_jax.generation ---------------------------------------------------------------
+
 
 @struct.dataclass
 class T5Decoder:
@@ -480,6 +560,7 @@ class T5Decoder:
   runs the scanned layers; each step runs them unrolled (`decode_step`) on `layer_params`, the decoder layers'
   weights split once per generate call (a second copy of them while generating), as OPTDecoder does.
   """
+
   module: T5ForConditionalGeneration = struct.field(pytree_node=False)
   params: Any
   layer_params: Any
@@ -502,11 +583,15 @@ class T5Decoder:
       return m.decode(start, None, None, cache=cache, cache_index=0)
 
     logits, cache = self.module.apply({"params": self.params}, prefix_embeds, prefix_mask, start, method=run)
-    return logits[:, 0], {"cache": split_cache(cache), "encoder_mask": cache["encoder_mask"],
-                          "index": jnp.ones((b,), jnp.int32)}
+    return logits[:, 0], {
+      "cache": split_cache(cache),
+      "encoder_mask": cache["encoder_mask"],
+      "index": jnp.ones((b,), jnp.int32),
+    }
 
   def step(self, tokens, state):
     index = state["index"][0]
-    logits, caches = decode_step(self.module, self.params, self.layer_params, tokens[:, None],
-                                    state["encoder_mask"], state["cache"], index)
+    logits, caches = decode_step(
+      self.module, self.params, self.layer_params, tokens[:, None], state["encoder_mask"], state["cache"], index
+    )
     return logits[:, 0], {"cache": caches, "encoder_mask": state["encoder_mask"], "index": state["index"] + 1}

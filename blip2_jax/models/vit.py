@@ -3,6 +3,7 @@
 Pre-norm blocks, fused qkv with biases on q and v only, exact GELU, no layer-scale and no final norm: the
 features leave the last block raw and `ln_vision` (owned by the BLIP-2 model, trainable) normalises them.
 """
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -64,7 +65,7 @@ def sincos_pos_embed_init(key, shape, dtype=jnp.float32):
     angles = np.outer(coord, omega)
     parts += [np.sin(angles), np.cos(angles)]
   table = np.zeros((n, d), np.float64)
-  table[1:, :4 * (d // 4)] = np.concatenate(parts, axis=1)
+  table[1:, : 4 * (d // 4)] = np.concatenate(parts, axis=1)
   return jnp.asarray(table[None], dtype)
 
 
@@ -86,8 +87,10 @@ class Attention(nn.Module):
     v = (v + v_bias.astype(v.dtype)).reshape(b, n, heads, d // heads)
     impl = cfg.get("attention", "xla")
     if impl == "cudnn" and not layers.cudnn_attention_available(q.dtype):
-      raise ValueError(f"model.vit.attention='cudnn' needs an NVIDIA GPU and a bfloat16 or float16 model.vit.dtype; "
-                       f"this run has backend {jax.default_backend()!r} and dtype {q.dtype}. Use 'xla'.")
+      raise ValueError(
+        f"model.vit.attention='cudnn' needs an NVIDIA GPU and a bfloat16 or float16 model.vit.dtype; "
+        f"this run has backend {jax.default_backend()!r} and dtype {q.dtype}. Use 'xla'."
+      )
     out = layers.attention(q, k, v, implementation=impl).reshape(b, n, d)
     return layers.dense(d, ("heads", "vit_embed"), dtype=cfg.dtype, name="proj")(out)
 
@@ -111,6 +114,7 @@ class VisionTransformer(nn.Module):
   cfg: image_size, patch_size, width, depth, num_heads, mlp_dim, layer_norm_eps, act, dtype, and optionally
   attention ("xla", the default, or "cudnn": cuDNN's fused kernel on an NVIDIA GPU in bfloat16).
   """
+
   cfg: ml_collections.ConfigDict
 
   @nn.compact
@@ -118,19 +122,29 @@ class VisionTransformer(nn.Module):
     cfg = self.cfg
     p, d = cfg.patch_size, cfg.width
     if images.shape[1] % p or images.shape[2] != images.shape[1]:
-      raise ValueError(f"ViT input must be square with a side divisible by the patch size {p}; "
-                       f"got images of shape {images.shape}.")
-    x = nn.Conv(d, (p, p), strides=(p, p), padding="VALID", dtype=cfg.dtype, param_dtype=jnp.float32,
-                kernel_init=layers.logical(layers.default_init, (None, None, None, "vit_embed")),
-                bias_init=layers.logical(nn.initializers.zeros, ("vit_embed",)),
-                name="patch_embed")(images.astype(cfg.dtype))
+      raise ValueError(
+        f"ViT input must be square with a side divisible by the patch size {p}; got images of shape {images.shape}."
+      )
+    x = nn.Conv(
+      d,
+      (p, p),
+      strides=(p, p),
+      padding="VALID",
+      dtype=cfg.dtype,
+      param_dtype=jnp.float32,
+      kernel_init=layers.logical(layers.default_init, (None, None, None, "vit_embed")),
+      bias_init=layers.logical(nn.initializers.zeros, ("vit_embed",)),
+      name="patch_embed",
+    )(images.astype(cfg.dtype))
     b, gh, gw, _ = x.shape
     x = x.reshape(b, gh * gw, d)
-    cls = self.param("cls_token", layers.logical(layers.default_init, (None, None, "vit_embed")),
-                     (1, 1, d), jnp.float32)
+    cls = self.param(
+      "cls_token", layers.logical(layers.default_init, (None, None, "vit_embed")), (1, 1, d), jnp.float32
+    )
     n_pos = (cfg.image_size // p) ** 2 + 1
-    pos = self.param("pos_embed", layers.logical(sincos_pos_embed_init, (None, None, "vit_embed")),
-                     (1, n_pos, d), jnp.float32)
+    pos = self.param(
+      "pos_embed", layers.logical(sincos_pos_embed_init, (None, None, "vit_embed")), (1, n_pos, d), jnp.float32
+    )
     # [CLS] first, then the position embeddings are added to all tokens (EVA / LAVIS order).
     x = jnp.concatenate([jnp.broadcast_to(cls.astype(x.dtype), (b, 1, d)), x], axis=1)
     x = x + interpolate_pos_embed(pos, gh).astype(x.dtype)
