@@ -23,8 +23,12 @@ import jax.numpy as jnp
 import numpy as np
 import transformers
 
-from blip2_jax import hf, losses, partitioning, tasks, weights
+from blip2_jax import hf
+from blip2_jax import losses
+from blip2_jax import partitioning
 from blip2_jax import state as state_lib
+from blip2_jax import tasks
+from blip2_jax import weights
 from blip2_jax.data import images as images_lib
 from blip2_jax.models import llms
 from blip2_jax.models.blip2 import Blip2LLM

@@ -53,16 +53,23 @@ import json
 import os
 import time
 
-from absl import app, flags
+from absl import app
+from absl import flags
 from absl import logging as absl_logging
 import jax
 from ml_collections import config_flags
 import numpy as np
 import transformers
 
-from blip2_jax import benchmark_torch, cli, hf, partitioning, tasks, train
+from blip2_jax import benchmark_torch
+from blip2_jax import cli
+from blip2_jax import hf
+from blip2_jax import partitioning
 from blip2_jax import state as state_lib
-from blip2_jax.models import layers, llms
+from blip2_jax import tasks
+from blip2_jax import train
+from blip2_jax.models import layers
+from blip2_jax.models import llms
 from blip2_jax.models import vit as vit_lib
 
 FLAGS = flags.FLAGS

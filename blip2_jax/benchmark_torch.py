@@ -10,7 +10,8 @@ import time
 import numpy as np
 import transformers
 
-from blip2_jax import hf, state
+from blip2_jax import hf
+from blip2_jax import state
 from blip2_jax.models import llms
 
 

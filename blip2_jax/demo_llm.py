@@ -37,14 +37,20 @@ import numpy as np
 import optax
 import safetensors.numpy
 import tokenizers
-from tokenizers import decoders, normalizers, pre_tokenizers, processors
+from tokenizers import decoders
+from tokenizers import normalizers
+from tokenizers import pre_tokenizers
+from tokenizers import processors
 import transformers
 
 from blip2_jax import losses as losses_lib
-from blip2_jax import optim, weights
-from blip2_jax.data import pipeline, synthetic_shapes
+from blip2_jax import optim
+from blip2_jax import weights
+from blip2_jax.data import pipeline
+from blip2_jax.data import synthetic_shapes
 from blip2_jax.data import tokenizer as tokenizer_lib
-from blip2_jax.models import opt, t5
+from blip2_jax.models import opt
+from blip2_jax.models import t5
 
 log = logging.getLogger(__name__)
 

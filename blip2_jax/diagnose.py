@@ -19,16 +19,20 @@ The README's "Stability" section reads these to explain why a recipe learns or c
 import json
 import time
 
-from absl import app, flags
+from absl import app
+from absl import flags
 from flax import traverse_util
 import jax
 import jax.numpy as jnp
 from ml_collections import config_flags
 
-from blip2_jax import cli, partitioning, train
+from blip2_jax import cli
+from blip2_jax import partitioning
 from blip2_jax import state as state_lib
+from blip2_jax import train
 from blip2_jax.data import pipeline
-from blip2_jax.models import llms, masks
+from blip2_jax.models import llms
+from blip2_jax.models import masks
 
 FLAGS = flags.FLAGS
 GRAD_GROUPS = {

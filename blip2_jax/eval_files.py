@@ -24,8 +24,10 @@ import os
 import numpy as np
 import tqdm
 
-from blip2_jax import metrics, retrieval, tasks
+from blip2_jax import metrics
+from blip2_jax import retrieval
 from blip2_jax import state as state_lib
+from blip2_jax import tasks
 from blip2_jax.data import images as images_lib
 from blip2_jax.data import tokenizer as tokenizer_lib
 from blip2_jax.models import llms

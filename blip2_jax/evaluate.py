@@ -42,16 +42,46 @@ import json
 import logging
 import os
 
-from absl import app, flags
+from absl import app
+from absl import flags
 from absl import logging as absl_logging
 from ml_collections import config_flags
 
-from blip2_jax import cli, eval_files, evaluators, tasks
+from blip2_jax import cli
+from blip2_jax import eval_files
+from blip2_jax import evaluators
+from blip2_jax import tasks
 from blip2_jax.api import Blip2
 from blip2_jax.data import annotations
 
-FLAGS = flags.FLAGS
 TASKS = ("caption", "vqa", "retrieval")
+
+config_flags.DEFINE_config_file("config", None, "Config the workdir was trained with.", lock_config=True)
+flags.DEFINE_string("workdir", None, "Workdir whose latest checkpoint is evaluated.")
+flags.DEFINE_string("model", None, "HF BLIP-2 directory or blip2_jax workdir to evaluate on annotation files.")
+flags.DEFINE_enum("task", None, TASKS, "What --model is evaluated on.")
+flags.DEFINE_string(
+  "annotations",
+  None,
+  "caption/retrieval: COCO captions JSON or Karpathy-style list; vqa: "
+  "VQAv2 annotations JSON (optional: without it, --out is the VQAv2 results file).",
+)
+flags.DEFINE_string("questions", None, "vqa: VQAv2 questions JSON.")
+flags.DEFINE_string("images", None, "Folder of the images the annotations name.")
+flags.DEFINE_string("out", None, "JSON report to write.")
+flags.DEFINE_integer("batch_size", 16, "Images (vqa: questions) per batch.")
+flags.DEFINE_integer("limit", None, "Only the first N images (vqa: questions) of the files.")
+flags.DEFINE_string(
+  "prompt",
+  None,
+  "caption: the prompt (default 'a photo of'); vqa: a template with {} for the question (default: the paper's).",
+)
+flags.DEFINE_integer("num_beams", None, "Beams (default: the task's, 5).")
+flags.DEFINE_integer("max_new_tokens", None, "At most this many new tokens (default: the task's).")
+flags.DEFINE_integer("min_new_tokens", None, "At least this many new tokens (default: the task's).")
+flags.DEFINE_integer("k_test", 128, "retrieval: ITC candidates per query reranked by ITM.")
+flags.DEFINE_string("dtype", "float32", "dtype of the frozen ViT and LLM (bfloat16 halves their memory).")
+FLAGS = flags.FLAGS
 
 # Flags of --model mode that only some tasks read.
 _TASK_FLAGS = {
@@ -150,30 +180,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  # A program only (nothing imports it), but its flags are defined here so that importing it defines none.
-  config_flags.DEFINE_config_file("config", None, "Config the workdir was trained with.", lock_config=True)
-  flags.DEFINE_string("workdir", None, "Workdir whose latest checkpoint is evaluated.")
-  flags.DEFINE_string("model", None, "HF BLIP-2 directory or blip2_jax workdir to evaluate on annotation files.")
-  flags.DEFINE_enum("task", None, TASKS, "What --model is evaluated on.")
-  flags.DEFINE_string(
-    "annotations",
-    None,
-    "caption/retrieval: COCO captions JSON or Karpathy-style list; vqa: "
-    "VQAv2 annotations JSON (optional: without it, --out is the VQAv2 results file).",
-  )
-  flags.DEFINE_string("questions", None, "vqa: VQAv2 questions JSON.")
-  flags.DEFINE_string("images", None, "Folder of the images the annotations name.")
-  flags.DEFINE_string("out", None, "JSON report to write.")
-  flags.DEFINE_integer("batch_size", 16, "Images (vqa: questions) per batch.")
-  flags.DEFINE_integer("limit", None, "Only the first N images (vqa: questions) of the files.")
-  flags.DEFINE_string(
-    "prompt",
-    None,
-    "caption: the prompt (default 'a photo of'); vqa: a template with {} for the question (default: the paper's).",
-  )
-  flags.DEFINE_integer("num_beams", None, "Beams (default: the task's, 5).")
-  flags.DEFINE_integer("max_new_tokens", None, "At most this many new tokens (default: the task's).")
-  flags.DEFINE_integer("min_new_tokens", None, "At least this many new tokens (default: the task's).")
-  flags.DEFINE_integer("k_test", 128, "retrieval: ITC candidates per query reranked by ITM.")
-  flags.DEFINE_string("dtype", "float32", "dtype of the frozen ViT and LLM (bfloat16 halves their memory).")
   app.run(main, flags_parser=cli.parse_flags)

@@ -12,8 +12,12 @@ import os
 import jax
 import numpy as np
 
-from blip2_jax import examples, metrics, partitioning, retrieval, tasks
+from blip2_jax import examples
+from blip2_jax import metrics
+from blip2_jax import partitioning
+from blip2_jax import retrieval
 from blip2_jax import state as state_lib
+from blip2_jax import tasks
 from blip2_jax.data import images as images_lib
 from blip2_jax.data import pipeline
 from blip2_jax.models import llms

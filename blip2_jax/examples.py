@@ -8,7 +8,9 @@ stage 2, the generated caption (green where it equals a reference after cleaning
 import textwrap
 
 import numpy as np
-from PIL import Image, ImageDraw, ImageFont
+from PIL import Image
+from PIL import ImageDraw
+from PIL import ImageFont
 
 from blip2_jax.data import images as images_lib
 from blip2_jax.data import tokenizer as tokenizer_lib

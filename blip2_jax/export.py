@@ -8,11 +8,15 @@ written: transformers' BLIP-2 has no place for them.
 
 import logging
 
-from absl import app, flags
+from absl import app
+from absl import flags
 from absl import logging as absl_logging
 
 from blip2_jax.api import Blip2
 
+flags.DEFINE_string("workdir", None, "Training workdir whose latest checkpoint is exported.")
+flags.DEFINE_string("out", None, "Output directory (Hugging Face layout).")
+flags.DEFINE_string("dtype", None, "Cast every tensor to this dtype (e.g. bfloat16); default: as trained.")
 FLAGS = flags.FLAGS
 
 
@@ -30,7 +34,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  flags.DEFINE_string("workdir", None, "Training workdir whose latest checkpoint is exported.")
-  flags.DEFINE_string("out", None, "Output directory (Hugging Face layout).")
-  flags.DEFINE_string("dtype", None, "Cast every tensor to this dtype (e.g. bfloat16); default: as trained.")
   app.run(main)

@@ -16,7 +16,8 @@ import json
 import logging
 import os
 
-from absl import app, flags
+from absl import app
+from absl import flags
 from absl import logging as absl_logging
 import numpy as np
 import tqdm
@@ -24,6 +25,17 @@ import tqdm
 from blip2_jax.api import Blip2
 from blip2_jax.data import images as images_lib
 
+flags.DEFINE_string("model", None, "HF BLIP-2 directory or blip2_jax stage-2 workdir.")
+flags.DEFINE_string("image", None, "One image file.")
+flags.DEFINE_string("images", None, "A folder of images (with --out).")
+flags.DEFINE_string("out", None, "JSON-lines output for --images.")
+flags.DEFINE_string("prompt", None, "Free-text prompt; default: caption with 'a photo of'.")
+flags.DEFINE_string("question", None, "A question: zero-shot VQA prompt.")
+flags.DEFINE_integer("batch_size", 8, "Images per batch for --images.")
+flags.DEFINE_integer("num_beams", None, "Beams (default: the task's, 5).")
+flags.DEFINE_integer("max_new_tokens", None, "At most this many new tokens (default: the task's).")
+flags.DEFINE_integer("min_new_tokens", None, "At least this many new tokens (default: the task's).")
+flags.DEFINE_string("dtype", "float32", "dtype of the frozen ViT and LLM (bfloat16 halves their memory).")
 FLAGS = flags.FLAGS
 
 
@@ -89,15 +101,4 @@ def _folder(model, size: int, settings: dict):
 
 
 if __name__ == "__main__":
-  flags.DEFINE_string("model", None, "HF BLIP-2 directory or blip2_jax stage-2 workdir.")
-  flags.DEFINE_string("image", None, "One image file.")
-  flags.DEFINE_string("images", None, "A folder of images (with --out).")
-  flags.DEFINE_string("out", None, "JSON-lines output for --images.")
-  flags.DEFINE_string("prompt", None, "Free-text prompt; default: caption with 'a photo of'.")
-  flags.DEFINE_string("question", None, "A question: zero-shot VQA prompt.")
-  flags.DEFINE_integer("batch_size", 8, "Images per batch for --images.")
-  flags.DEFINE_integer("num_beams", None, "Beams (default: the task's, 5).")
-  flags.DEFINE_integer("max_new_tokens", None, "At most this many new tokens (default: the task's).")
-  flags.DEFINE_integer("min_new_tokens", None, "At least this many new tokens (default: the task's).")
-  flags.DEFINE_string("dtype", "float32", "dtype of the frozen ViT and LLM (bfloat16 halves their memory).")
   app.run(main)

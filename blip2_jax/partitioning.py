@@ -13,7 +13,8 @@ import flax.linen as nn
 import jax
 from jax.experimental import multihost_utils
 import jax.experimental.mesh_utils
-from jax.sharding import Mesh, NamedSharding
+from jax.sharding import Mesh
+from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 import numpy as np
 

@@ -25,10 +25,17 @@ import numpy as np
 import optax
 import transformers
 
-from blip2_jax import checkpointing, demo_llm, hf, lavis, optim, partitioning, weights
+from blip2_jax import checkpointing
+from blip2_jax import demo_llm
+from blip2_jax import hf
+from blip2_jax import lavis
+from blip2_jax import optim
+from blip2_jax import partitioning
+from blip2_jax import weights
 from blip2_jax.data import tokenizer as tokenizer_lib
 from blip2_jax.models import llms
-from blip2_jax.models.blip2 import Blip2LLM, Blip2Qformer
+from blip2_jax.models.blip2 import Blip2LLM
+from blip2_jax.models.blip2 import Blip2Qformer
 
 log = logging.getLogger(__name__)
 

@@ -15,7 +15,8 @@ import jax
 import numpy as np
 
 from blip2_jax import generation
-from blip2_jax.models import layers, llms
+from blip2_jax.models import layers
+from blip2_jax.models import llms
 from blip2_jax.models.blip2 import Blip2LLM
 
 PROMPT_BUCKET = 8

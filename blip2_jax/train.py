@@ -10,7 +10,8 @@ import math
 import os
 import time
 
-from absl import app, flags
+from absl import app
+from absl import flags
 from absl import logging as absl_logging
 import jax
 import jax.numpy as jnp
@@ -20,7 +21,11 @@ import numpy as np
 import optax
 import tqdm
 
-from blip2_jax import checkpointing, cli, collapse, evaluators, partitioning
+from blip2_jax import checkpointing
+from blip2_jax import cli
+from blip2_jax import collapse
+from blip2_jax import evaluators
+from blip2_jax import partitioning
 from blip2_jax import state as state_lib
 from blip2_jax.data import pipeline
 from blip2_jax.metric_writer import MetricWriter

@@ -8,7 +8,8 @@ import jax.numpy as jnp
 import pytest
 
 from blip2_jax import benchmark
-from configs import stage1, stage2_opt
+from configs import stage1
+from configs import stage2_opt
 
 TINY_OPT = dict(
   vocab_size=64,

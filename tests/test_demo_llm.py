@@ -17,9 +17,12 @@ import safetensors.numpy
 import torch
 import transformers
 
-from blip2_jax import demo_llm, weights
-from blip2_jax.data import pipeline, synthetic_shapes
-from blip2_jax.models import opt, t5
+from blip2_jax import demo_llm
+from blip2_jax import weights
+from blip2_jax.data import pipeline
+from blip2_jax.data import synthetic_shapes
+from blip2_jax.models import opt
+from blip2_jax.models import t5
 from configs import stage1
 
 # OPT: enough to read its context (it learns that after ~200). T5: enough to see it learn; reading its context

@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 
 from blip2_jax import diagnose
-from configs import stage1, stage2_opt
+from configs import stage1
+from configs import stage2_opt
 
 
 def test_diversity_is_zero_for_identical_inputs_and_one_for_zero_mean_ones():

@@ -3,7 +3,8 @@
 import numpy as np
 import pytest
 
-from blip2_jax import evaluators, examples
+from blip2_jax import evaluators
+from blip2_jax import examples
 from blip2_jax.data import images as images_lib
 
 

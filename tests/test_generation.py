@@ -16,8 +16,10 @@ import pytest
 import torch
 import transformers
 
-from blip2_jax import generation, weights
-from blip2_jax.models import opt, t5
+from blip2_jax import generation
+from blip2_jax import weights
+from blip2_jax.models import opt
+from blip2_jax.models import t5
 
 VOCAB, WIDTH, MAX_NEW = 64, 32, 10
 F32 = np.dtype("float32")

@@ -12,7 +12,8 @@ import sys
 
 from flax import traverse_util
 import flax.linen as nn
-from helpers import hf_blip2_retrieval, rel_error
+from helpers import hf_blip2_retrieval
+from helpers import rel_error
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -20,7 +21,8 @@ import numpy as np
 import pytest
 import torch
 
-from blip2_jax import lavis, weights
+from blip2_jax import lavis
+from blip2_jax import weights
 from blip2_jax.models.blip2 import Blip2Qformer
 
 VOCAB, MAX_POS, QUERIES, WIDTH, TOL = 50, 16, 8, 32, 1e-5

@@ -11,9 +11,12 @@ import ml_collections
 import numpy as np
 import pytest
 
-from blip2_jax.models import layers, masks
+from blip2_jax.models import layers
+from blip2_jax.models import masks
 from blip2_jax.models.blip2 import Blip2Qformer
-from blip2_jax.models.vit import VisionTransformer, _torch_bicubic_matrix, interpolate_pos_embed
+from blip2_jax.models.vit import VisionTransformer
+from blip2_jax.models.vit import _torch_bicubic_matrix
+from blip2_jax.models.vit import interpolate_pos_embed
 
 # XLA's backend optimisations buy nothing at this size and double the compile time, which is most of this
 # file's runtime on CPU.

@@ -10,7 +10,8 @@ import json
 
 from flax import traverse_util
 import flax.linen as nn
-from helpers import randomise, rel_error
+from helpers import randomise
+from helpers import rel_error
 import jax
 import jax.numpy as jnp
 import ml_collections

@@ -18,7 +18,8 @@ import transformers
 from blip2_jax import state as state_lib
 from blip2_jax.api import Blip2
 from blip2_jax.data import images as images_lib
-from configs import stage2_opt, stage2_t5
+from configs import stage2_opt
+from configs import stage2_t5
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIGS = {"opt": stage2_opt, "t5": stage2_t5}

@@ -11,7 +11,8 @@ max |ours - theirs| / max |theirs| in float32.
 import functools
 
 import flax.linen as nn
-from helpers import randomise, rel_error
+from helpers import randomise
+from helpers import rel_error
 import jax
 import jax.numpy as jnp
 import numpy as np

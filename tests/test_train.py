@@ -7,14 +7,16 @@ import subprocess
 import sys
 
 import chex
-from conftest import STAGE1_STEPS, one_device_env
+from conftest import STAGE1_STEPS
+from conftest import one_device_env
 from flax import traverse_util
 import jax
 import numpy as np
 import pytest
 
-from blip2_jax import checkpointing, train
+from blip2_jax import checkpointing
 from blip2_jax import state as state_lib
+from blip2_jax import train
 from configs import stage1
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

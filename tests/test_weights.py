@@ -9,7 +9,9 @@ import logging
 
 from flax import traverse_util
 import flax.linen as nn
-from helpers import hf_blip2_retrieval, randomise, rel_error
+from helpers import hf_blip2_retrieval
+from helpers import randomise
+from helpers import rel_error
 import jax
 import jax.numpy as jnp
 import ml_collections

@@ -31,7 +31,8 @@ import itertools
 
 from etils import epath
 import numpy as np
-from PIL import Image, ImageDraw
+from PIL import Image
+from PIL import ImageDraw
 import tensorflow_datasets as tfds
 
 SIZES = ("small", "large")

@@ -10,8 +10,11 @@ import jax.numpy as jnp
 import ml_collections
 
 from blip2_jax import losses
-from blip2_jax.models import layers, llms, masks
-from blip2_jax.models.qformer import QFormer, init_std
+from blip2_jax.models import layers
+from blip2_jax.models import llms
+from blip2_jax.models import masks
+from blip2_jax.models.qformer import QFormer
+from blip2_jax.models.qformer import init_std
 from blip2_jax.models.vit import VisionTransformer
 
 

@@ -17,7 +17,8 @@ import dataclasses
 
 import ml_collections
 
-from blip2_jax.models import opt, t5
+from blip2_jax.models import opt
+from blip2_jax.models import t5
 
 RETRIEVAL = "retrieval"
 

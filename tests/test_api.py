@@ -8,7 +8,8 @@ max |theirs| <= 1e-5. Exports are reloaded by transformers and compared the same
 import json
 
 from conftest import one_device_env
-from helpers import randomise, rel_error
+from helpers import randomise
+from helpers import rel_error
 import jax
 import jax.numpy as jnp
 import numpy as np

@@ -1,6 +1,6 @@
 """`python -m blip2_jax.evaluate --model=... --task=...`: any model on COCO-format annotation files and an image folder.
 
-Tiny random Hugging Face BLIP-2 checkpoints (as in test_pretrained.py, with the demo tokenizers saved beside them)
+Tiny random Hugging Face BLIP-2 checkpoints (as in test_api.py, with the demo tokenizers saved beside them)
 are evaluated in-process on a few PNG images and tiny COCO / VQAv2 files. The reports are checked against what
 they can be derived from independently: captions and answers against the model called directly on the same
 batches, metrics recomputed from the written predictions, retrieval ranks against a brute-force numpy ranking of
@@ -20,11 +20,18 @@ import ml_collections
 import numpy as np
 from PIL import Image
 import pytest
-from test_pretrained import IMAGE, OPT_TEXT, QUERIES, VISION, _qformer
+from test_api import IMAGE
+from test_api import OPT_TEXT
+from test_api import QUERIES
+from test_api import VISION
+from test_api import _qformer
 import torch
 import transformers
 
-from blip2_jax import demo_llm, eval_files, metrics, partitioning
+from blip2_jax import demo_llm
+from blip2_jax import eval_files
+from blip2_jax import metrics
+from blip2_jax import partitioning
 from blip2_jax.api import Blip2
 from blip2_jax.data import annotations
 from blip2_jax.data import images as images_lib
@@ -285,7 +292,7 @@ def test_vqa_answers_results_file_and_accuracy(models, tmp_path):
 def test_retrieval_matches_brute_force_ranking(models, tmp_path):
   """4 images x 2 captions, k_test=3: each query's top 3 by ITC reranked by ITM + ITC, the rest below in index
   order. Recomputed here from transformers' ITC scores and ITM logits of all 32 pairs (the reference
-  implementation; test_pretrained checks that ours match it to 1e-5)."""
+  implementation; test_api checks that ours match it to 1e-5)."""
   _, model, hf = models["retrieval"]
   names = ["p.png", "q.png", "r.png", "s.png"]
   folder = _write_images(tmp_path / "images", names)
