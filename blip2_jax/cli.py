@@ -4,7 +4,21 @@ import os
 import sys
 
 from absl import flags
+import jax
 from ml_collections.config_flags import config_flags
+
+
+def initialize_distributed():
+  """jax.distributed.initialize() for a multi-process run: on TPU pods, SLURM, Open MPI and Kubernetes JAX finds
+  the coordinator itself; elsewhere (e.g. several processes on one machine, launch/local.sh) the environment
+  gives it: JAX_COORDINATOR_ADDRESS (host:port, read by JAX), JAX_NUM_PROCESSES and JAX_PROCESS_ID."""
+  count, index = os.environ.get("JAX_NUM_PROCESSES"), os.environ.get("JAX_PROCESS_ID")
+  if (count is None) != (index is None):
+    sys.exit("error: set both JAX_NUM_PROCESSES and JAX_PROCESS_ID (or neither, where JAX finds them itself).")
+  if count is None:
+    jax.distributed.initialize()
+  else:
+    jax.distributed.initialize(num_processes=int(count), process_id=int(index))
 
 
 def parse_flags(argv):

@@ -109,5 +109,13 @@ def merge(trainable: dict, frozen: dict, sep: str = "/") -> dict:
 
 
 def host_copy(tree):
-  """Full numpy copies of (possibly multi-host sharded) arrays, on every process."""
-  return jax.tree.map(lambda x: np.asarray(multihost_utils.process_allgather(x, tiled=True)), tree)
+  """Full numpy copies of (possibly multi-host sharded) arrays, on every process. An array this process holds
+  whole (one process, or replicated on its devices) is copied as it is; another is gathered from all processes
+  (all of them must call this)."""
+
+  def copy(x):
+    if not isinstance(x, jax.Array) or x.is_fully_addressable:
+      return np.asarray(x)
+    return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+
+  return jax.tree.map(copy, tree)

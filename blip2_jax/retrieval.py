@@ -12,6 +12,7 @@ import numpy as np
 import tqdm
 
 from blip2_jax import losses
+from blip2_jax import partitioning
 from blip2_jax.data import images as images_lib
 
 
@@ -77,7 +78,7 @@ class RetrievalScorer:
     for images, n in batches:
       e, f = self._embed_images(params, images)
       embeds.append(e[:n])
-      feats.append(np.asarray(jax.device_get(f))[:n])
+      feats.append(partitioning.host_copy(f)[:n])
     return jnp.concatenate(embeds), np.concatenate(feats)
 
   def _batched(self, fn, batch, *arrays, desc=None):
@@ -87,7 +88,7 @@ class RetrievalScorer:
       chunks = tqdm.tqdm(chunks, desc=desc, unit="batch", total=-(-len(arrays[0]) // batch))
     outs = []
     for chunk, n in chunks:
-      out = jax.device_get(fn(*(chunk if len(arrays) > 1 else (chunk,))))
+      out = partitioning.host_copy(fn(*(chunk if len(arrays) > 1 else (chunk,))))
       outs.append(jax.tree.map(lambda x, n=n: x[:n], out))
     return jax.tree.map(lambda *xs: np.concatenate(xs), *outs)
 

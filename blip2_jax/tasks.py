@@ -15,6 +15,7 @@ import jax
 import numpy as np
 
 from blip2_jax import generation
+from blip2_jax import partitioning
 from blip2_jax.models import layers
 from blip2_jax.models import llms
 from blip2_jax.models.blip2 import Blip2LLM
@@ -108,7 +109,7 @@ def generate_text(
   module = layers.frozen_config(module)  # hashable: jit's static argument
   rng = jax.random.PRNGKey(seed) if do_sample else None
   tokens = _generate(module, params, images, ids, mask, tuple(sorted(options.items())), rng)
-  texts = tokenizer.batch_decode(np.asarray(tokens), skip_special_tokens=True)
+  texts = tokenizer.batch_decode(partitioning.host_copy(tokens), skip_special_tokens=True)
   return [t.strip() for t in texts]
 
 

@@ -8,7 +8,9 @@ program runs on one CPU, on 8 fake CPU devices, on a GPU node and on a TPU pod; 
 import logging
 import math
 import os
+import sys
 import time
+import traceback
 
 from absl import app
 from absl import flags
@@ -73,6 +75,20 @@ def make_train_step(setup: state_lib.Setup):
   )
 
 
+def compile_train_step(config, setup: state_lib.Setup, state, frozen):
+  """make_train_step for the loop. With several processes it is compiled first, and then all processes start the
+  loop together: CPU collectives (gloo) give up when a process reaches the first one 30 s before another, e.g.
+  one still compiling."""
+  step = make_train_step(setup)
+  if jax.process_count() == 1:
+    return step
+  shapes = jax.eval_shape(lambda: state_lib.dummy_batch(config, config.global_batch_size))
+  batch = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=setup.batch_sharding) for k, v in shapes.items()}
+  compiled = step.lower(state, frozen, batch).compile()
+  checkpointing.sync_processes("blip2_jax.train: train step compiled")
+  return compiled
+
+
 def make_image_gain_fn(setup: state_lib.Setup):
   """Stage 2's collapse check (collapse.py): the loss on a batch with its images shifted by one, minus the loss
   with the right images; about zero when the soft prompts carry nothing about the image. Run at logged steps."""
@@ -135,7 +151,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, devices=
   state, frozen, data_state = state_lib.restore_or_init(config, setup, mngr)
   if data_state is not None:
     train_iter.set_state(data_state)
-  train_step = make_train_step(setup)
+  train_step = compile_train_step(config, setup, state, frozen)
   evaluator = evaluators.make_evaluator(config, setup, tokenizer)
   writer = MetricWriter(workdir)
   guard = collapse.CollapseGuard(
@@ -247,18 +263,31 @@ def _progress_bar(initial: int, total: int):
   )
 
 
+def _fail(message: str):
+  """Exits with `message`. A process of a multi-process run exits at once: a normal exit would wait at JAX's
+  shutdown barrier for the other processes, which wait for this one in their next collective, for minutes."""
+  if not FLAGS.multihost:
+    raise SystemExit(message)
+  print(message, file=sys.stderr, flush=True)
+  os._exit(1)  # pylint: disable=protected-access
+
+
 def main(argv):
   del argv
   if FLAGS.workdir is None:
     raise app.UsageError("--workdir is required (checkpoints, metrics.jsonl and TensorBoard files go there).")
   if FLAGS.multihost:
-    jax.distributed.initialize()  # finds the coordinator on TPU pods, SLURM, Open MPI and Kubernetes
+    cli.initialize_distributed()
   absl_logging.set_verbosity(absl_logging.WARNING)  # Orbax is chatty at INFO
   logging.getLogger("blip2_jax").setLevel(logging.INFO)
   try:
     last = train_and_evaluate(FLAGS.config, FLAGS.workdir)
   except (TrainingError, FileNotFoundError, ValueError) as e:
-    raise SystemExit(f"error: {e}") from None
+    _fail(f"error: {e}")
+  except Exception:  # pylint: disable=broad-except
+    if not FLAGS.multihost:
+      raise
+    _fail(traceback.format_exc())
   if jax.process_index() == 0:
     print({k: round(v, 4) for k, v in last.items()})
 
@@ -268,6 +297,10 @@ if __name__ == "__main__":
   # is the program, so importing it defines none.
   config_flags.DEFINE_config_file("config", None, "Training config file.", lock_config=True)
   flags.DEFINE_string("workdir", None, "Where checkpoints, metrics and TensorBoard files go.")
-  flags.DEFINE_bool("multihost", False, "Call jax.distributed.initialize() first (TPU pods, multi-node GPU).")
+  flags.DEFINE_bool(
+    "multihost",
+    False,
+    "Join a multi-process run first (TPU pods, multi-node GPU, launch/local.sh): cli.initialize_distributed.",
+  )
   jax.config.config_with_absl()
   app.run(main, flags_parser=cli.parse_flags)

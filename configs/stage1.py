@@ -12,7 +12,7 @@ Built-in demo (no downloads; synthetic shapes, a small random frozen ViT and a s
 batch 64, evaluated every 200 steps on 200 held-out images and at the end on 1,000 distinct unseen captions.
 Over seeds 0-4 and on 8 fake devices it reached held-out R@1 0.96-0.99 both ways after the ITM rerank; the
 whole first run (install, data generation, training, evaluation) took 6 min 18 s on a 2-core x86_64 CPU
-(README has the table):
+(docs/demo.md has the table):
 
   python -m blip2_jax.train --config=configs/stage1.py:demo --workdir=workdirs/stage1_demo
 
@@ -176,14 +176,14 @@ def _demo(c, tiny: bool):
   # BERT's init std 0.02 belongs to width 768. At width 96 it makes every projection ~sqrt(8) times too small:
   # the Q-Former starts input-independent (queries and text [CLS] the same for every input) and ITC's gradient
   # is ~1000x below ITG's, so runs escaped chance or not by luck. Keeping BERT-base's activation scale
-  # (std x sqrt(768 / width)) starts every run with input-dependent features (README, "Stability").
+  # (std x sqrt(768 / width)) starts every run with input-dependent features (docs/demo.md, "Stability").
   c.model.qformer.init_std = 0.02 * (768 / c.model.qformer.hidden_size) ** 0.5
   c.model.num_query_tokens = 8
   c.model.embed_dim = 64
   c.frozen_dtype = "float32"
   c.tokenizer = "demo"  # the packaged WordPiece vocab of the synthetic captions
   # Every synthetic caption (4 objects) is 25 tokens with [CLS]/[SEP]; 32 is the paper's text length. (A run
-  # with max_text_len=25 is not bit-identical and, on this recipe, stalled at chance: see README.)
+  # with max_text_len=25 is not bit-identical and, on this recipe, stalled at chance: see docs/demo.md.)
   c.data.update(
     dict(name="synthetic_shapes", image_size=48, max_text_len=32, num_threads=2, prefetch=2, crop_scale=(0.8, 1.0))
   )

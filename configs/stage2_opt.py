@@ -13,12 +13,13 @@ or a HF BLIP-2 directory.)
 
 Built-in demo (no downloads): synthetic shapes, a small random ViT and Q-Former of the stage-1 demo's sizes with
 the paper's 32 queries, and a tiny OPT first trained on the training captions' text (blip2_jax.demo_llm; text
-only, so the image must come through the Q-Former). README has the measured time and held-out caption scores:
+only, so the image must come through the Q-Former). docs/demo.md has the measured time and held-out caption scores:
 
   python -m blip2_jax.train --config=configs/stage2_opt.py:demo --workdir=workdirs/stage2_opt_demo
 
 Variants: `demo`, `tiny` (tests). The demo starts from a random Q-Former: the stage-1 demo's has 8 queries, and
-the demo LLM reads a context of 32.
+the demo LLM reads a context of 32. `opt2.7b` (the default's LLM) and `opt6.7b`: the paper recipe with that OPT's
+sizes in config.model.llm, so that it builds without weights (`python -m blip2_jax.compile`, docs/compile.md).
 """
 
 import ml_collections
@@ -39,6 +40,8 @@ OPT_2_7B = dict(
   bos_token_id=2,
   eos_token_id=2,
 )
+# OPT-6.7B (facebook/opt-6.7b config.json): the paper's larger OPT.
+OPT_6_7B = dict(OPT_2_7B, hidden_size=4096, ffn_dim=16384, word_embed_proj_dim=4096)
 # google/flan-t5-xl, with the exact GELU BLIP-2 uses.
 FLAN_T5_XL = dict(
   vocab_size=32128,
@@ -58,6 +61,14 @@ FLAN_T5_XL = dict(
   pad_token_id=0,
   eos_token_id=1,
 )
+# google/flan-t5-xxl (config.json): the paper's larger Flan-T5.
+FLAN_T5_XXL = dict(FLAN_T5_XL, d_model=4096, d_ff=10240, num_heads=64)
+# Variants that name the paper's frozen LLM: the paper recipe with that LLM's sizes (random weights unless
+# init.llm_weights is given), e.g. for `python -m blip2_jax.compile` (docs/compile.md) and the benchmark.
+LLM_VARIANTS = {
+  "opt": {"opt2.7b": OPT_2_7B, "opt6.7b": OPT_6_7B},
+  "t5": {"flant5xl": FLAN_T5_XL, "flant5xxl": FLAN_T5_XXL},
+}
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
@@ -66,8 +77,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 
 def stage2_config(kind: str, variant: str) -> ml_collections.ConfigDict:
   """The stage-2 config of either LLM kind ('opt', 't5'); configs/stage2_t5.py calls this too."""
-  if variant not in ("paper", "demo", "tiny"):
-    raise ValueError(f"Unknown variant {variant!r} of configs/stage2_{kind}.py; choose paper, demo or tiny.")
+  variants = ("paper", "demo", "tiny", *LLM_VARIANTS[kind])
+  if variant not in variants:
+    raise ValueError(f"Unknown variant {variant!r} of configs/stage2_{kind}.py; choose {', '.join(variants)}.")
   c = ml_collections.ConfigDict()
   c.variant = variant
   c.seed = 0
@@ -191,6 +203,8 @@ def stage2_config(kind: str, variant: str) -> ml_collections.ConfigDict:
     )
   )
 
+  if variant in LLM_VARIANTS[kind]:  # the paper recipe (its batch size) with this LLM
+    c.model.llm.update(LLM_VARIANTS[kind][variant])
   if variant in ("demo", "tiny"):
     _demo(c, kind, tiny=variant == "tiny")
   return c

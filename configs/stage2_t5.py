@@ -15,7 +15,8 @@ evaluated in (data.prompt_fraction=0.5), half are prefix-LM splits:
   python -m blip2_jax.train --config=configs/stage2_t5.py:demo --workdir=workdirs/stage2_t5_demo
 
 Every field is shared with configs/stage2_opt.py (one definition, `stage2_config`), except the LLM and the text
-format ('t5': prefix-LM).
+format ('t5': prefix-LM). Variants: `demo`, `tiny`, and `flant5xl` (the default's LLM) and `flant5xxl`: the paper
+recipe with that Flan-T5's sizes in config.model.llm, so that it builds without weights (docs/compile.md).
 """
 
 import importlib.util

@@ -194,6 +194,44 @@ def test_iterator_state_round_trip(data_dir, tok):
   assert not np.array_equal(expected[0]["image"], expected[1]["image"])
 
 
+def test_processes_read_their_rows_of_one_global_batch_and_resume_on_another_count(data_dir, tok):
+  """N processes' batches, stacked, are the one-process batch (so a run's data does not depend on the host
+  count), and the position saved by either resumes in the other (past an epoch boundary)."""
+  cfg = make_cfg(data_dir)
+
+  def iterators(count):
+    return [
+      pipeline.make_train_iterator(cfg, tok, global_batch_size=16, seed=3, process_index=p, process_count=count)
+      for p in range(count)
+    ]
+
+  def stacked(its):
+    parts = [next(it) for it in its]
+    return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+
+  (one,), two = iterators(1), iterators(2)
+  for _ in range(21):  # past the end of the first epoch (300 / 16 = 18.75 batches)
+    want, got = next(one), stacked(two)
+    for key in want:
+      np.testing.assert_array_equal(got[key], want[key])
+  for written, resumed in ((two[0], iterators(1)), (one, iterators(2))):
+    state = json.loads(json.dumps(written.get_state()))
+    assert state["global_batches"] == 21
+    for it in resumed:
+      it.set_state(state)
+    want, got = next(one_at(cfg, tok, 21)), stacked(resumed)
+    for key in want:
+      np.testing.assert_array_equal(got[key], want[key])
+
+
+def one_at(cfg, tok, batches: int) -> dict:
+  """A one-process iterator that has drawn `batches` batches from the start."""
+  it = pipeline.make_train_iterator(cfg, tok, global_batch_size=16, seed=3)
+  for _ in range(batches):
+    next(it)
+  return it
+
+
 def test_seed_changes_order(data_dir, tok):
   a = next(pipeline.make_train_iterator(make_cfg(data_dir), tok, global_batch_size=8, seed=0))
   b = next(pipeline.make_train_iterator(make_cfg(data_dir), tok, global_batch_size=8, seed=1))

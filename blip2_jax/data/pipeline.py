@@ -158,13 +158,16 @@ def make_train_iterator(
   kind: str = llms.RETRIEVAL,
   process_index: int = 0,
   process_count: int = 1,
-):
+) -> "TrainIterator":
   """An endless iterator of this process's batches: {'image' f32 [b,S,S,3], 'text_ids', 'text_mask' i32 [b,L],
-  and the other text fields the model `kind` reads (see _tokenize_batch)}.
+  and the other text fields the model `kind` reads (see _tokenize_batch)}; b = global_batch_size // process_count.
 
-  b = global_batch_size // process_count. The iterator is a grain DatasetIterator: `get_state()` is a
-  JSON-serialisable dict and `set_state(state)` resumes with exactly the batches that would have come
-  next, because all randomness (shuffle, crop, flip) is a function of (seed, position in the stream).
+  One stream defines the data, whatever the number of processes: the training split shuffled by `seed` (a new
+  order each epoch), each example augmented by a function of (seed, its position in the stream). Global batch s
+  is the stream's examples [s * B, (s + 1) * B), B = global_batch_size; process p decodes only its rows of it,
+  examples s * B + p * b ... s * B + (p + 1) * b - 1. So 1 process and N processes train on the same batches, and
+  a run resumes on another number of processes where it stopped (TrainIterator.get_state). An example whose
+  image cannot be decoded is skipped, and its process takes the next example of its own share instead.
   """
   if global_batch_size % process_count:
     raise ValueError(
@@ -173,25 +176,75 @@ def make_train_iterator(
     )
   _check_prompt_fraction(data_cfg, kind)
   source = get_source(data_cfg, data_cfg.train_split)
-  ds = (
-    grain.MapDataset.source(source)
-    .seed(seed)
-    # The record's index, for the bad-image warning (grain passes later epochs' indices unwrapped).
-    .map_with_index(lambda i, ex: _decode(ex, i % len(source)))[
-      process_index::process_count
-    ]  # disjoint shares that together cover the data
+  # The record's index, for the bad-image warning (grain passes later epochs' indices unwrapped).
+  decoded = grain.MapDataset.source(source).seed(seed).map_with_index(lambda i, ex: _decode(ex, i % len(source)))
+  # The whole-dataset slice [0::1] changes nothing but grain's seeding of the shuffle: it keeps the order (and so
+  # the demo results) of the runs made when each process shuffled its own slice of the data.
+  stream = (
+    decoded[0::1]
     .shuffle()  # a new order each epoch (grain mixes the epoch into the seed)
     .repeat()
     .filter(lambda ex: ex["image"] is not None)
     .random_map(lambda ex, rng: train_preprocess(ex, rng, data_cfg, kind))
-    .to_iter_dataset(grain.ReadOptions(num_threads=data_cfg.num_threads, prefetch_buffer_size=data_cfg.prefetch))
-    # Batch after to_iter_dataset: grain can't batch a MapDataset after a filter (its length is unknown).
-    .batch(global_batch_size // process_count, drop_remainder=True)
-    # Tokenise whole batches in the consuming thread: one call per batch is fast, and a HF fast
-    # tokenizer shared by grain's worker threads can fail with "Already borrowed".
-    .map(lambda batch: _tokenize_batch(batch, tokenizer, data_cfg, kind))
   )
-  return iter(ds)
+  b = global_batch_size // process_count
+  if process_count > 1:
+    # Round robin over b strided views: element k is stream[p * b + k % b + (k // b) * B], this process's rows.
+    stream = grain.MapDataset.mix([stream[process_index * b + j :: global_batch_size] for j in range(b)])
+
+  def make(start: int):
+    return iter(
+      stream[start:]
+      .to_iter_dataset(grain.ReadOptions(num_threads=data_cfg.num_threads, prefetch_buffer_size=data_cfg.prefetch))
+      # Batch after to_iter_dataset: grain can't batch a MapDataset after a filter (its length is unknown).
+      .batch(b, drop_remainder=True)
+      # Tokenise whole batches in the consuming thread: one call per batch is fast, and a HF fast
+      # tokenizer shared by grain's worker threads can fail with "Already borrowed".
+      .map(lambda batch: _tokenize_batch(batch, tokenizer, data_cfg, kind))
+    )
+
+  return TrainIterator(make, b, process_count)
+
+
+class TrainIterator:
+  """This process's batches (make_train_iterator) with a position that holds across process counts.
+
+  get_state() -> {"global_batches": batches drawn so far (the same on every process), "process_count",
+  "iterator": grain's own state (one process only)}. set_state(state) resumes exactly where that state was
+  taken: with grain's state when both runs have one process (exact even past undecodable images), else from the
+  global position (exact unless undecodable images were skipped before it: each one shifts its process's rows
+  by one example). A state of grain's own (older checkpoints) is read as a one-process state."""
+
+  def __init__(self, make, batch_size: int, process_count: int):
+    self._make, self._batch_size, self._process_count = make, batch_size, process_count
+    self._it, self._batches = make(0), 0
+
+  def __iter__(self):
+    return self
+
+  def __next__(self) -> dict:
+    batch = next(self._it)
+    self._batches += 1
+    return batch
+
+  def get_state(self) -> dict:
+    state = {"global_batches": self._batches, "process_count": self._process_count}
+    if self._process_count == 1:
+      state["iterator"] = self._it.get_state()
+    return state
+
+  def set_state(self, state: dict) -> None:
+    if "global_batches" not in state:  # grain's own state, from a one-process run
+      state = {"global_batches": None, "process_count": 1, "iterator": state}
+    if self._process_count == 1 and state.get("process_count") == 1 and "iterator" in state:
+      self._it = self._make(0)
+      self._it.set_state(state["iterator"])
+      if state["global_batches"] is None:
+        state = dict(state, global_batches=0)
+        logging.info("Resumed the data from an older checkpoint's iterator state (batch count unknown).")
+    else:
+      self._it = self._make(state["global_batches"] * self._batch_size)
+    self._batches = state["global_batches"]
 
 
 def _check_prompt_fraction(data_cfg, kind: str):
