@@ -166,14 +166,29 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, devices=
   # device; a checkpoint is written only after its step's loss was seen to be finite.
   step = int(jax.device_get(state["step"]))
   progress = _progress_bar(step, config.total_steps)
+  preemption = checkpointing.Preemption()
   try:
     last = _loop(
-      config, setup, state, frozen, step, train_iter, train_step, evaluator, mngr, writer, progress, guard, image_gain
+      config,
+      setup,
+      state,
+      frozen,
+      step,
+      train_iter,
+      train_step,
+      evaluator,
+      mngr,
+      writer,
+      progress,
+      guard,
+      image_gain,
+      preemption,
     )
     _write_examples(workdir, evaluator, writer, config.total_steps)
   finally:
     # Also on an error: let the checkpoints already queued finish writing, so nothing saved is lost.
     progress.close()
+    preemption.close()
     mngr.wait_until_finished()
     mngr.close()
     writer.close()
@@ -181,9 +196,23 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, devices=
 
 
 def _loop(
-  config, setup, state, frozen, step, train_iter, train_step, evaluator, mngr, writer, progress, guard, image_gain
+  config,
+  setup,
+  state,
+  frozen,
+  step,
+  train_iter,
+  train_step,
+  evaluator,
+  mngr,
+  writer,
+  progress,
+  guard,
+  image_gain,
+  preemption,
 ):
-  """One batch at a time from the iterator through the update; logging, checkpoints and evaluation."""
+  """One batch at a time from the iterator through the update; logging, checkpoints and evaluation. On a
+  preemption notice: a checkpoint of this step, then return (the same command resumes)."""
   start_step, t0, last = step, time.time(), {}
   pending = None
   while step < config.total_steps:
@@ -209,11 +238,15 @@ def _loop(
     progress.update(1)
 
     is_last = step == config.total_steps
-    if step % config.checkpoint_every == 0 or is_last:
+    preempted = preemption.reached(step)
+    if step % config.checkpoint_every == 0 or is_last or preempted:
       if pending is not None:
         last = _check_finite(*pending)
         pending = None
       checkpointing.save(mngr, step, state, train_iter.get_state())
+    if preempted and not is_last:
+      log.warning("Preempted: saved step %d; the same command resumes from it.", step)
+      return last
     evaluate_now = bool(config.eval_every) and step % config.eval_every == 0
     if evaluate_now or is_last:
       params = partitioning.merge(state["params"], frozen)

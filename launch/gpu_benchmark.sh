@@ -15,5 +15,5 @@ timeout 240 "${b[@]}" --config=configs/stage2_opt.py --mode=generate --config.gl
 timeout 220 "${b[@]}" --config=configs/stage2_opt.py --mode=train --config.global_batch_size=64 \
     --config.data.max_text_len=32 --steps=10 --compare=transformers 2>&1 | tail -40 | tee "$out/stage2_train.txt"
 # Stage 1 has no transformers counterpart (HF has no BLIP-2 stage-1 training); the demo tokenizer avoids a download.
-timeout 120 "${b[@]}" --config=configs/stage1.py --config.global_batch_size=128 --config.tokenizer=demo --steps=10 2>&1 \
-    | tail -30 | tee "$out/stage1_train.txt"
+timeout 120 "${b[@]}" --config=configs/stage1.py --config.global_batch_size=128 --config.tokenizer=demo \
+    --steps=10 2>&1 | tail -30 | tee "$out/stage1_train.txt"

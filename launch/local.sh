@@ -10,7 +10,8 @@
 #   --devices_per_process=D  fake CPU devices in each process (default 1)
 #   --port=P                 the coordinator's port on 127.0.0.1 (default: a free one)
 #   --log_dir=DIR            where process_<i>.log goes (default: a new directory under $TMPDIR or /tmp)
-#   --grace_period=S         seconds from SIGTERM (or a forwarded SIGINT) to SIGKILL when stopping (default 5)
+#   --grace_period=S         seconds from SIGTERM (or a forwarded SIGINT) to SIGKILL when stopping (default 120:
+#                            a trainer saves a checkpoint on SIGTERM before it exits)
 #   --dry_run                print each process's command line and run nothing
 #
 # Process i runs with JAX_PLATFORMS=cpu, XLA_FLAGS=... --xla_force_host_platform_device_count=D,
@@ -20,8 +21,8 @@
 # its SLURM detector (JAX itself reads no JAX_NUM_PROCESSES or JAX_PROCESS_ID; blip2_jax.cli passes them on).
 # Each process's stdout and stderr go to DIR/process_<i>.log; process 0's output is also shown here. When a process
 # fails, the others are stopped, its last log lines are shown and the launcher exits with its status. SIGINT and
-# SIGTERM to the launcher are forwarded to every process (a JAX process that has joined the job ignores SIGTERM:
-# JAX's preemption notifier catches it; SIGKILL follows after the grace period).
+# SIGTERM to the launcher are forwarded to every process (the trainer takes SIGTERM as a preemption notice: every
+# process saves the same step and exits 0; SIGKILL follows after the grace period).
 set -euo pipefail
 
 quote() { # quote WORD...: prints the words as one shell command line, quoting those that need it
@@ -41,7 +42,7 @@ processes=2
 devices=1
 port=""
 log_dir=""
-grace=5
+grace=120
 dry_run=0
 while (($#)); do
   case $1 in

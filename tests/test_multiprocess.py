@@ -8,9 +8,11 @@ JAX_PROCESS_ID (cli.initialize_distributed), as launch/local.sh starts them.
 import json
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
+import time
 
 from conftest import REPO
 import jax
@@ -30,9 +32,10 @@ def _free_port() -> int:
     return s.getsockname()[1]
 
 
-def train(workdir: str, data_dir: str, processes: int, devices: int):
+def train(workdir: str, data_dir: str, processes: int, devices: int, sigterm_after: int | None = None):
   """The tiny stage-1 config for STEPS steps (checkpoints at HALF and STEPS) on processes x devices; on failure
-  the test fails with each process's last output lines, and no process outlives it."""
+  the test fails with each process's last output lines, and no process outlives it. sigterm_after: SIGTERM to
+  the last process once that many steps are logged."""
   port = _free_port()
   flags = os.environ["XLA_FLAGS"].replace(
     "--xla_force_host_platform_device_count=8", f"--xla_force_host_platform_device_count={devices}"
@@ -55,6 +58,11 @@ def train(workdir: str, data_dir: str, processes: int, devices: int):
       env.update(JAX_COORDINATOR_ADDRESS=f"localhost:{port}", JAX_NUM_PROCESSES=str(processes), JAX_PROCESS_ID=str(i))
     procs.append(subprocess.Popen(args, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
   try:
+    if sigterm_after is not None:
+      deadline = time.time() + 600
+      while max(losses(workdir), default=0) < sigterm_after and procs[-1].poll() is None and time.time() < deadline:
+        time.sleep(0.2)
+      procs[-1].send_signal(signal.SIGTERM)
     outs = [p.communicate(timeout=600)[0] for p in procs]
   finally:
     for p in procs:
@@ -64,7 +72,10 @@ def train(workdir: str, data_dir: str, processes: int, devices: int):
 
 
 def losses(workdir: str) -> dict:
-  rows = [json.loads(line) for line in open(os.path.join(workdir, "metrics.jsonl"), encoding="utf-8")]
+  path = os.path.join(workdir, "metrics.jsonl")
+  if not os.path.exists(path):
+    return {}
+  rows = [json.loads(line) for line in open(path, encoding="utf-8") if line.endswith("\n")]
   return {r["step"]: r["loss"] for r in rows if "loss" in r}
 
 
@@ -126,3 +137,18 @@ def test_a_checkpoint_resumes_on_another_number_of_processes(runs, tmp_path, wri
     [straight[s] for s in range(HALF + 1, STEPS + 1)], rel=1e-5
   )
   assert_same_params(params(workdir), params(runs[written_by]))
+
+
+def test_sigterm_to_one_process_saves_every_process_at_one_step_and_the_run_resumes(runs, tmp_path):
+  """A preemption notice reaching one host: JAX's preemption sync point makes both processes save the same step
+  and exit 0; the same command then ends where the uninterrupted 2-process run did."""
+  workdir = str(tmp_path / "preempted")
+  train(workdir, runs["data_dir"], 2, 4, sigterm_after=2)
+  saved = sorted(int(d) for d in os.listdir(os.path.join(workdir, "checkpoints")) if d.isdigit())
+  assert saved and saved[-1] < STEPS, saved
+  train(workdir, runs["data_dir"], 2, 4)
+  straight, resumed = losses(runs["two"]), losses(workdir)
+  assert [resumed[s] for s in range(saved[-1] + 1, STEPS + 1)] == pytest.approx(
+    [straight[s] for s in range(saved[-1] + 1, STEPS + 1)], rel=1e-5
+  )
+  assert_same_params(params(workdir), params(runs["two"]))
