@@ -137,7 +137,7 @@ def hf_config_from_ours(cfg, kind: str, llm_hf_config: dict | None = None, image
 
 def blip2_weight_map(cfg, kind: str) -> list:
   """Every parameter of a from_pretrained model (except `temp` of retrieval models) in HF BLIP-2 naming."""
-  out = weights.vision_weight_map(cfg.vit.depth) + weights.qformer_weight_map(cfg, text=kind == llms.RETRIEVAL)
+  out = weights.vision_weight_map() + weights.qformer_weight_map(cfg, text=kind == llms.RETRIEVAL)
   if kind != llms.RETRIEVAL:
     out += weights.dense_entries("language_projection", "language_projection")
     out += llm_weight_map(cfg.llm)

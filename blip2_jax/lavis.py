@@ -59,7 +59,8 @@ def _norm(ours, theirs):
 
 def lavis_weight_map(cfg, *, with_vision: bool) -> list:
   """(our '/'-joined parameter path, LAVIS tensor name, kind) for every `Blip2Qformer` parameter, the EVA ViT's
-  only `with_vision`. Reads cfg.qformer.num_layers, cfg.qformer.cross_attention_freq and cfg.vit.depth."""
+  only `with_vision`. Reads cfg.qformer.num_layers and cfg.qformer.cross_attention_freq (the ViT blocks are
+  stacked: the parameters give their number)."""
   out = [("query_tokens", "query_tokens", "copy"), ("temp", "temp", "copy")] + _norm("ln_vision", "ln_vision")
   bert = "Qformer.bert"
   out += [
@@ -92,17 +93,16 @@ def lavis_weight_map(cfg, *, with_vision: bool) -> list:
       ("visual_encoder/patch_embed/kernel", f"{vit}.patch_embed.proj.weight", "conv"),
       ("visual_encoder/patch_embed/bias", f"{vit}.patch_embed.proj.bias", "copy"),
     ]
-    for i in range(cfg.vit.depth):
-      src, dst = f"{vit}.blocks.{i}", f"visual_encoder/blocks_{i}"
-      out += _norm(f"{dst}/norm1", f"{src}.norm1") + _norm(f"{dst}/norm2", f"{src}.norm2")
-      # EVA keeps q and v biases apart (the key has none), as our ViT does: no fused bias to split.
-      out += [
-        (f"{dst}/attn/qkv/kernel", f"{src}.attn.qkv.weight", "linear"),
-        (f"{dst}/attn/q_bias", f"{src}.attn.q_bias", "copy"),
-        (f"{dst}/attn/v_bias", f"{src}.attn.v_bias", "copy"),
-      ]
-      out += _dense(f"{dst}/attn/proj", f"{src}.attn.proj")
-      out += _dense(f"{dst}/fc1", f"{src}.mlp.fc1") + _dense(f"{dst}/fc2", f"{src}.mlp.fc2")
+    src, dst = f"{vit}.blocks.{{i}}", "visual_encoder/blocks"
+    out += _norm(f"{dst}/norm1", f"{src}.norm1") + _norm(f"{dst}/norm2", f"{src}.norm2")
+    # EVA keeps q and v biases apart (the key has none), as our ViT does: no fused bias to split.
+    out += [
+      (f"{dst}/attn/qkv/kernel", f"{src}.attn.qkv.weight", "linear"),
+      (f"{dst}/attn/q_bias", f"{src}.attn.q_bias", "copy"),
+      (f"{dst}/attn/v_bias", f"{src}.attn.v_bias", "copy"),
+    ]
+    out += _dense(f"{dst}/attn/proj", f"{src}.attn.proj")
+    out += _dense(f"{dst}/fc1", f"{src}.mlp.fc1") + _dense(f"{dst}/fc2", f"{src}.mlp.fc2")
   return out
 
 
@@ -119,7 +119,6 @@ def _structure_of(template) -> ml_collections.ConfigDict:
   return ml_collections.ConfigDict(
     dict(
       qformer=dict(num_layers=num_layers, cross_attention_freq=cross[0] if cross else num_layers),
-      vit=dict(depth=_count(template["visual_encoder"], "blocks")),
     )
   )
 
@@ -169,11 +168,13 @@ def load_lavis_checkpoint(path, params_template) -> tuple[dict, set[str]]:
       f"{path} has no Q-Former text embeddings: it is a stage-2 checkpoint (BLIP-2 OPT/FlanT5, which "
       "drop the text side), not the stage-1 model this loads."
     )
-  template = traverse_util.flatten_dict(nn.unbox(params_template), sep="/")
+  template_tree = nn.unbox(params_template)
+  template = traverse_util.flatten_dict(template_tree, sep="/")
   with_vision = any(k.startswith("visual_encoder.") for k in state)
-  weight_map = lavis_weight_map(_structure_of(nn.unbox(params_template)), with_vision=with_vision)
+  weight_map = lavis_weight_map(_structure_of(template_tree), with_vision=with_vision)
 
-  names = {name for _, name, _ in weight_map}
+  depth = weights.vit_depth(template_tree) if with_vision else 0
+  names = {n.format(i=i) for _, n, _ in weight_map for i in (range(depth) if "{i}" in n else [0])}
   unknown = [k for k in state if k not in names and k not in DROPPED]  # in the file's (module) order
   if unknown:
     raise ValueError(

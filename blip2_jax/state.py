@@ -300,7 +300,7 @@ def load_pretrained(config, setup: Setup, state, frozen, *, frozen_only: bool = 
   cfg = setup.model.cfg
   if init.vision_weights:
     ckpt = weights.read_safetensors_dir(init.vision_weights)
-    vision = weights.vision_weight_map(cfg.vit.depth)
+    vision = weights.vision_weight_map()
     read_frozen(ckpt, vision, "visual_encoder")
     if not frozen_only:
       read_trainable(ckpt, [e for e in vision if e[0].startswith("ln_vision/")])
@@ -354,7 +354,7 @@ def _stage2_qformer(path, cfg, read_trainable) -> dict:
     log.info("Stage-2 Q-Former from the stage-1 workdir %s.", path)
     return {p: np.asarray(partitioning.host_copy(stage1[p]), np.float32) for p in wanted}
   entries = weights.qformer_weight_map(cfg, text=False) + [
-    e for e in weights.vision_weight_map(cfg.vit.depth) if e[0].startswith("ln_vision/")
+    e for e in weights.vision_weight_map() if e[0].startswith("ln_vision/")
   ]
   read_trainable(weights.read_safetensors_dir(path), entries)
   log.info("Stage-2 Q-Former from the BLIP-2 checkpoint %s.", path)

@@ -235,6 +235,11 @@ def _num_template_layers(template, prefix: str) -> int:
 # --- the frozen ViT -----------------------------------------------------------------------------------------
 
 
+def vit_depth(params) -> int:
+  """The number of ViT blocks in a parameter tree (they are stacked on the leading axis of `blocks/...`)."""
+  return _shape(nn.unbox(params)["visual_encoder"]["blocks"]["fc1"]["kernel"])[0]
+
+
 def load_vision_from_blip2(path, params_template) -> dict:
   """HF BLIP-2 checkpoint -> {'visual_encoder': ..., 'ln_vision': ...}, numpy float32.
 
@@ -242,13 +247,13 @@ def load_vision_from_blip2(path, params_template) -> dict:
   """
   ckpt = read_safetensors_dir(path)
   template = nn.unbox(params_template)
-  depth = _num_template_layers(template["visual_encoder"], "blocks")
+  depth = vit_depth(template)
   have = _num_layers(ckpt, r"vision_model\.encoder\.layers\.(\d+)\.")
   if have < depth:
     raise ValueError(f"Checkpoint {ckpt.root} has {have} ViT blocks but the config asks for depth={depth}.")
   if have > depth:
     log.info("Checkpoint %s has %d ViT blocks; using the first %d (config vit.depth).", ckpt.root, have, depth)
-  return tree_from_hf(ckpt, vision_weight_map(depth), {k: template[k] for k in _VISION_KEYS})
+  return tree_from_hf(ckpt, vision_weight_map(), {k: template[k] for k in _VISION_KEYS})
 
 
 # --- the Q-Former -------------------------------------------------------------------------------------------
@@ -489,8 +494,9 @@ def norm_entries(ours, theirs):
   return [(f"{ours}/scale", f"{theirs}.weight", "copy"), (f"{ours}/bias", f"{theirs}.bias", "copy")]
 
 
-def vision_weight_map(depth: int) -> list:
-  """The frozen ViT's first `depth` blocks and ln_vision in HF BLIP-2 naming (`vision_model.*`)."""
+def vision_weight_map() -> list:
+  """The frozen ViT (its blocks stacked by nn.scan: as many as the parameters have) and ln_vision in HF BLIP-2
+  naming (`vision_model.*`)."""
   emb = "vision_model.embeddings"
   out = [
     ("visual_encoder/cls_token", f"{emb}.class_embedding", "copy"),
@@ -498,17 +504,16 @@ def vision_weight_map(depth: int) -> list:
     ("visual_encoder/patch_embed/kernel", f"{emb}.patch_embedding.weight", "conv"),
     ("visual_encoder/patch_embed/bias", f"{emb}.patch_embedding.bias", "copy"),
   ]
-  for i in range(depth):
-    src, dst = f"vision_model.encoder.layers.{i}", f"visual_encoder/blocks_{i}"
-    out += norm_entries(f"{dst}/norm1", f"{src}.layer_norm1") + norm_entries(f"{dst}/norm2", f"{src}.layer_norm2")
-    # HF fuses the biases as cat(q_bias, 0, v_bias): EVA's key has no bias.
-    out += [
-      (f"{dst}/attn/qkv/kernel", f"{src}.self_attn.qkv.weight", "linear"),
-      (f"{dst}/attn/q_bias", f"{src}.self_attn.qkv.bias", "qkv_bias_q"),
-      (f"{dst}/attn/v_bias", f"{src}.self_attn.qkv.bias", "qkv_bias_v"),
-    ]
-    out += dense_entries(f"{dst}/attn/proj", f"{src}.self_attn.projection")
-    out += dense_entries(f"{dst}/fc1", f"{src}.mlp.fc1") + dense_entries(f"{dst}/fc2", f"{src}.mlp.fc2")
+  src, dst = "vision_model.encoder.layers.{i}", "visual_encoder/blocks"
+  out += norm_entries(f"{dst}/norm1", f"{src}.layer_norm1") + norm_entries(f"{dst}/norm2", f"{src}.layer_norm2")
+  # HF fuses the biases as cat(q_bias, 0, v_bias): EVA's key has no bias.
+  out += [
+    (f"{dst}/attn/qkv/kernel", f"{src}.self_attn.qkv.weight", "linear"),
+    (f"{dst}/attn/q_bias", f"{src}.self_attn.qkv.bias", "qkv_bias_q"),
+    (f"{dst}/attn/v_bias", f"{src}.self_attn.qkv.bias", "qkv_bias_v"),
+  ]
+  out += dense_entries(f"{dst}/attn/proj", f"{src}.self_attn.projection")
+  out += dense_entries(f"{dst}/fc1", f"{src}.mlp.fc1") + dense_entries(f"{dst}/fc2", f"{src}.mlp.fc2")
   return out + norm_entries("ln_vision", "vision_model.post_layernorm")
 
 

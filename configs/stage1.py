@@ -63,6 +63,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         dtype="bfloat16",
         # "cudnn": cuDNN's fused attention kernel (NVIDIA GPUs, bfloat16); "xla" runs everywhere.
         attention="xla",
+        # What a block keeps for a backward pass through the ViT (none while it is frozen): "none", "full",
+        # "dots", "dots_no_batch".
+        remat_policy="none",
       ),
       # BERT-base with cross-attention every 2nd layer; vocab = bert-base-uncased + [DEC].
       qformer=dict(

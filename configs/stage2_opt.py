@@ -115,6 +115,9 @@ def stage2_config(kind: str, variant: str) -> ml_collections.ConfigDict:
         dtype="bfloat16",
         # "cudnn": cuDNN's fused attention kernel (NVIDIA GPUs, bfloat16); "xla" runs everywhere.
         attention="xla",
+        # What a block keeps for a backward pass through the ViT (none while it is frozen): "none", "full",
+        # "dots", "dots_no_batch".
+        remat_policy="none",
       ),
       # The query side of the stage-1 Q-Former (its text parts are dropped).
       qformer=dict(

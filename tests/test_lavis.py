@@ -268,10 +268,10 @@ def test_half_precision_vit_loads_as_its_float32_upcast(lavis_sd, template, tmp_
   params, _ = lavis.load_lavis_checkpoint(_save(tmp_path, {"model": sd}), template)
   flat = _flat(params)
   np.testing.assert_array_equal(
-    flat["visual_encoder/blocks_0/attn/q_bias"], sd["visual_encoder.blocks.0.attn.q_bias"].float().numpy()
+    flat["visual_encoder/blocks/attn/q_bias"][0], sd["visual_encoder.blocks.0.attn.q_bias"].float().numpy()
   )
   np.testing.assert_array_equal(
-    flat["visual_encoder/blocks_1/fc1/kernel"], sd["visual_encoder.blocks.1.mlp.fc1.weight"].float().numpy().T
+    flat["visual_encoder/blocks/fc1/kernel"][1], sd["visual_encoder.blocks.1.mlp.fc1.weight"].float().numpy().T
   )
   assert all(v.dtype == np.float32 for v in flat.values())
 

@@ -200,6 +200,49 @@ def test_attention_is_jax_dot_product_attention():
     layers.attention(q, k, v, mask, implementation="cudnn")
 
 
+def test_vit_blocks_are_one_scan_that_equals_the_blocks_applied_in_turn():
+  # nn.scan stacks the blocks' parameters on a leading axis; running block i on slice i, in turn, is the same
+  # function. Every remat policy gives the same value and gradients (a backward pass through the ViT).
+  from blip2_jax.models.vit import Block  # pylint: disable=import-outside-toplevel
+
+  cfg = make_cfg().vit
+  images = jnp.asarray(np.random.default_rng(0).normal(size=(B, S, S, 3)), jnp.float32)
+  params = VisionTransformer(cfg).init(jax.random.PRNGKey(0), images)["params"]
+  blocks = nn.unbox(params["blocks"])
+  assert jax.tree.leaves(blocks)[0].shape[0] == cfg.depth
+  assert nn.get_partition_spec(params)["blocks"]["fc1"]["kernel"] == jax.sharding.PartitionSpec(
+    "layers", "vit_embed", "mlp"
+  )
+
+  def by_hand(p, x):
+    # The stem (patch embedding, [CLS], positions): one block of zeros adds nothing to the residual stream.
+    one = ml_collections.ConfigDict(dict(cfg.to_dict(), depth=1))
+    zero = jax.tree.map(lambda a: jnp.zeros_like(a[:1]), p["blocks"])
+    x = VisionTransformer(one).apply({"params": {**p, "blocks": zero}}, x)
+    for i in range(cfg.depth):
+      x, _ = Block(cfg).apply({"params": jax.tree.map(lambda a, i=i: a[i], p["blocks"])}, x)
+    return x
+
+  plain = nn.unbox(params)
+  np.testing.assert_allclose(
+    jit(lambda p, x: VisionTransformer(cfg).apply({"params": p}, x))(plain, images),
+    jit(by_hand)(plain, images),
+    rtol=1e-5,
+    atol=1e-5,
+  )
+
+  def value_and_grad(policy):
+    c = ml_collections.ConfigDict(dict(cfg.to_dict(), remat_policy=policy))
+    loss = lambda p: jnp.sum(VisionTransformer(c).apply({"params": p}, images) ** 2)
+    return jax.value_and_grad(loss)(plain)
+
+  results = jit(lambda: {p: value_and_grad(p) for p in ("none", *layers.REMAT_POLICIES)})()
+  for policy in layers.REMAT_POLICIES:
+    chex.assert_trees_all_close(results[policy], results["none"], rtol=1e-5, atol=1e-5)
+  with pytest.raises(ValueError, match=r"model.vit.remat_policy='some' is not one of"):
+    value_and_grad("some")
+
+
 @pytest.mark.skipif(jax.default_backend() == "gpu", reason="checks the error off a GPU")
 def test_vit_cudnn_attention_off_a_gpu_is_one_clear_error():
   cfg = make_cfg().vit

@@ -340,7 +340,7 @@ def test_trainer_reads_frozen_vit_from_hf_blip2_checkpoint(data_dir, tmp_path):
   state, frozen, _ = state_lib.restore_or_init(config, setup, mngr)
   sd = {k: t.detach().numpy() for k, t in hf.vision_model.state_dict().items()}
   np.testing.assert_array_equal(
-    frozen["visual_encoder"]["blocks_0"]["fc1"]["kernel"], sd["encoder.layers.0.mlp.fc1.weight"].T
+    frozen["visual_encoder"]["blocks"]["fc1"]["kernel"][0], sd["encoder.layers.0.mlp.fc1.weight"].T
   )
   np.testing.assert_array_equal(state["params"]["ln_vision"]["scale"], sd["post_layernorm.weight"])
   before = jax.device_get(frozen)

@@ -338,7 +338,7 @@ def test_shape_mismatch_names_first_parameter_and_shapes(blip2_dirs):
   with pytest.raises(ValueError) as err:
     weights.load_vision_from_blip2(blip2_dirs["single"], _abstract(_config(mlp_dim=48)))
   msg = str(err.value)
-  assert "visual_encoder/blocks_0/fc1/kernel" in msg
+  assert "visual_encoder/blocks/fc1/kernel" in msg
   assert "(32, 64)" in msg and "(32, 48)" in msg
   assert str(blip2_dirs["single"] / "model.safetensors") in msg
 
@@ -356,9 +356,10 @@ def test_deeper_checkpoint_keeps_first_blocks(blip2_dirs, loaded, caplog):
   with caplog.at_level(logging.INFO, logger="blip2_jax.weights"):
     vision = weights.load_vision_from_blip2(blip2_dirs["single"], _abstract(_config(depth=1)))
   assert "has 2 ViT blocks; using the first 1" in caplog.text
-  assert set(vision["visual_encoder"]) == {"cls_token", "pos_embed", "patch_embed", "blocks_0"}
+  assert set(vision["visual_encoder"]) == {"cls_token", "pos_embed", "patch_embed", "blocks"}
+  assert vision["visual_encoder"]["blocks"]["fc1"]["kernel"].shape[0] == 1  # stacked by nn.scan
   np.testing.assert_array_equal(
-    vision["visual_encoder"]["blocks_0"]["fc1"]["kernel"], params["visual_encoder"]["blocks_0"]["fc1"]["kernel"]
+    vision["visual_encoder"]["blocks"]["fc1"]["kernel"], params["visual_encoder"]["blocks"]["fc1"]["kernel"][:1]
   )
   with pytest.raises(ValueError, match="has 2 ViT blocks but the config asks for depth=3"):
     weights.load_vision_from_blip2(blip2_dirs["single"], _abstract(_config(depth=3)))

@@ -68,6 +68,27 @@ def quick_gelu(x):
 ACTIVATIONS = {"gelu": gelu, "quick_gelu": quick_gelu}
 
 
+# Recomputation of a scanned layer in the backward pass (the frozen ViT, OPT and T5 share them): "full" saves
+# nothing, the others keep the matmul outputs ("dots_no_batch": those without batch dims); "none" is no remat.
+REMAT_POLICIES = {
+  "full": None,
+  "dots": jax.checkpoint_policies.checkpoint_dots,
+  "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+
+
+def check_remat_policy(policy: str, where: str) -> None:
+  if policy != "none" and policy not in REMAT_POLICIES:
+    raise ValueError(f"{where}={policy!r} is not one of {['none', *REMAT_POLICIES]}.")
+
+
+def remat(block, policy: str):
+  """The module class `block` rematerialised per `policy` (a REMAT_POLICIES key, or "none": unchanged)."""
+  if policy == "none":
+    return block
+  return nn.remat(block, policy=REMAT_POLICIES[policy], prevent_cse=False)
+
+
 def unstack(stacked) -> list:
   """A tree of nn.scan-stacked parameters [layers, ...] as one tree per layer (for unrolled decoding steps)."""
   return [jax.tree.map(lambda a, i=i: a[i], stacked) for i in range(jax.tree.leaves(stacked)[0].shape[0])]

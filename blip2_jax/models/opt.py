@@ -30,13 +30,7 @@ POSITION_OFFSET = 2
 
 ACTIVATIONS = {"relu": jax.nn.relu, "gelu": layers.gelu}  # HF's "gelu" is the exact (erf) GELU
 
-# Recomputation of a decoder layer in the backward pass (stage 2 backpropagates through the frozen LLM into the
-# Q-Former): "full" saves nothing, the others keep the matmul outputs ("dots_no_batch": those without batch dims).
-REMAT_POLICIES = {
-  "full": None,
-  "dots": jax.checkpoint_policies.checkpoint_dots,
-  "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
-}
+REMAT_POLICIES = layers.REMAT_POLICIES
 
 
 def config_from_hf(hf, *, dtype: str = "float32", remat_policy: str = "none") -> ml_collections.ConfigDict:
@@ -71,8 +65,7 @@ def config_from_hf(hf, *, dtype: str = "float32", remat_policy: str = "none") ->
     raise ValueError(
       f"OPT config hidden_size={hf.hidden_size} is not divisible by num_attention_heads={hf.num_attention_heads}."
     )
-  if remat_policy != "none" and remat_policy not in REMAT_POLICIES:
-    raise ValueError(f"remat_policy={remat_policy!r} is not one of {['none', *REMAT_POLICIES]}.")
+  layers.check_remat_policy(remat_policy, "remat_policy")
   return ml_collections.ConfigDict(
     dict(
       vocab_size=hf.vocab_size,
@@ -172,9 +165,7 @@ class OPTForCausalLM(nn.Module):
     )
     self.embed_tokens = embed(cfg.vocab_size, ("vocab", "embed"))
     self.embed_positions = embed(cfg.max_position_embeddings + POSITION_OFFSET, (None, "embed"))
-    block = DecoderLayer
-    if cfg.remat_policy != "none":
-      block = nn.remat(block, policy=REMAT_POLICIES[cfg.remat_policy], prevent_cse=False)
+    block = layers.remat(DecoderLayer, cfg.remat_policy)
     # The cache is scanned along its layer axis (1), keeping the batch first outside.
     self.layers = nn.scan(
       block,

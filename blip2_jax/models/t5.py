@@ -36,13 +36,7 @@ from blip2_jax.models import layers
 # approximation that Flan-T5's own config names.
 ACTIVATIONS = {"relu": jax.nn.relu, "gelu": layers.gelu, "gelu_new": lambda x: jax.nn.gelu(x, approximate=True)}
 
-# Recomputation of a block in the backward pass (stage 2 backpropagates through the frozen T5 into the
-# Q-Former): "full" saves nothing, the others keep the matmul outputs ("dots_no_batch": those without batch dims).
-REMAT_POLICIES = {
-  "full": None,
-  "dots": jax.checkpoint_policies.checkpoint_dots,
-  "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
-}
+REMAT_POLICIES = layers.REMAT_POLICIES
 
 _CACHE_KEYS = ("self_k", "self_v", "cross_k", "cross_v")
 
@@ -106,8 +100,7 @@ def check_config(cfg):
   """Raises ValueError for a config this module cannot run (also called by the model, for hand-made configs)."""
   if cfg.dense_act_fn not in ACTIVATIONS:
     raise ValueError(f"T5 config dense_act_fn={cfg.dense_act_fn!r} is not supported; use one of {sorted(ACTIVATIONS)}.")
-  if cfg.remat_policy != "none" and cfg.remat_policy not in REMAT_POLICIES:
-    raise ValueError(f"remat_policy={cfg.remat_policy!r} is not one of {['none', *REMAT_POLICIES]}.")
+  layers.check_remat_policy(cfg.remat_policy, "remat_policy")
   if cfg.dtype not in ("float32", "bfloat16"):
     # T5's activations outgrow float16's range (HF clamps infinities; Flan-T5 was trained in bfloat16).
     raise ValueError(f"T5 dtype={cfg.dtype!r} is not supported; use 'float32' or 'bfloat16'.")
@@ -272,8 +265,7 @@ class DecoderBlock(nn.Module):
 def _scanned(block, cfg, length: int, methods: dict):
   """The module class of `block` stacked `length` times by nn.scan on a leading "layers" parameter axis,
   rematerialised per cfg.remat_policy; `methods` gives each scanned method's in_axes/out_axes."""
-  if cfg.remat_policy != "none":
-    block = nn.remat(block, policy=REMAT_POLICIES[cfg.remat_policy], prevent_cse=False)
+  block = layers.remat(block, cfg.remat_policy)
   common = dict(
     variable_axes={"params": 0},
     split_rngs={"params": True},

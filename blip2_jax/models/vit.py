@@ -96,23 +96,29 @@ class Attention(nn.Module):
 
 
 class Block(nn.Module):
+  """x + attn(norm1(x)), then x + mlp(norm2(x)). A scan body: returns (x, None)."""
+
   cfg: ml_collections.ConfigDict
 
   @nn.compact
-  def __call__(self, x):
+  def __call__(self, x, _=None):
     cfg = self.cfg
     x = x + Attention(cfg, name="attn")(layers.layer_norm(cfg.layer_norm_eps, name="norm1")(x))
     h = layers.layer_norm(cfg.layer_norm_eps, name="norm2")(x)
     h = layers.dense(cfg.mlp_dim, ("vit_embed", "mlp"), dtype=cfg.dtype, name="fc1")(h)
     h = layers.ACTIVATIONS[cfg.act](h)
-    return x + layers.dense(x.shape[-1], ("mlp", "vit_embed"), dtype=cfg.dtype, name="fc2")(h)
+    return x + layers.dense(x.shape[-1], ("mlp", "vit_embed"), dtype=cfg.dtype, name="fc2")(h), None
 
 
 class VisionTransformer(nn.Module):
   """images [B, S, S, 3] (CLIP-normalised) -> features [B, 1 + (S/p)^2, width] before ln_vision.
 
   cfg: image_size, patch_size, width, depth, num_heads, mlp_dim, layer_norm_eps, act, dtype, and optionally
-  attention ("xla", the default, or "cudnn": cuDNN's fused kernel on an NVIDIA GPU in bfloat16).
+  attention ("xla", the default, or "cudnn": cuDNN's fused kernel on an NVIDIA GPU in bfloat16) and remat_policy
+  ("none", the default, or one of layers.REMAT_POLICIES: what a block keeps for a backward pass through the ViT).
+
+  The `depth` blocks are one nn.scan: their parameters `blocks/...` are stacked on a leading "layers" axis, and
+  XLA compiles one block, not `depth` copies.
   """
 
   cfg: ml_collections.ConfigDict
@@ -148,6 +154,14 @@ class VisionTransformer(nn.Module):
     # [CLS] first, then the position embeddings are added to all tokens (EVA / LAVIS order).
     x = jnp.concatenate([jnp.broadcast_to(cls.astype(x.dtype), (b, 1, d)), x], axis=1)
     x = x + interpolate_pos_embed(pos, gh).astype(x.dtype)
-    for i in range(cfg.depth):
-      x = Block(cfg, name=f"blocks_{i}")(x)
+    policy = cfg.get("remat_policy", "none")
+    layers.check_remat_policy(policy, "model.vit.remat_policy")
+    blocks = nn.scan(
+      layers.remat(Block, policy),
+      variable_axes={"params": 0},
+      split_rngs={"params": True},
+      length=cfg.depth,
+      metadata_params={nn.PARTITION_NAME: "layers"},
+    )
+    x, _ = blocks(cfg, name="blocks")(x, None)
     return x
