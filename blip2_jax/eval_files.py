@@ -21,6 +21,7 @@ import json
 import logging
 import os
 
+import jax
 import numpy as np
 import tqdm
 
@@ -211,7 +212,9 @@ def evaluate_retrieval(model, samples: list[dict], *, batch_size: int = 16, k_te
       "This retrieval model has no tokenizer: put the Q-Former's BERT tokenizer files (vocab.txt, "
       "tokenizer_config.json) beside its weights."
     )
-  scorer = retrieval.RetrievalScorer(model.module, batch_size, progress=True)
+  # Every image batch is split over all the model's devices (its parameters' mesh).
+  everywhere = jax.sharding.NamedSharding(model.mesh, jax.sharding.PartitionSpec(tuple(model.mesh.axis_names)))
+  scorer = retrieval.RetrievalScorer(model.module, batch_size, progress=True, sharding=everywhere)
   kept = []
 
   def batches():

@@ -24,12 +24,13 @@ from blip2_jax.models import llms
 
 
 class RetrievalEvaluator:
-  """Embeds the eval split once per run() and computes image->text and text->image R@1/5/10."""
+  """Embeds the eval split once per run() and computes image->text and text->image R@1/5/10, with the image
+  embeddings sharded over the trainer's batch shards (retrieval.RetrievalScorer)."""
 
   def __init__(self, config, setup, tokenizer):
     self.config, self.setup = config, setup
     self.data = pipeline.load_eval_set(config.data, tokenizer)
-    self.scorer = retrieval.RetrievalScorer(setup.model, config.eval.batch_size)
+    self.scorer = retrieval.RetrievalScorer(setup.model, config.eval.batch_size, sharding=setup.batch_sharding)
     self.i2t, self.shown = None, None  # the last run's image->text scores and its images, for picture()
 
   def run(self, params, max_images: int | None = None) -> dict:
@@ -85,8 +86,10 @@ class CaptionEvaluator:
     e = self.config.eval
     d = _first_images(self.data, max_images)
     preds = []
-    # Fixed-size batches: one compiled program for every batch.
-    for batch, n in images_lib.padded_batches(d["images"], batch_size=e.batch_size):
+    # Fixed-size batches (one compiled program for every batch), split over the batch shards: each device (and
+    # process) captions its own rows, and the captions are gathered.
+    shards = partitioning.batch_shards(self.setup.batch_sharding)
+    for batch, n in images_lib.padded_batches(d["images"], batch_size=-(-e.batch_size // shards) * shards):
       preds += tasks.generate_text(
         self.setup.model,
         params,
@@ -97,6 +100,7 @@ class CaptionEvaluator:
         min_new_tokens=e.min_new_tokens,
         num_beams=e.num_beams,
         length_penalty=e.length_penalty,
+        sharding=self.setup.batch_sharding,
       )[:n]
     self.predictions, self.shown = preds, d
     refs = {i: [d["captions"][t] for t in texts] for i, texts in enumerate(d["img2txt"])}

@@ -108,6 +108,20 @@ def merge(trainable: dict, frozen: dict, sep: str = "/") -> dict:
   return traverse_util.unflatten_dict(flat, sep=sep)
 
 
+def from_host(array, sharding: NamedSharding) -> jax.Array:
+  """A numpy array that every process holds whole -> the global array on `sharding`; each process transfers only
+  the shards of its own devices (the inverse of host_copy)."""
+  array = np.asarray(array)
+  return jax.make_array_from_callback(array.shape, sharding, lambda index: array[index])
+
+
+def batch_shards(sharding: NamedSharding) -> int:
+  """How many ways `sharding` splits an array's leading (batch) axis."""
+  axes = sharding.spec[0] if len(sharding.spec) else None
+  axes = () if axes is None else (axes,) if isinstance(axes, str) else tuple(axes)
+  return int(np.prod([sharding.mesh.shape[a] for a in axes]))
+
+
 def host_copy(tree):
   """Full numpy copies of (possibly multi-host sharded) arrays, on every process. An array this process holds
   whole (one process, or replicated on its devices) is copied as it is; another is gathered from all processes

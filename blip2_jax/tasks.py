@@ -76,8 +76,13 @@ def generate_text(
   top_p: float = 1.0,
   temperature: float = 1.0,
   seed: int = 0,
+  sharding=None,
 ) -> list[str]:
-  """images [B, S, S, 3] (CLIP-normalised); prompts: one string, or one per image. -> B generated strings."""
+  """images [B, S, S, 3] (CLIP-normalised); prompts: one string, or one per image. -> B generated strings.
+
+  sharding: a batch sharding (e.g. the trainer's) that splits the B rows over its devices and processes, each
+  process passing the same images and generating for its own rows; B must be a multiple of its batch shards.
+  Without it, inputs follow the parameters (replicated)."""
   cfg = module.cfg
   images = np.asarray(images, np.float32)
   if images.ndim != 4 or images.shape[1:] != (cfg.vit.image_size, cfg.vit.image_size, 3):
@@ -108,6 +113,13 @@ def generate_text(
   )
   module = layers.frozen_config(module)  # hashable: jit's static argument
   rng = jax.random.PRNGKey(seed) if do_sample else None
+  if sharding is not None:
+    if len(images) % partitioning.batch_shards(sharding):
+      raise ValueError(
+        f"{len(images)} images do not split over the {partitioning.batch_shards(sharding)} batch shards of the "
+        "sharding: pad the batch to a multiple."
+      )
+    images, ids, mask = (partitioning.from_host(x, sharding) for x in (images, ids, mask))
   tokens = _generate(module, params, images, ids, mask, tuple(sorted(options.items())), rng)
   texts = tokenizer.batch_decode(partitioning.host_copy(tokens), skip_special_tokens=True)
   return [t.strip() for t in texts]

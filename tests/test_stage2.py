@@ -15,9 +15,12 @@ import pytest
 import torch
 import transformers
 
+from blip2_jax import partitioning
 from blip2_jax import state as state_lib
+from blip2_jax import tasks
 from blip2_jax.api import Blip2
 from blip2_jax.data import images as images_lib
+from blip2_jax.data import pipeline
 from configs import stage2_opt
 from configs import stage2_t5
 
@@ -91,6 +94,29 @@ def test_trains_reports_captions_and_keeps_llm_frozen(workdirs, kind):
   assert not any("language_model" in p or "visual_encoder" in p for p in opt_state_paths)
   assert any("qformer" in p for p in opt_state_paths)
   del checkpointing
+
+
+def test_captions_split_over_devices_equal_one_device(workdirs, tiny_data_dir):
+  """The evaluator's captioning with the batch split over 8 devices (data 2 x fsdp 4: each device captions its
+  rows, the parameters sharded) gives one device's captions, token for token."""
+  workdir, _ = workdirs["opt"]
+  config = state_lib.load_workdir_config(workdir)
+  config.sharding.mesh = {"data": 2, "fsdp": 4, "tensor": 1}
+  config, tokenizer, setup, state, frozen = state_lib.restore_workdir(workdir, config, devices=jax.devices()[:8])
+  config.data.data_dir = tiny_data_dir
+  images = pipeline.load_eval_set(config.data, tokenizer)["images"][:8]
+  settings = dict(num_beams=2, max_new_tokens=6, min_new_tokens=2)
+  # A tiny model trained 12 steps captions every image alike: a prompt per image makes the rows differ.
+  prompts = ["a photo of", "a", "large", "small", "the", "blue", "a red", "top"]
+  params = partitioning.merge(state["params"], frozen)
+  split = tasks.generate_text(
+    setup.model, params, tokenizer, images, prompts, sharding=setup.batch_sharding, **settings
+  )
+  one = Blip2.from_workdir(workdir, devices=jax.devices()[:1])
+  assert split == tasks.generate_text(one.module, one.params, one.tokenizer, images, prompts, **settings)
+  assert len(set(split)) > 1, split
+  with pytest.raises(ValueError, match="7 images do not split over the 8 batch shards"):
+    tasks.generate_text(setup.model, params, tokenizer, images[:7], "a photo of", sharding=setup.batch_sharding)
 
 
 @pytest.mark.parametrize("kind", ["opt", "t5"])
