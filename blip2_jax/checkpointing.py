@@ -63,11 +63,11 @@ class Preemption:
       signal.signal(signal.SIGTERM, self._previous)
 
 
-def sync_processes(name: str) -> None:
+def sync_processes(name: str, timeout_s: int | None = None) -> None:
   """A barrier of all processes through JAX's coordination service (no collective: usable before the first
-  one). `name` must be new each time."""
+  one). `name` must be new each time; `timeout_s` defaults to Orbax's (300 s)."""
   if jax.process_count() > 1:
-    ocp.multihost.sync_global_processes(name)
+    ocp.multihost.sync_global_processes(name, timeout=timeout_s)
 
 
 def abstract_like(tree, shardings):

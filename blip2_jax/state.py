@@ -125,18 +125,33 @@ def llm_config(config) -> ml_collections.ConfigDict:
   return llms.llm_config(hf_config, dtype=llm.dtype, remat_policy=llm.remat_policy, tensor_names=names)
 
 
+# How long the other processes of a multi-process run wait for process 0 to pretrain the demo LLM.
+DEMO_LLM_TIMEOUT_S = 3600
+_RESOLVED_DEMO_LLMS = []  # one barrier name per call
+
+
 def resolve_demo_llm(config, workdir: str):
   """config.init.llm_weights == "demo": the demo's tiny caption-trained LLM, made once in WORKDIR/demo_llm
   (blip2_jax.demo_llm) and then read like any HF directory; the workdir's config.json records its path."""
   if kind(config) == llms.RETRIEVAL or config.init.llm_weights != "demo":
     return config
-  path = demo_llm.make_demo_llm(
-    config.model.llm.kind,
-    os.path.join(os.path.abspath(workdir), "demo_llm"),
-    config.data,
-    steps=config.init.demo_llm_steps,
-    seed=config.seed,
-  )
+
+  def make():
+    return demo_llm.make_demo_llm(
+      config.model.llm.kind,
+      os.path.join(os.path.abspath(workdir), "demo_llm"),
+      config.data,
+      steps=config.init.demo_llm_steps,
+      seed=config.seed,
+    )
+
+  # Several processes share the workdir: process 0 makes the LLM while the others wait, then they read it.
+  if jax.process_index() == 0:
+    path = make()
+  _RESOLVED_DEMO_LLMS.append(workdir)
+  checkpointing.sync_processes(f"demo LLM {len(_RESOLVED_DEMO_LLMS)}", timeout_s=DEMO_LLM_TIMEOUT_S)
+  if jax.process_index() != 0:
+    path = make()
   config = config.copy_and_resolve_references()
   with config.unlocked():
     config.init.llm_weights = str(path)

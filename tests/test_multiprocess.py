@@ -97,18 +97,70 @@ def assert_same_params(a, b):
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory):
-  root = tmp_path_factory.mktemp("multiprocess")
-  data_dir = str(root / "tfds")
+def data_dir(tmp_path_factory):
+  """The tiny configs' data, generated once here, not by the processes at the same time."""
+  path = str(tmp_path_factory.mktemp("multiprocess_tfds"))
   cfg = stage1.get_config("tiny")
-  cfg.data.data_dir = data_dir
-  pipeline.get_source(cfg.data, "train")  # generated once here, not by the processes at the same time
+  cfg.data.data_dir = path
+  pipeline.get_source(cfg.data, "train")
+  return path
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory, data_dir):
+  root = tmp_path_factory.mktemp("multiprocess")
   out = {}
   for name, (processes, devices) in {"one": (1, 8), "two": (2, 4)}.items():
     out[name] = str(root / name)
     train(out[name], data_dir, processes, devices)
   out["data_dir"] = data_dir
   return out
+
+
+MAKE_DEMO_LLM = """
+import hashlib, logging, os, sys
+logging.basicConfig(level=logging.INFO)
+from blip2_jax import cli, state
+from configs import stage2_opt
+cli.initialize_distributed()
+config = stage2_opt.get_config("tiny")
+config.data.data_dir, config.init.demo_llm_steps = sys.argv[1], 3
+path = state.resolve_demo_llm(config, sys.argv[2]).init.llm_weights
+with open(os.path.join(path, "model.safetensors"), "rb") as f:
+  print("demo LLM", path, hashlib.sha256(f.read()).hexdigest())
+"""
+
+
+def test_stage2_demo_llm_is_made_by_one_process_and_read_by_all(data_dir, tmp_path):
+  """Stage-2 demo configs make their LLM in the shared workdir: process 0 pretrains it while the others wait."""
+  port, workdir = _free_port(), str(tmp_path / "wd")
+  procs = [
+    subprocess.Popen(
+      [sys.executable, "-c", MAKE_DEMO_LLM, data_dir, workdir],
+      cwd=REPO,
+      env=dict(
+        os.environ,
+        JAX_PLATFORMS="cpu",
+        JAX_COORDINATOR_ADDRESS=f"localhost:{port}",
+        JAX_NUM_PROCESSES="2",
+        JAX_PROCESS_ID=str(i),
+        PYTHONPATH=REPO,
+      ),
+      stdout=subprocess.PIPE,
+      stderr=subprocess.STDOUT,
+      text=True,
+    )
+    for i in range(2)
+  ]
+  try:
+    outs = [p.communicate(timeout=600)[0] for p in procs]
+  finally:
+    for p in procs:
+      p.kill()
+  assert all(p.returncode == 0 for p in procs), "\n".join(out[-3000:] for out in outs)
+  made = [[line for line in out.splitlines() if line.startswith("demo LLM ")] for out in outs]
+  assert made[0] == made[1] and len(made[0]) == 1, outs  # the same directory and weights
+  assert ["Pretrained the demo" in out for out in outs] == [True, False]
 
 
 def test_two_processes_train_and_evaluate_as_one(runs):
