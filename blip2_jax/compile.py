@@ -44,6 +44,7 @@ import jax
 import ml_collections
 from ml_collections import config_flags
 
+from blip2_jax import checkpointing
 from blip2_jax import cli
 from blip2_jax import partitioning
 from blip2_jax import state as state_lib
@@ -178,17 +179,13 @@ def _tokenizer(config):
   return _StandInVocab(config.model.qformer.vocab_size)
 
 
-def _abstract(tree, shardings):
-  return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings)
-
-
 def abstract_inputs(config, setup: state_lib.Setup) -> tuple:
   """(state, frozen, batch) of the train step as ShapeDtypeStructs on their shardings: nothing is allocated."""
   state, frozen = jax.eval_shape(setup.init, jax.random.PRNGKey(0))
   batch = jax.eval_shape(lambda: state_lib.dummy_batch(config, config.global_batch_size))
   return (
-    _abstract(state, setup.state_shardings),
-    _abstract(frozen, setup.frozen_shardings),
+    checkpointing.abstract_like(state, setup.state_shardings),
+    checkpointing.abstract_like(frozen, setup.frozen_shardings),
     jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=setup.batch_sharding), batch),
   )
 

@@ -11,6 +11,7 @@ The model's kind is `kind(config)`: models.llms.RETRIEVAL for stage 1, else the 
 """
 
 import dataclasses
+import itertools
 import json
 import logging
 import os
@@ -127,7 +128,7 @@ def llm_config(config) -> ml_collections.ConfigDict:
 
 # How long the other processes of a multi-process run wait for process 0 to pretrain the demo LLM.
 DEMO_LLM_TIMEOUT_S = 3600
-_RESOLVED_DEMO_LLMS = []  # one barrier name per call
+_DEMO_LLM_BARRIERS = itertools.count(1)  # a new barrier name per call
 
 
 def resolve_demo_llm(config, workdir: str):
@@ -148,8 +149,7 @@ def resolve_demo_llm(config, workdir: str):
   # Several processes share the workdir: process 0 makes the LLM while the others wait, then they read it.
   if jax.process_index() == 0:
     path = make()
-  _RESOLVED_DEMO_LLMS.append(workdir)
-  checkpointing.sync_processes(f"demo LLM {len(_RESOLVED_DEMO_LLMS)}", timeout_s=DEMO_LLM_TIMEOUT_S)
+  checkpointing.sync_processes(f"demo LLM {next(_DEMO_LLM_BARRIERS)}", timeout_s=DEMO_LLM_TIMEOUT_S)
   if jax.process_index() != 0:
     path = make()
   config = config.copy_and_resolve_references()
