@@ -31,6 +31,16 @@ min_new_tokens = max_new_tokens so that every sequence generates exactly that ma
 like). Without a tokenizer for random weights, the prompt is PROMPT_LENGTH random token ids (OPT: "</s>" first,
 as "</s>a photo of" is 4 tokens; T5: "</s>" last). Reports compile time, time per batch, images/s and tokens/s.
 
+--mode=data: the host's input work per training example, on one core: decode + RandomResizedCrop to
+data.image_size + flip + tokenisation, from prepared JPEG data, timed for both decode paths in the same run:
+`full` (PIL decodes the whole image, then crops) and `fast` (data.fast_decode: libjpeg-turbo decodes at the
+smallest DCT scale that keeps the crop's resolution, images.random_crop). Normalisation is not host work: the
+pipeline sends uint8 pixels and the ViT normalises them on the accelerator (its cost on the host is reported
+beside, for reference). The examples are the config's training sources (data.sources, or data.name's train
+split), or, with --photos=N, N synthetic photo-like JPEGs of --photo_size (default 640x480, quality 90, about the
+size of a COCO photo) written to a temporary prepared folder. It also runs the whole grain pipeline
+(make_train_iterator, data.num_threads threads) for --steps batches and reports its samples/s on this machine.
+
 --compare=transformers (stage 2): builds transformers' PyTorch `Blip2ForConditionalGeneration` at the same sizes
 (benchmark_torch.py, from hf.hf_config_from_ours; random init) on the same accelerator (cuda if torch sees one,
 else CPU), with the ViT and the LLM in config.frozen_dtype and the Q-Former, query tokens and language projection
@@ -48,17 +58,22 @@ preallocate 75% of it: --compare sets XLA_PYTHON_CLIENT_PREALLOCATE=false unless
 (it must happen before JAX first touches the GPU; exporting it yourself, as in the commands above, is safest).
 """
 
+import collections
 import contextlib
+import io
 import json
 import os
+import tempfile
 import time
 
 from absl import app
 from absl import flags
 from absl import logging as absl_logging
 import jax
+import ml_collections
 from ml_collections import config_flags
 import numpy as np
+from PIL import Image
 import transformers
 
 from blip2_jax import benchmark_torch
@@ -68,6 +83,9 @@ from blip2_jax import partitioning
 from blip2_jax import state as state_lib
 from blip2_jax import tasks
 from blip2_jax import train
+from blip2_jax.data import images as images_lib
+from blip2_jax.data import pipeline
+from blip2_jax.data import prepared as prepared_lib
 from blip2_jax.models import layers
 from blip2_jax.models import llms
 from blip2_jax.models import vit as vit_lib
@@ -410,12 +428,111 @@ def run_generate(config, steps: int, new_tokens: int, devices=None) -> dict:
   }
 
 
+def synthetic_photos(out_dir: str, count: int, size: tuple[int, int], seed: int = 0) -> str:
+  """A prepared folder (data/prepared.py) of `count` photo-like JPEGs (smooth colour fields with detail and
+  noise, which compress like photographs, not like flat test patterns) with one caption each."""
+  w, h = size
+  rng = np.random.default_rng(seed)
+  y, x = np.mgrid[0:h, 0:w].astype(np.float32)
+  with prepared_lib.ShardWriter(out_dir, "photos") as writer:
+    for i in range(count):
+      a, b, c = rng.uniform(0.5, 3.0, 3)
+      base = np.stack(
+        [
+          127 + 100 * np.sin(a * x / w * 6 + i),
+          127 + 100 * np.cos(b * y / h * 6 + 2 * i),
+          127 + 100 * np.sin(c * (x + y) / (w + h) * 9),
+        ],
+        -1,
+      )
+      pixels = np.clip(base + rng.normal(0, 12, (h, w, 3)), 0, 255).astype(np.uint8)
+      buf = io.BytesIO()
+      Image.fromarray(pixels).save(buf, "JPEG", quality=90)
+      writer.write(prepared_lib.encode_record(f"{i:06d}", buf.getvalue(), [f"a photo number {i}"], w, h))
+    writer.commit()
+  info = {"format_version": prepared_lib.FORMAT_VERSION, "source_format": "synthetic photos", "shards": ["photos"]}
+  info["num_samples"] = {"photos": count}
+  with open(os.path.join(out_dir, prepared_lib.INFO_FILE), "w", encoding="utf-8") as f:
+    json.dump(info, f)
+  return out_dir
+
+
+def run_data(config, steps: int, photos: int = 0, photo_size: tuple[int, int] = (640, 480), samples: int = 400):
+  """The input benchmark (--mode=data): samples/s per core of the host's work per example, for the full and the
+  fast decode, from the same examples in the same run; and the whole pipeline's samples/s on this machine."""
+  data_cfg = config.data
+  tokenizer = state_lib.load_tokenizer(config)
+  kind = state_lib.kind(config)
+  with tempfile.TemporaryDirectory(prefix="blip2_jax_data_benchmark_") as tmp:
+    if photos:
+      data_cfg = ml_collections.ConfigDict(data_cfg.to_dict())
+      data_cfg.sources = {"photos": {"path": synthetic_photos(tmp, photos, photo_size), "weight": 1.0}}
+    name, source, _ = pipeline.train_sources(data_cfg)[0]
+    n = min(samples, len(source))
+    raw = [{**source[i], "_where": (name, i)} for i in range(n)]
+    sizes = collections.Counter(images_lib.upright_size(images_lib.open_image(r["image"])) for r in raw[:50])
+    out = {
+      "mode": "data",
+      "source": name if not photos else f"{photos} synthetic {photo_size[0]}x{photo_size[1]} JPEGs",
+      "examples_timed": n,
+      "typical_image_size": "x".join(map(str, sizes.most_common(1)[0][0])),
+      "mean_image_kib": round(sum(len(r["image"]) for r in raw) / n / 1024, 1),
+      "output_size": data_cfg.image_size,
+    }
+    batch = 64
+    for path, fast in (("full", False), ("fast", True)):
+      cfg = ml_collections.ConfigDict(dict(data_cfg.to_dict(), fast_decode=fast))
+      for warm in (True, False):
+        start = time.perf_counter()
+        for first in range(0, n, batch):
+          rows = [train_preprocess_or_skip(r, i, cfg, kind) for i, r in enumerate(raw[first : first + batch])]
+          rows = [r for r in rows if r is not None]
+          stacked = {k: [r[k] for r in rows] for k in rows[0]}
+          stacked["image"] = np.stack(stacked["image"])
+          pipeline._tokenize_batch(stacked, tokenizer, cfg, kind)
+        if warm:
+          continue
+        out[f"{path}_decode_samples_per_s_per_core"] = round(n / (time.perf_counter() - start), 1)
+    out["fast_over_full"] = round(
+      out["fast_decode_samples_per_s_per_core"] / out["full_decode_samples_per_s_per_core"], 2
+    )
+    pixels = np.stack([pipeline.train_preprocess(raw[0], np.random.default_rng(0), data_cfg, kind)["image"]] * batch)
+    start = time.perf_counter()
+    for _ in range(5):
+      images_lib.normalize(pixels)
+    out["host_normalisation_ms_per_sample_if_done_on_host"] = round((time.perf_counter() - start) / 5 / batch * 1e3, 3)
+    if steps:
+      it = pipeline.make_train_iterator(data_cfg, tokenizer, global_batch_size=batch, seed=0, kind=kind)
+      next(it)
+      start = time.perf_counter()
+      for _ in range(steps):
+        next(it)
+      out["pipeline_threads"] = data_cfg.num_threads
+      out["pipeline_samples_per_s"] = round(steps * batch / (time.perf_counter() - start), 1)
+      out["host_cpu_cores"] = os.cpu_count()
+  return out
+
+
+def train_preprocess_or_skip(raw: dict, index: int, data_cfg, kind: str):
+  """One example's host work, with the rng the pipeline would give it (a fixed one per example)."""
+  return pipeline.train_preprocess(raw, np.random.default_rng(index), data_cfg, kind)
+
+
 def benchmark(
-  config, mode: str = "train", steps: int = 20, new_tokens: int = 30, compare: str = "", devices=None
+  config,
+  mode: str = "train",
+  steps: int = 20,
+  new_tokens: int = 30,
+  compare: str = "",
+  devices=None,
+  photos: int = 0,
+  photo_size: tuple[int, int] = (640, 480),
 ) -> dict:
   """Ours (with compare='transformers', theirs first, then ours) -> one dict, with ours / theirs.
 
   devices: the devices of our mesh (default: all)."""
+  if mode == "data":
+    return run_data(config, steps, photos, photo_size)
   _check_config(config, mode, compare)
   theirs = {}
   if compare:
@@ -449,6 +566,14 @@ def benchmark(
   return out
 
 
+def _photo_size() -> tuple[int, int]:
+  try:
+    w, h = (int(v) for v in FLAGS.photo_size.lower().split("x"))
+  except ValueError:
+    raise ValueError(f"--photo_size={FLAGS.photo_size!r}: give WIDTHxHEIGHT, e.g. 640x480.") from None
+  return w, h
+
+
 def main(argv):
   del argv
   if FLAGS.compare:
@@ -456,7 +581,15 @@ def main(argv):
     os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
   absl_logging.set_verbosity(absl_logging.WARNING)
   try:
-    out = benchmark(FLAGS.config, FLAGS.mode, FLAGS.steps, FLAGS.new_tokens, FLAGS.compare)
+    out = benchmark(
+      FLAGS.config,
+      FLAGS.mode,
+      FLAGS.steps,
+      FLAGS.new_tokens,
+      FLAGS.compare,
+      photos=FLAGS.photos,
+      photo_size=_photo_size(),
+    )
   except (FileNotFoundError, ValueError) as e:
     raise SystemExit(f"error: {e}") from None
   if jax.process_index() == 0:
@@ -472,9 +605,12 @@ if __name__ == "__main__":
   flags.DEFINE_enum(
     "mode",
     "train",
-    ["train", "generate"],
-    "train: the trainer's update step (stage 1 or 2); generate: greedy captioning (stage 2).",
+    ["train", "generate", "data"],
+    "train: the trainer's update step (stage 1 or 2); generate: greedy captioning (stage 2); data: the input "
+    "pipeline's host work per example, full against fast JPEG decoding.",
   )
+  flags.DEFINE_integer("photos", 0, "--mode=data: time N synthetic photo-like JPEGs instead of the config's data.")
+  flags.DEFINE_string("photo_size", "640x480", "--mode=data: the size of the --photos JPEGs, WxH.")
   flags.DEFINE_integer("steps", 20, "Timed steps or batches (after compilation and 2 warm-up calls).")
   flags.DEFINE_integer("new_tokens", 30, "--mode=generate: tokens generated per image (min = max).")
   flags.DEFINE_enum(

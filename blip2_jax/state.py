@@ -186,9 +186,10 @@ def build_module(cfg, model_kind: str) -> nn.Module:
 
 
 def dummy_batch(config, batch_size: int = 1) -> dict:
-  """A batch of the right structure and shapes (zeros), for init and abstract evaluation."""
+  """A training batch of the right structure, shapes and dtypes (zeros), for init and abstract evaluation; images
+  are uint8 pixels, as the input pipeline sends them (the ViT normalises them on the accelerator)."""
   s, length = config.data.image_size, config.data.max_text_len
-  batch = {"image": jnp.zeros((batch_size, s, s, 3), jnp.float32)}
+  batch = {"image": jnp.zeros((batch_size, s, s, 3), jnp.uint8)}
   model_kind = kind(config)
   keys = ("text_ids", "text_mask") if model_kind == llms.RETRIEVAL else llms.family(model_kind).text_keys()
   batch.update({k: jnp.ones((batch_size, length), jnp.int32) for k in keys})

@@ -16,6 +16,7 @@ from absl import app
 from absl import flags
 from absl import logging as absl_logging
 import jax
+from jax.experimental import multihost_utils
 import jax.numpy as jnp
 import ml_collections
 from ml_collections import config_flags
@@ -87,6 +88,15 @@ def compile_train_step(config, setup: state_lib.Setup, state, frozen):
   compiled = step.lower(state, frozen, batch).compile()
   checkpointing.sync_processes("blip2_jax.train: train step compiled")
   return compiled
+
+
+def _skipped_samples() -> dict:
+  """data/skipped_<reason>: examples the input pipelines of all processes have dropped so far, per reason."""
+  counts = pipeline.skipped_counts()
+  totals = np.asarray(list(counts.values()), np.int64)
+  if jax.process_count() > 1:
+    totals = multihost_utils.process_allgather(totals).sum(0)
+  return {f"data/skipped_{reason}": int(n) for reason, n in zip(counts, totals)}
 
 
 def make_image_gain_fn(setup: state_lib.Setup):
@@ -228,7 +238,7 @@ def _loop(
       pending = None
       dt = time.time() - t0
       last["samples_per_s"] = (step - start_step) * config.global_batch_size / max(dt, 1e-9)
-      last["skipped_images"] = pipeline.num_skipped_images()
+      last.update(_skipped_samples())
       if image_gain is not None:
         last["lm_image_gain"] = float(image_gain(state["params"], frozen, batch))
       guard.update(step, last)

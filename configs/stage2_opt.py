@@ -168,6 +168,15 @@ def stage2_config(kind: str, variant: str) -> ml_collections.ConfigDict:
       num_threads=16,
       prefetch=4,
       eval_max_examples=ml_collections.config_dict.placeholder(int),
+      # Training on a mixture of prepared folders (`python -m blip2_jax.data.prepare`, docs/data.md), BLIP-2's six
+      # sources: set the path of each you have (`--config.data.sources.cc3m.path=/data/cc3m_prepared`); one with
+      # no path is left out, and with none set training reads `name`'s train_split. weight: sampling
+      # proportion; -1 = by size (LAVIS concatenates its datasets: each image once per pass); 0 = off.
+      sources={s: dict(path="", weight=-1.0) for s in ("coco", "vg", "cc3m", "cc12m", "sbu", "laion")},
+      clean_captions=True,  # BLIP-2's cleaning: lower case, strip [.!"()*#:;~], at most max_caption_words words
+      max_caption_words=50,
+      fast_decode=True,  # JPEGs decoded at the smallest DCT scale that keeps the crop's resolution (images.py)
+      max_pixels=89_478_485,  # images with more pixels are skipped as decompression bombs (PIL's own limit)
       prompt="",
       # OPT: data.prompt goes before every caption. T5: the share of examples that are data.prompt -> the whole
       # caption (the captioning fine-tune format) instead of a prefix-LM split (paper: 0, no prompt).

@@ -13,6 +13,7 @@ from blip2_jax.data import images as images_lib
 from blip2_jax.data import pipeline
 from blip2_jax.data import synthetic_shapes as shapes
 from blip2_jax.data import tokenizer as tokenizer_lib
+from blip2_jax.models import vit as vit_lib
 
 NUM_TRAIN, NUM_TEST = 300, 100
 
@@ -166,11 +167,13 @@ def test_clean_caption():
 def test_train_batch_shapes_and_normalisation(data_dir, tok):
   batch = next(pipeline.make_train_iterator(make_cfg(data_dir), tok, global_batch_size=8, seed=0))
   assert set(batch) == {"image", "text_ids", "text_mask"}
-  assert batch["image"].shape == (8, 48, 48, 3) and batch["image"].dtype == np.float32
+  # uint8 pixels: the ViT normalises them on the accelerator (models/vit.py).
+  assert batch["image"].shape == (8, 48, 48, 3) and batch["image"].dtype == np.uint8
   assert batch["text_ids"].shape == batch["text_mask"].shape == (8, 24)
   assert batch["text_ids"].dtype == batch["text_mask"].dtype == np.int32
+  assert (batch["image"].reshape(-1, 3).min(0) == 0).all()  # the black background
   lo, hi = -images_lib.CLIP_MEAN / images_lib.CLIP_STD, (1 - images_lib.CLIP_MEAN) / images_lib.CLIP_STD
-  pixels = batch["image"].reshape(-1, 3)
+  pixels = np.asarray(vit_lib.normalize_pixels(batch["image"])).reshape(-1, 3)
   assert (pixels >= lo - 1e-5).all() and (pixels <= hi + 1e-5).all()
   assert np.allclose(pixels.min(0), lo, atol=1e-5)  # the black background maps to -mean/std
   assert (batch["text_ids"][:, 0] == tok.cls_token_id).all()
@@ -261,8 +264,14 @@ def test_batch_size_must_divide_by_process_count(data_dir, tok):
     pipeline.make_train_iterator(make_cfg(data_dir), tok, global_batch_size=9, seed=0, process_count=2)
 
 
+def raw_train_example(data_dir) -> dict:
+  """The first test example as the training preprocessing sees it (image bytes, its place for the warnings)."""
+  ex = raw_examples(data_dir, "test")[0]
+  return {**ex, "caption": ex["caption"].decode(), "_where": ("test", 0)}
+
+
 def test_flip_mirrors_image_and_swaps_left_right(data_dir):
-  ex = pipeline._decode(raw_examples(data_dir, "test")[0], 0)
+  ex = raw_train_example(data_dir)
   flip_cfg = make_cfg(data_dir, crop_scale=(1.0, 1.0))
   keep_cfg = make_cfg(data_dir, crop_scale=(1.0, 1.0), flip=False)
   flipped = 0
@@ -277,13 +286,12 @@ def test_flip_mirrors_image_and_swaps_left_right(data_dir):
     np.testing.assert_array_equal(out["image"], plain["image"][:, ::-1])
     assert out["caption"] == pipeline.swap_left_right(ex["caption"]) != ex["caption"]
     # ...and the swapped caption describes the mirrored picture.
-    pixels = np.round((out["image"] * images_lib.CLIP_STD + images_lib.CLIP_MEAN) * 255).astype(np.uint8)
-    assert read_scene(pixels) == set(out["caption"].split(", "))
+    assert read_scene(out["image"]) == set(out["caption"].split(", "))
   assert 0 < flipped < 16
 
 
 def test_t5_prompt_fraction_mixes_prompt_to_caption_examples_with_prefix_lm_splits(data_dir, tok):
-  ex = pipeline._decode(raw_examples(data_dir, "test")[0], 0)
+  ex = raw_train_example(data_dir)
   caption = tokenizer_lib.clean_caption(ex["caption"])
   for fraction in (0.0, 0.5):
     cfg = make_cfg(data_dir, flip=False, prompt="a photo of", prompt_fraction=fraction)
@@ -331,8 +339,8 @@ def test_undecodable_image_is_skipped_counted_and_logged(tmp_path, tok, caplog):
     batches = [next(it) for _ in range(9)]  # 36 examples: three passes over the 11 good ones
   assert all(b["image"].shape[0] == 4 for b in batches)
   assert pipeline.num_skipped_images() - before >= 3
-  warnings = [r.getMessage() for r in caplog.records if "cannot be decoded" in r.getMessage()]
-  assert len(warnings) == 1 and "example 3:" in warnings[0]
+  warnings = [r.getMessage() for r in caplog.records if "Skipping" in r.getMessage()]
+  assert len(warnings) == 1 and "example 3 of coco_captions (undecodable)" in warnings[0], warnings
 
   evals = pipeline.load_eval_set(cfg, tok)
   assert evals["images"].shape[0] == len(evals["captions"]) == 11

@@ -3,14 +3,22 @@
 No TensorFlow anywhere: TFDS only writes and indexes the files, grain shuffles, shards and prefetches, and
 images are decoded here with PIL, so a corrupt image is caught, counted and skipped instead of killing a run.
 
+Training reads either `data.name`'s train split or, when any of `data.sources` has a path, a weighted mixture of
+prepared folders (data/prepared.py, written by `python -m blip2_jax.data.prepare`). A record may hold several
+captions (a web caption and CapFilt's synthetic ones); each step draws one of them.
+
 The `data` ConfigDict fields read here: name, data_dir, builder_kwargs, train_split, eval_split, image_size,
-crop_scale, flip, max_text_len, num_threads, prefetch, eval_max_examples.
+crop_scale, flip, max_text_len, num_threads, prefetch, eval_max_examples, and, with defaults for older configs,
+sources ({} = none), clean_captions (True), max_caption_words (50), fast_decode (True), max_pixels
+(images.MAX_PIXELS).
 """
 
 import collections
 import logging
+import math
 import re
 import threading
+import zlib
 
 import grain
 import numpy as np
@@ -18,12 +26,11 @@ from PIL import Image
 import tensorflow_datasets as tfds
 
 from blip2_jax.data import images as images_lib
+from blip2_jax.data import prepared as prepared_lib
 from blip2_jax.data import tokenizer as tokenizer_lib
 from blip2_jax.data.coco_captions import CocoCaptions
 from blip2_jax.data.synthetic_shapes import SyntheticShapes
 from blip2_jax.models import llms
-
-CROP_RATIO = (3 / 4, 4 / 3)  # torchvision's RandomResizedCrop default, which LAVIS keeps
 
 # Builders that ship with the package prepare their own data on first use (generate it, or convert local
 # COCO files); any other name must already be prepared under data_dir.
@@ -57,30 +64,65 @@ def get_source(data_cfg, split: str):
   return builder.as_data_source(split, decoders={"image": tfds.decode.SkipDecoding()})
 
 
-# ------------------------------------------------------------------------------------------ bad images
+# ------------------------------------------------------------------------------------------ mixtures
 
-_skipped = 0
-_warned = set()  # source indices already logged: a bad image comes back every epoch
+
+def train_sources(data_cfg) -> list[tuple[str, object, float]]:
+  """(name, source, weight) of each training source: the prepared folders of data.sources that have a path, or,
+  if none has, data.name's train split (weight 1).
+
+  A source's weight is its sampling proportion; -1 means "by size" (its number of records), which mixes like
+  LAVIS's concatenated datasets, each image once per pass; weight 0 leaves the source out."""
+  sources = []
+  for name in sorted(data_cfg.get("sources") or {}):
+    spec = data_cfg.sources[name]
+    if not spec.get("path") or spec.get("weight", -1) == 0:
+      continue
+    source = prepared_lib.PreparedSource(spec.path)
+    if not len(source):
+      raise ValueError(f"config.data.sources.{name}: the prepared dataset {spec.path} has no records.")
+    weight = spec.get("weight", -1)
+    if weight != -1 and not weight > 0:
+      raise ValueError(f"config.data.sources.{name}.weight={weight}: use a positive weight, -1 (by size) or 0 (off).")
+    sources.append((name, source, float(len(source) if weight == -1 else weight)))
+  if not sources:
+    sources.append((data_cfg.name, get_source(data_cfg, data_cfg.train_split), 1.0))
+  return sources
+
+
+# ------------------------------------------------------------------------------------------ bad samples
+
+_skipped = collections.Counter()  # reason -> examples dropped by this process (an epoch's repeats count again)
+_warned = set()  # (source, index) already logged: a bad example comes back every epoch
 _skipped_lock = threading.Lock()  # grain decodes in several threads
 
 
+def skipped_counts() -> dict[str, int]:
+  """How many examples this process has dropped, per reason (images.SKIP_REASONS), all reasons present."""
+  with _skipped_lock:
+    return {reason: _skipped[reason] for reason in images_lib.SKIP_REASONS}
+
+
 def num_skipped_images() -> int:
-  """How many examples this process has dropped because their image could not be decoded."""
-  return _skipped
+  """How many examples this process has dropped for any reason."""
+  return sum(skipped_counts().values())
+
+
+def _skip(reason: str, where: tuple, detail: str):
+  with _skipped_lock:
+    _skipped[reason] += 1
+    first_time = where not in _warned
+    _warned.add(where)
+  if first_time:
+    logging.warning("Skipping example %d of %s (%s): %s.", where[1], where[0], reason, detail)
 
 
 def _decode(example: dict, index: int) -> dict:
-  """Decodes the image bytes to an RGB PIL image, or sets it to None (and counts it) if it is broken."""
-  global _skipped
+  """Eval: the image bytes decoded to an upright RGB PIL image, or None (counted, logged) if it is broken."""
   try:
     image = images_lib.decode(example["image"])
-  except Exception as e:  # PIL raises a grab-bag of types for bad data; any of them means "skip"
-    with _skipped_lock:
-      _skipped += 1
-      first_time = index not in _warned
-      _warned.add(index)
-    if first_time:
-      logging.warning("Skipping example %d: its image cannot be decoded (%s: %s).", index, type(e).__name__, e)
+  except images_lib.BadImage as e:
+    _skip(e.reason, ("the eval split", index), str(e))
     image = None
   caption = example["caption"]
   out = {"image": image, "caption": caption.decode("utf-8") if isinstance(caption, bytes) else caption}
@@ -89,26 +131,36 @@ def _decode(example: dict, index: int) -> dict:
   return out
 
 
+def _has_image_bytes(example: dict) -> bool:
+  """Drops (and counts) an example with a zero-size image before any work is spent on it."""
+  if example["image"]:
+    return True
+  _skip("zero_size", example["_where"], "the image has 0 bytes")
+  return False
+
+
+def _captions(example: dict) -> list[str]:
+  """The captions of a raw example: a prepared record's list, or a TFDS example's one caption."""
+  if "captions" in example:
+    captions = example["captions"]
+  else:
+    captions = [example["caption"]]
+  return [c.decode("utf-8") if isinstance(c, bytes) else str(c) for c in captions]
+
+
+def clean(data_cfg, caption: str) -> str:
+  """BLIP-2's caption cleaning (tokenizer.clean_caption) unless data.clean_captions is False."""
+  if not data_cfg.get("clean_captions", True):
+    return " ".join(caption.split())
+  return tokenizer_lib.clean_caption(caption, data_cfg.get("max_caption_words", 50))
+
+
 # -------------------------------------------------------------------------------------- preprocessing
 
 
 def random_resized_crop(image: Image.Image, size: int, scale, rng: np.random.Generator) -> Image.Image:
-  """torchvision's RandomResizedCrop (10 tries, then a central crop), bicubic, with a numpy rng."""
-  w, h = image.size
-  for _ in range(10):
-    area = w * h * rng.uniform(*scale)
-    aspect = np.exp(rng.uniform(*np.log(CROP_RATIO)))
-    cw, ch = int(round(np.sqrt(area * aspect))), int(round(np.sqrt(area / aspect)))
-    if 0 < cw <= w and 0 < ch <= h:
-      x, y = int(rng.integers(0, w - cw + 1)), int(rng.integers(0, h - ch + 1))
-      break
-  else:  # no sampled box fits: the whole image, cut to the nearest allowed aspect ratio
-    cw, ch = w, h
-    if w / h < CROP_RATIO[0]:
-      ch = int(round(w / CROP_RATIO[0]))
-    elif w / h > CROP_RATIO[1]:
-      cw = int(round(h * CROP_RATIO[1]))
-    x, y = (w - cw) // 2, (h - ch) // 2
+  """torchvision's RandomResizedCrop of a decoded image (images.sample_crop's box), bicubic, with a numpy rng."""
+  x, y, cw, ch = images_lib.sample_crop(*image.size, scale, rng)
   return image.resize((size, size), Image.BICUBIC, box=(x, y, x + cw, y + ch))
 
 
@@ -119,17 +171,37 @@ def swap_left_right(caption: str) -> str:
   return _LEFT_RIGHT.sub(lambda m: "right" if m.group(1) == "left" else "left", caption)
 
 
-def train_preprocess(example: dict, rng: np.random.Generator, data_cfg, kind: str = llms.RETRIEVAL) -> dict:
-  """An augmented training example of the model `kind` (models/llms.py): the normalised image and the cleaned
-  caption, which an encoder-decoder LLM's prefix-LM splits into a prefix and a suffix."""
-  image = random_resized_crop(example["image"], data_cfg.image_size, data_cfg.crop_scale, rng)
-  caption = tokenizer_lib.clean_caption(example["caption"])
+def train_preprocess(example: dict, rng: np.random.Generator, data_cfg, kind: str = llms.RETRIEVAL) -> dict | None:
+  """An augmented training example of the model `kind` (models/llms.py): the RandomResizedCrop uint8 image
+  (the model normalises it on the accelerator) and one cleaned caption of the example's list, which an
+  encoder-decoder LLM's prefix-LM splits into a prefix and a suffix. None (counted by reason, logged once) for an
+  example whose image is broken or that has no caption left after cleaning."""
+  where = example["_where"]
+  try:
+    image = images_lib.random_crop(
+      example["image"],
+      data_cfg.image_size,
+      data_cfg.crop_scale,
+      rng,
+      fast=data_cfg.get("fast_decode", True),
+      max_pixels=data_cfg.get("max_pixels", images_lib.MAX_PIXELS),
+    )
+  except images_lib.BadImage as e:
+    _skip(e.reason, where, str(e))
+    return None
+  captions = [c for c in (clean(data_cfg, c) for c in _captions(example)) if c]
+  if not captions:
+    _skip("missing_caption", where, "no caption left after cleaning")
+    return None
   if data_cfg.flip and rng.random() < 0.5:
     # A flip turns "on the left" into "on the right". LAVIS flips and leaves the caption wrong; we swap
     # the words instead, so the caption stays true (skipping the flip would lose the augmentation).
-    image = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
-    caption = swap_left_right(caption)
-  out = {"image": images_lib.normalize(image), "caption": caption}
+    image = image[:, ::-1]
+    captions = [swap_left_right(c) for c in captions]
+  # One caption per image per step (BLIP-2 samples one of an image's kept captions each time it is seen);
+  # drawn only when there is a choice, so one-caption data keeps its random stream.
+  caption = captions[int(rng.integers(len(captions)))] if len(captions) > 1 else captions[0]
+  out = {"image": np.ascontiguousarray(image), "caption": caption}
   if kind != llms.RETRIEVAL and llms.family(kind).encoder_decoder:
     if data_cfg.get("prompt_fraction", 0.0) and rng.random() < data_cfg.prompt_fraction:
       out["prefix"], out["suffix"] = data_cfg.prompt, caption  # the captioning format: prompt -> caption
@@ -175,17 +247,11 @@ def make_train_iterator(
       f"{process_count}; pick a multiple of {process_count}."
     )
   _check_prompt_fraction(data_cfg, kind)
-  source = get_source(data_cfg, data_cfg.train_split)
-  # The record's index, for the bad-image warning (grain passes later epochs' indices unwrapped).
-  decoded = grain.MapDataset.source(source).seed(seed).map_with_index(lambda i, ex: _decode(ex, i % len(source)))
-  # The whole-dataset slice [0::1] changes nothing but grain's seeding of the shuffle: it keeps the order (and so
-  # the demo results) of the runs made when each process shuffled its own slice of the data.
   stream = (
-    decoded[0::1]
-    .shuffle()  # a new order each epoch (grain mixes the epoch into the seed)
-    .repeat()
-    .filter(lambda ex: ex["image"] is not None)
+    _mixture(train_sources(data_cfg), seed)
+    .filter(_has_image_bytes)
     .random_map(lambda ex, rng: train_preprocess(ex, rng, data_cfg, kind))
+    .filter(lambda ex: ex is not None)  # broken images and examples without captions
   )
   b = global_batch_size // process_count
   if process_count > 1:
@@ -204,6 +270,26 @@ def make_train_iterator(
     )
 
   return TrainIterator(make, b, process_count)
+
+
+def _mixture(sources, seed: int) -> grain.MapDataset:
+  """The endless stream of raw examples: each source shuffled anew every epoch and repeated, the sources
+  interleaved in proportion to their weights (grain's deterministic mix). Each example carries `_where` (source
+  name, record index) for the bad-sample warnings."""
+
+  def tagged(name, source, seed):
+    n = len(source)
+    # The record's index, for the warning (grain passes later epochs' indices unwrapped).
+    ds = grain.MapDataset.source(source).seed(seed).map_with_index(lambda i, ex: {**ex, "_where": (name, i % n)})
+    # The whole-dataset slice [0::1] changes nothing but grain's seeding of the shuffle: it keeps the order (and so
+    # the demo results) of the runs made when each process shuffled its own slice of the data.
+    return ds[0::1].shuffle().repeat()  # a new order each epoch (grain mixes the epoch into the seed)
+
+  if len(sources) == 1:
+    return tagged(*sources[0][:2], seed)
+  parents = [tagged(name, source, seed + zlib.crc32(name.encode()) % 2**31) for name, source, _ in sources]
+  weights = [w for _, _, w in sources]
+  return grain.MapDataset.mix(parents, [w / math.fsum(weights) for w in weights])
 
 
 class TrainIterator:

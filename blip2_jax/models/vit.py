@@ -110,8 +110,24 @@ class Block(nn.Module):
     return x + layers.dense(x.shape[-1], ("mlp", "vit_embed"), dtype=cfg.dtype, name="fc2")(h), None
 
 
+# CLIP's normalisation, which EVA-CLIP and hence BLIP-2 use (pixel values in [0, 1]).
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+
+def normalize_pixels(images):
+  """uint8 pixels [..., 3] -> CLIP-normalised float32; float input is taken as normalised already."""
+  if jnp.issubdtype(images.dtype, jnp.floating):
+    return images
+  mean, std = jnp.asarray(CLIP_MEAN, jnp.float32), jnp.asarray(CLIP_STD, jnp.float32)
+  return (images.astype(jnp.float32) / 255.0 - mean) / std
+
+
 class VisionTransformer(nn.Module):
-  """images [B, S, S, 3] (CLIP-normalised) -> features [B, 1 + (S/p)^2, width] before ln_vision.
+  """images [B, S, S, 3] -> features [B, 1 + (S/p)^2, width] before ln_vision.
+
+  `images` are CLIP-normalised floats, or uint8 pixels, which are normalised here on the accelerator (the
+  training pipeline sends uint8: a quarter of the bytes, and no normalisation work on the host's cores).
 
   cfg: image_size, patch_size, width, depth, num_heads, mlp_dim, layer_norm_eps, act, dtype, and optionally
   attention ("xla", the default, or "cudnn": cuDNN's fused kernel on an NVIDIA GPU in bfloat16) and remat_policy
@@ -141,7 +157,7 @@ class VisionTransformer(nn.Module):
       kernel_init=layers.logical(layers.default_init, (None, None, None, "vit_embed")),
       bias_init=layers.logical(nn.initializers.zeros, ("vit_embed",)),
       name="patch_embed",
-    )(images.astype(cfg.dtype))
+    )(normalize_pixels(images).astype(cfg.dtype))
     b, gh, gw, _ = x.shape
     x = x.reshape(b, gh * gw, d)
     cls = self.param(
