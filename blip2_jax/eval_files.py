@@ -5,9 +5,11 @@ data/annotations.py, and return a JSON-able report: the settings, the metrics, c
 be decoded, and every prediction. `python -m blip2_jax.evaluate --model=...` is their command line.
 
 - caption (stage-2 model): the paper's settings (tasks.CAPTION_SETTINGS) unless overridden; BLEU-1..4 and CIDEr-D
-  (metrics.caption_scores) and exact match.
-- vqa (stage-2 model): the zero-shot prompt of the model's LLM family and tasks.VQA_SETTINGS; with human answers,
-  the VQA accuracy (metrics.vqa_accuracy, also per answer_type).
+  (metrics.caption_scores) and exact match; for NoCaps (images with a "domain") also per domain and "entire",
+  each domain scored on its own (CIDEr-D's idf from that domain's references only).
+- vqa (stage-2 model): the zero-shot prompt of the model's LLM family and tasks.VQA_SETTINGS; with human answers
+  (VQAv2, OK-VQA), the VQA accuracy (metrics.vqa_accuracy, also per answer_type and question_type); with GQA's
+  one answer, exact match (metrics.gqa_accuracy, also per structural and semantic type).
 - retrieval (stage-1 model): each caption is a text, each image's captions its positives; ITC over all pairs, the
   top k_test candidates reranked by ITM (retrieval.RetrievalScorer), R@1/5/10 both ways, and each image's and
   text's rank and top candidates.
@@ -29,6 +31,7 @@ from blip2_jax import metrics
 from blip2_jax import retrieval
 from blip2_jax import state as state_lib
 from blip2_jax import tasks
+from blip2_jax.data import annotations
 from blip2_jax.data import images as images_lib
 from blip2_jax.data import tokenizer as tokenizer_lib
 from blip2_jax.models import llms
@@ -105,7 +108,7 @@ def peek_model_kind(path: str) -> str | None:
 
 
 def _image_fields(sample: dict) -> dict:
-  return {k: sample[k] for k in ("image_id", "image") if k in sample}
+  return {k: sample[k] for k in ("image_id", "image", "domain") if k in sample}
 
 
 def _skipped(samples: list[dict], done) -> list[str]:
@@ -118,7 +121,8 @@ def evaluate_captions(
 ) -> dict:
   """Captions the images of `samples` (load_captions) with model.caption, the paper's settings unless overridden
   (prompt, num_beams, max_new_tokens, min_new_tokens, ...), and scores them against their captions
-  (caption_metrics). -> the report: settings, metrics, counts, skipped images and every caption."""
+  (caption_metrics; for NoCaps samples also "by_domain", see domain_metrics). -> the report: settings, metrics,
+  counts, skipped images and every caption."""
   check_task("caption", model.kind)
   if prompt is not None:
     settings["prompt"] = prompt
@@ -126,10 +130,16 @@ def evaluate_captions(
   for positions, batch in _image_batches([s["path"] for s in samples], model.cfg.vit.image_size, batch_size):
     predictions.update(zip(positions, model.caption(batch, **settings)))
   skipped = _skipped(samples, predictions)
+  references = {i: samples[i]["captions"] for i in predictions}
+  if all("domain" in samples[i] for i in predictions):  # NoCaps
+    by_domain = domain_metrics(predictions, references, {i: samples[i]["domain"] for i in predictions})
+    scores = {**by_domain["entire"], "by_domain": by_domain}
+  else:
+    scores = metrics.caption_metrics(predictions, references)
   return {
     "task": "caption",
     "settings": {"prompt": tasks.CAPTION_PROMPT, **tasks.CAPTION_SETTINGS, **settings},
-    "metrics": metrics.caption_metrics(predictions, {i: samples[i]["captions"] for i in predictions}),
+    "metrics": scores,
     "num_images": len(predictions),
     "num_skipped": len(skipped),
     "skipped_images": skipped,
@@ -138,6 +148,21 @@ def evaluate_captions(
       for i, p in sorted(predictions.items())
     ],
   }
+
+
+def domain_metrics(predictions: dict, references: dict, domains: dict) -> dict:
+  """NoCaps's breakdown: caption_metrics of each domain's images alone (in-domain, near-domain, out-domain, those
+  present) and of all of them ("entire"), the four columns of the nocaps evaluation server. Each domain is scored
+  as a set of its own, as pycocoevalcap scores a per-domain file (BLIP's and LAVIS-style nocaps evaluations score
+  nocaps_val_{domain}.json separately; the server's own script was not available to check): CIDEr-D's document
+  frequencies come from that domain's references only, so "entire" is not the image-weighted mean of the three."""
+  out = {}
+  for domain in annotations.NOCAPS_DOMAINS:
+    ids = [i for i in predictions if domains[i] == domain]
+    if ids:
+      out[domain] = metrics.caption_metrics({i: predictions[i] for i in ids}, {i: references[i] for i in ids})
+  out["entire"] = metrics.caption_metrics(predictions, references)
+  return out
 
 
 def check_vqa_prompt(prompt: str | None):
@@ -151,8 +176,10 @@ def evaluate_vqa(model, questions: list[dict], *, batch_size: int = 16, prompt: 
   """Answers `questions` (load_vqa) zero-shot: model.answer (the paper's prompt and settings), or `prompt`, a
   template with "{}" for the question, with the same settings; either overridable (num_beams, ...). Questions
   about one image are batched together so it is decoded once. -> the report: settings, counts, skipped images,
-  every answer, and where the questions have human answers the VQA accuracy (metrics.vqa_accuracy, in percent;
-  also per answer_type) with each question's score."""
+  every answer, and where the questions have answers their score with each question's: with human answers
+  (VQAv2, OK-VQA) the VQA accuracy (metrics.vqa_accuracy, in percent; also per answer_type and question_type),
+  with GQA's one answer the exact match (metrics.gqa_accuracy; also per structural and semantic type). The
+  report's "scoring" says which."""
   check_task("vqa", model.kind)
   check_vqa_prompt(prompt)
   order = sorted(range(len(questions)), key=lambda i: questions[i]["path"])  # stable: file order per image
@@ -181,22 +208,41 @@ def evaluate_vqa(model, questions: list[dict], *, batch_size: int = 16, prompt: 
       for i, a in sorted(answers.items())
     ],
   }
-  if all("answers" in q for q in questions):
+  if all("answers" in q for q in questions):  # VQAv2, OK-VQA: 10 human answers each
+    report["scoring"] = "vqa_accuracy"
     scored = metrics.vqa_accuracy(
       {questions[i]["question_id"]: a for i, a in answers.items()},
       {questions[i]["question_id"]: questions[i]["answers"] for i in answers},
     )
-    by_type = {}
-    for row, i in zip(report["predictions"], sorted(answers)):
-      row["answers"] = questions[i]["answers"]
-      row["accuracy"] = scored["per_question"][row["question_id"]]
-      if "answer_type" in questions[i]:
-        by_type.setdefault(questions[i]["answer_type"], []).append(row["accuracy"])
-    report["metrics"] = {
-      "accuracy": scored["accuracy"],
-      **({"accuracy_by_answer_type": {t: 100.0 * float(np.mean(v)) for t, v in by_type.items()}} if by_type else {}),
-    }
+    reference, groups = "answers", ("answer_type", "question_type")
+  elif all("answer" in q for q in questions):  # GQA: one answer each
+    report["scoring"] = "exact_match"
+    scored = metrics.gqa_accuracy(
+      {questions[i]["question_id"]: a for i, a in answers.items()},
+      {questions[i]["question_id"]: questions[i]["answer"] for i in answers},
+    )
+    reference, groups = "answer", ("structural_type", "semantic_type")
+  else:
+    return report
+  by_group = {group: {} for group in groups}
+  for row, i in zip(report["predictions"], sorted(answers)):
+    row[reference] = questions[i][reference]
+    row["accuracy"] = scored["per_question"][row["question_id"]]
+    for group in groups:
+      if group in questions[i]:
+        by_group[group].setdefault(questions[i][group], []).append(row["accuracy"])
+  report["metrics"] = {"accuracy": scored["accuracy"]}
+  for group, values in by_group.items():
+    if values:
+      report["metrics"][f"accuracy_by_{group}"] = {t: 100.0 * float(np.mean(v)) for t, v in values.items()}
   return report
+
+
+def vqa_results_file(report: dict, layout: str) -> list[dict]:
+  """The answers of an evaluate_vqa report in the results format of the layout's evaluation server: VQAv2's (and
+  OK-VQA's) [{"question_id", "answer"}], GQA's [{"questionId", "prediction"}]."""
+  keys = ("questionId", "prediction") if layout == "gqa" else ("question_id", "answer")
+  return [dict(zip(keys, (p["question_id"], p["prediction"]))) for p in report["predictions"]]
 
 
 def evaluate_retrieval(model, samples: list[dict], *, batch_size: int = 16, k_test: int = 128) -> dict:

@@ -1,4 +1,4 @@
-r"""Evaluation: a training workdir's eval split, or any model on COCO-format annotation files and an image folder.
+r"""Evaluation: a training workdir's eval split, or any model on public annotation files and an image folder.
 
 A training workdir (image-text retrieval for stage 1, captioning for stage 2, `CaptionEvaluator`):
 
@@ -13,19 +13,28 @@ Any model (a Hugging Face BLIP-2 directory or a workdir, `Blip2.load`) on annota
       --out=report.json [--batch_size=16 --limit=N --num_beams=5 --max_new_tokens=30 --prompt="a photo of"]
   python -m blip2_jax.evaluate --model=PATH --task=vqa --questions=v2_OpenEnded_mscoco_val2014_questions.json \
       [--annotations=v2_mscoco_val2014_annotations.json] --images=DIR --out=report.json
-  python -m blip2_jax.evaluate --model=PATH --task=retrieval --annotations=captions_val2017.json --images=DIR \
-      --out=report.json [--k_test=128]
+  python -m blip2_jax.evaluate --model=PATH --task=vqa --questions=testdev_balanced_questions.json \
+      --images=gqa/images --out=report.json
+  python -m blip2_jax.evaluate --model=PATH --task=retrieval --annotations=dataset_coco.json --images=coco \
+      --out=report.json [--split=test --k_test=128]
 
 - caption (stage-2 model): COCO captions files ({"images": [{id, file_name}], "annotations": [{image_id,
-  caption}]}) or Karpathy-style lists ([{"image": file, "caption": [...]}], LAVIS's coco_karpathy_test.json);
-  `file_name`/`image` are relative to --images. Paper settings (tasks.CAPTION_SETTINGS) unless overridden;
-  BLEU-1..4 and CIDEr-D (metrics.caption_scores) and exact match; the report lists every caption.
-- vqa (stage-2 model): VQAv2 files. The image of a question is the `file_name` of its image_id in the questions
-  file's own "images" list if it has one ({"id", "file_name"}, COCO style), else the file in --images whose name
-  ends in the image_id's digits: COCO_val2014_000000000042.jpg (VQAv2's COCO 2014 images), 000000000042.jpg
-  (COCO 2017), 42.png. Zero-shot prompt and settings of tasks.py (--prompt: another template with "{}" for the
-  question). With --annotations the report has the VQA accuracy (metrics.vqa_accuracy, also per answer_type)
-  and every answer; without, --out is the VQAv2 results file [{"question_id", "answer"}].
+  caption}]}; NoCaps's nocaps_val_4500_captions.json, whose images have a "domain"), Karpathy-style lists
+  ([{"image": file, "caption": [...]}], LAVIS's coco_karpathy_test.json) or Karpathy's split files
+  (dataset_coco.json, dataset_flickr30k.json: the images of --split, default "test", each with its sentences'
+  "raw" text, at --images/filepath/filename or --images/filename). Paths are relative to --images. Paper
+  settings (tasks.CAPTION_SETTINGS) unless overridden; BLEU-1..4 and CIDEr-D (metrics.caption_scores) and exact
+  match, for NoCaps also per domain and "entire" (each domain scored alone); the report lists every caption.
+- vqa (stage-2 model): VQAv2 or OK-VQA files, or GQA's testdev_balanced_questions.json (told by its layout; its
+  answers are in it, so no --annotations). VQAv2 / OK-VQA: the image of a question is the `file_name` of its
+  image_id in the questions file's own "images" list if it has one ({"id", "file_name"}, COCO style), else the
+  file in --images whose name ends in the image_id's digits: COCO_val2014_000000000042.jpg (COCO 2014 images),
+  000000000042.jpg (COCO 2017), 42.png; GQA: --images/<imageId>.jpg. Zero-shot prompt and settings of tasks.py
+  (--prompt: another template with "{}" for the question). With answers the report has the accuracy (VQAv2 /
+  OK-VQA: metrics.vqa_accuracy, also per answer_type and question_type; GQA: exact match after the VQA answer
+  normalisation, metrics.gqa_accuracy, also per structural and semantic type) and every answer; without,
+  --out is the results file of the evaluation server: VQAv2's [{"question_id", "answer"}], GQA's
+  [{"questionId", "prediction"}].
 - retrieval (stage-1 model): the caption files above; each caption is a text, each image's captions its
   positives. ITC over all pairs, the top --k_test candidates (capped at the number there are) reranked by ITM
   (`retrieval.RetrievalScorer`), R@1/5/10 both ways; the report gives each image's and text's rank and top candidates.
@@ -63,10 +72,12 @@ flags.DEFINE_enum("task", None, TASKS, "What --model is evaluated on.")
 flags.DEFINE_string(
   "annotations",
   None,
-  "caption/retrieval: COCO captions JSON or Karpathy-style list; vqa: "
-  "VQAv2 annotations JSON (optional: without it, --out is the VQAv2 results file).",
+  "caption/retrieval: COCO captions JSON (NoCaps too), Karpathy-style list or Karpathy's dataset_coco.json / "
+  "dataset_flickr30k.json; vqa: VQAv2 / OK-VQA annotations JSON (optional: without it, --out is the VQAv2 "
+  "results file).",
 )
-flags.DEFINE_string("questions", None, "vqa: VQAv2 questions JSON.")
+flags.DEFINE_string("questions", None, "vqa: VQAv2 / OK-VQA questions JSON or GQA's testdev_balanced_questions.json.")
+flags.DEFINE_string("split", "test", "caption/retrieval: the split of a Karpathy dataset_*.json file to evaluate.")
 flags.DEFINE_string("images", None, "Folder of the images the annotations name.")
 flags.DEFINE_string("out", None, "JSON report to write.")
 flags.DEFINE_integer("batch_size", 16, "Images (vqa: questions) per batch.")
@@ -85,9 +96,9 @@ FLAGS = flags.FLAGS
 
 # Flags of --model mode that only some tasks read.
 _TASK_FLAGS = {
-  "caption": {"prompt", "num_beams", "max_new_tokens", "min_new_tokens"},
+  "caption": {"prompt", "num_beams", "max_new_tokens", "min_new_tokens", "split"},
   "vqa": {"questions", "prompt", "num_beams", "max_new_tokens", "min_new_tokens"},
-  "retrieval": {"k_test"},
+  "retrieval": {"k_test", "split"},
 }
 
 
@@ -116,7 +127,9 @@ def evaluate_files() -> dict:
     eval_files.check_vqa_prompt(FLAGS.prompt)
     samples = annotations.load_vqa(FLAGS.questions, FLAGS.annotations, FLAGS.images, FLAGS.limit)
   else:
-    samples = annotations.load_captions(FLAGS.annotations, FLAGS.images, FLAGS.limit)
+    # Only Karpathy's split files have splits: --split given for another layout is an error there.
+    split = FLAGS.split if FLAGS["split"].present else None
+    samples = annotations.load_captions(FLAGS.annotations, FLAGS.images, FLAGS.limit, split=split)
   settings = {
     name: FLAGS[name].value
     for name in ("num_beams", "max_new_tokens", "min_new_tokens")
@@ -146,10 +159,11 @@ def evaluate_files() -> dict:
     "questions": FLAGS.questions,
     "annotations": FLAGS.annotations,
     "image_dir": FLAGS.images,
+    "split": samples[0].get("split"),  # Karpathy split files
   }
   report = {**{k: v for k, v in inputs.items() if v is not None}, **report}
-  if task == "vqa" and not FLAGS.annotations:  # the VQAv2 results format, for the evaluation server
-    written = [{"question_id": p["question_id"], "answer": p["prediction"]} for p in report["predictions"]]
+  if task == "vqa" and "metrics" not in report:  # no answers: the results file of the evaluation server
+    written = eval_files.vqa_results_file(report, samples[0]["layout"])
   else:
     written = report
   with open(FLAGS.out, "w", encoding="utf-8") as f:

@@ -5,6 +5,7 @@
   Java PTBTokenizer, so no Java is needed).
 - VQA (VQAv2, OK-VQA): the accuracy of the official VQA evaluation (`vqaEval.py`) after its answer normalisation
   (`normalize_answer`).
+- GQA: exact match of the normalised prediction with the one answer (`gqa_accuracy`), as LAVIS scores it.
 
 Retrieval recall lives with the retrieval protocol, in `blip2_jax/retrieval.py` (`recall_at_k`).
 """
@@ -365,6 +366,27 @@ def vqa_accuracy(predictions: Mapping[Hashable, str], answers: Mapping[Hashable,
     predicted = normalize_answer(prediction)
     matches = sum(h == predicted for h in humans)
     per_question[qid] = sum(min(1.0, (matches - (h == predicted)) / 3) for h in humans) / len(humans)
+  return {"accuracy": 100.0 * sum(per_question.values()) / len(per_question), "per_question": per_question}
+
+
+def gqa_accuracy(predictions: Mapping[Hashable, str], answers: Mapping[Hashable, str]) -> dict:
+  """GQA accuracy as LAVIS's GQA task computes it: a question scores 1 if its prediction, after the VQA answer
+  normalisation (`normalize_answer`: vqaEval.py's processPunctuation then processDigitArticle), equals its one
+  answer exactly, else 0. The answer is compared as written (GQA's are lower-case words without articles).
+
+  Args:
+    predictions: question id -> predicted answer.
+    answers: question id -> the answer; the same ids as `predictions`.
+
+  Returns:
+    {"accuracy": mean over questions in percent, "per_question": question id -> 0.0 or 1.0}.
+  """
+  _check_same_ids(predictions, answers, "predictions", "answers", "question")
+  for name, texts in (("predictions", predictions), ("answers", answers)):
+    for qid, text in texts.items():
+      if not isinstance(text, str):
+        raise ValueError(f"{name}[{qid!r}] must be one answer string, got {text!r}.")
+  per_question = {qid: float(normalize_answer(p) == answers[qid]) for qid, p in predictions.items()}
   return {"accuracy": 100.0 * sum(per_question.values()) / len(per_question), "per_question": per_question}
 
 
