@@ -166,7 +166,7 @@ def stage2_config(kind: str, variant: str) -> ml_collections.ConfigDict:
       flip=True,
       max_text_len=32,
       num_threads=16,
-      prefetch=4,
+      prefetch=32,  # at least num_threads, or grain cannot keep every thread busy
       eval_max_examples=ml_collections.config_dict.placeholder(int),
       # Training on a mixture of prepared folders (`python -m blip2_jax.data.prepare`, docs/data.md), BLIP-2's six
       # sources: set the path of each you have (`--config.data.sources.cc3m.path=/data/cc3m_prepared`); one with

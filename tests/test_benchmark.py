@@ -93,3 +93,16 @@ def test_unsupported_requests_are_one_sentence_errors():
   c.init.llm_weights = "demo"
   with pytest.raises(ValueError, match="llm_weights"):
     benchmark.benchmark(c, "train")
+
+
+def test_data_mode_times_both_decode_paths_on_the_same_photos():
+  c = stage1.get_config("tiny")
+  c.data.image_size = 224  # the paper's crop, from 320x240 photos (small, to stay fast)
+  out = benchmark.benchmark(c, mode="data", steps=2, photos=24, photo_size=(320, 240))
+  assert out["source"] == "24 synthetic 320x240 JPEGs" and out["typical_image_size"] == "320x240"
+  assert out["examples_timed"] == 24 and out["output_size"] == 224
+  for key in ("full_decode_samples_per_s_per_core", "fast_decode_samples_per_s_per_core", "pipeline_samples_per_s"):
+    assert out[key] > 0, key
+  assert out["fast_over_full"] == round(
+    out["fast_decode_samples_per_s_per_core"] / out["full_decode_samples_per_s_per_core"], 2
+  )
