@@ -201,7 +201,7 @@ def train_preprocess(example: dict, rng: np.random.Generator, data_cfg, kind: st
   # One caption per image per step (BLIP-2 samples one of an image's kept captions each time it is seen);
   # drawn only when there is a choice, so one-caption data keeps its random stream.
   caption = captions[int(rng.integers(len(captions)))] if len(captions) > 1 else captions[0]
-  out = {"image": np.ascontiguousarray(image), "caption": caption}
+  out = {"image": image, "caption": caption}  # a flipped view: the batching copies it anyway
   if kind != llms.RETRIEVAL and llms.family(kind).encoder_decoder:
     if data_cfg.get("prompt_fraction", 0.0) and rng.random() < data_cfg.prompt_fraction:
       out["prefix"], out["suffix"] = data_cfg.prompt, caption  # the captioning format: prompt -> caption
