@@ -27,6 +27,8 @@ setuptools.setup(
     "simplejpeg>=1.7",
     # The record format of prepared datasets (data/prepared.py); array_record comes with grain.
     "msgpack>=1.0",
+    # img2dataset's parquet output, read by data/prepare.py.
+    "pyarrow>=14",
     "safetensors>=0.4",
     "numpy>=1.26",
     "tqdm>=4.66",

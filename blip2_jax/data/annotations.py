@@ -48,7 +48,7 @@ GQA_FORMAT = 'a GQA questions file ({question_id: {"imageId", "question", "answe
 ANSWERS_FORMAT = 'a VQAv2 annotations file ({"annotations": [{"question_id", "answers": [{"answer"}, ...]}]})'
 
 
-def _read_json(path: str, expected: str):
+def read_json(path: str, expected: str):
   if not os.path.isfile(path):
     raise FileNotFoundError(f"{path} does not exist (expected {expected}).")
   try:
@@ -94,7 +94,7 @@ def load_captions(path: str, images_dir: str, limit: int | None = None, split: s
   other layouts have no splits, so giving one is an error. Each image file must exist (a missing one is an
   error: most likely --images is the wrong folder)."""
   _check_images_dir(images_dir)
-  data = _read_json(path, CAPTIONS_FORMAT)
+  data = read_json(path, CAPTIONS_FORMAT)
   if _is_karpathy_split_file(data):
     samples = _karpathy_split(data, path, split or "test")
   else:
@@ -193,7 +193,7 @@ def load_vqa(
   file, "answer" (its one answer) and "structural_type" / "semantic_type" (its "types"). Images: see the module
   docstring."""
   _check_images_dir(images_dir)
-  data = _read_json(questions_path, QUESTIONS_FORMAT)
+  data = read_json(questions_path, QUESTIONS_FORMAT)
   if _is_gqa_file(data):
     if annotations_path:
       raise ValueError(
@@ -219,7 +219,7 @@ def load_vqa(
       q["path"] = os.path.join(images_dir, q["image"])
   _check_image_files(questions, questions_path)
   if annotations_path:
-    data = _read_json(annotations_path, ANSWERS_FORMAT)
+    data = read_json(annotations_path, ANSWERS_FORMAT)
     with _reading(annotations_path, ANSWERS_FORMAT):
       by_id = {a["question_id"]: a for a in data["annotations"]}
       for q in questions:

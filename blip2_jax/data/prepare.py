@@ -70,6 +70,7 @@ import pyarrow.parquet as pq
 import tqdm
 
 from blip2_jax import cli
+from blip2_jax.data import annotations
 from blip2_jax.data import images as images_lib
 from blip2_jax.data import prepared
 
@@ -200,16 +201,6 @@ def _check_parquet(path: str) -> None:
     )
 
 
-def _read_json(path: str, expected: str):
-  if not os.path.isfile(path):
-    raise FileNotFoundError(f"{path} does not exist (expected {expected}).")
-  try:
-    with open(path, encoding="utf-8") as f:
-      return json.load(f)
-  except (json.JSONDecodeError, UnicodeDecodeError) as e:
-    raise ValueError(f"{path} is not JSON ({e}); expected {expected}.") from None
-
-
 def _captions(value) -> list[str]:
   """A caption field (text, a list of texts, or missing) -> its non-empty captions, stripped."""
   values = value if isinstance(value, list) else [value]
@@ -231,7 +222,7 @@ def _caption_list(data, path: str, expected: str, key_of) -> list[tuple[str, str
 
 
 def _coco_images(path: str) -> list[tuple[str, str, list[str]]]:
-  data = _read_json(path, COCO_LAYOUTS)
+  data = annotations.read_json(path, COCO_LAYOUTS)
   if isinstance(data, dict) and isinstance(data.get("images"), list) and isinstance(data.get("annotations"), list):
     captions = collections.defaultdict(list)
     try:
@@ -248,7 +239,7 @@ def _coco_images(path: str) -> list[tuple[str, str, list[str]]]:
 
 
 def _vg_images(path: str) -> list[tuple[str, str, list[str]]]:
-  data = _read_json(path, VG_LAYOUTS)
+  data = annotations.read_json(path, VG_LAYOUTS)
   if isinstance(data, list) and data and isinstance(data[0], dict) and "regions" in data[0]:
     try:
       # The image of a region is <image_id>.jpg in VG_100K/ or VG_100K_2/: found by name (_ImageFinder).
