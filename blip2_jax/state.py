@@ -16,6 +16,7 @@ import json
 import logging
 import os
 from pathlib import Path
+import re
 
 from flax import traverse_util
 import flax.linen as nn
@@ -161,6 +162,7 @@ def resolve_demo_llm(config, workdir: str):
 def model_config(config, tokenizer) -> ml_collections.ConfigDict:
   """config.model with the tokenizer-dependent fields filled in (vocab size, [DEC] id; stage 2: the LLM)."""
   cfg = ml_collections.ConfigDict(config.model.to_dict())
+  cfg.vit.trainable = vit_trainable(config)
   if cfg.vit.image_size != config.data.image_size:
     raise ValueError(
       f"config.data.image_size={config.data.image_size} differs from config.model.vit.image_size={cfg.vit.image_size}."
@@ -179,6 +181,22 @@ def model_config(config, tokenizer) -> ml_collections.ConfigDict:
     )
   cfg.bos_token_id = tokenizer.bos_token_id
   return cfg
+
+
+VIT_PROBE = "visual_encoder/patch_embed/kernel"  # a parameter path of the ViT, for reading config.frozen_params
+
+
+def vit_trainable(config) -> bool:
+  """Whether the image encoder trains (fine-tuning): no config.frozen_params pattern matches its parameters."""
+  return not any(re.fullmatch(p, VIT_PROBE) for p in config.frozen_params)
+
+
+def _check_vit_all_or_nothing(config, boxed_trainable, boxed_frozen):
+  if "visual_encoder" in boxed_trainable and "visual_encoder" in boxed_frozen:
+    raise ValueError(
+      f"config.frozen_params={tuple(config.frozen_params)} freezes part of visual_encoder: freeze all of it "
+      "('visual_encoder/.*', pre-training) or none of it (fine-tuning)."
+    )
 
 
 def build_module(cfg, model_kind: str) -> nn.Module:
@@ -230,6 +248,7 @@ def build(config, tokenizer, devices=None) -> Setup:
     return partitioning.split_frozen(boxed, config.frozen_params)
 
   boxed_trainable, boxed_frozen = jax.eval_shape(init_params, jax.random.PRNGKey(0))
+  _check_vit_all_or_nothing(config, boxed_trainable, boxed_frozen)
   param_sh = partitioning.logical_to_shardings(boxed_trainable, mesh, rules)
   frozen_sh = partitioning.logical_to_shardings(boxed_frozen, mesh, rules)
   repl = partitioning.replicated(mesh)

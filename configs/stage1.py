@@ -44,8 +44,18 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 
   # --- optimizer (LAVIS pretrain config / paper) ------------------------------------------------------------
   c.optimizer = ml_collections.ConfigDict(
-    dict(lr=1e-4, warmup_steps=2_000, warmup_lr=1e-6, min_lr=1e-5, b1=0.9, b2=0.98, weight_decay=0.05, grad_clip=0.0)
-  )  # grad_clip 0 = off (LAVIS does not clip)
+    dict(
+      lr=1e-4,
+      warmup_steps=2_000,
+      warmup_lr=1e-6,
+      min_lr=1e-5,
+      b1=0.9,
+      b2=0.98,
+      weight_decay=0.05,
+      grad_clip=0.0,
+      vit_layer_decay=1.0,
+    )
+  )  # grad_clip 0 = off (LAVIS does not clip); vit_layer_decay: per-layer lr decay of a trainable ViT (1 = off)
 
   # --- model ------------------------------------------------------------------------------------------------
   c.model = ml_collections.ConfigDict(
@@ -66,6 +76,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         # What a block keeps for a backward pass through the ViT (none while it is frozen): "none", "full",
         # "dots", "dots_no_batch".
         remat_policy="none",
+        # Stochastic depth while the ViT trains (fine-tuning: frozen_params without visual_encoder), rising
+        # linearly over the blocks to this rate; 0 = off, and the frozen ViT of pre-training never drops.
+        drop_path_rate=0.0,
       ),
       # BERT-base with cross-attention every 2nd layer; vocab = bert-base-uncased + [DEC].
       qformer=dict(

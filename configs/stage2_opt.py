@@ -99,6 +99,7 @@ def stage2_config(kind: str, variant: str) -> ml_collections.ConfigDict:
   c.optimizer = ml_collections.ConfigDict(
     dict(lr=1e-4, warmup_steps=2_000, warmup_lr=1e-6, min_lr=5e-5, b1=0.9, b2=0.98, weight_decay=0.05, grad_clip=0.0)
   )
+  c.optimizer.vit_layer_decay = 1.0  # per-layer lr decay of a trainable ViT (fine-tuning); 1 = off
 
   # --- model ------------------------------------------------------------------------------------------------
   c.model = ml_collections.ConfigDict(
@@ -118,6 +119,9 @@ def stage2_config(kind: str, variant: str) -> ml_collections.ConfigDict:
         # What a block keeps for a backward pass through the ViT (none while it is frozen): "none", "full",
         # "dots", "dots_no_batch".
         remat_policy="none",
+        # Stochastic depth while the ViT trains (fine-tuning: frozen_params without visual_encoder), rising
+        # linearly over the blocks to this rate; 0 = off, and the frozen ViT of pre-training never drops.
+        drop_path_rate=0.0,
       ),
       # The query side of the stage-1 Q-Former (its text parts are dropped).
       qformer=dict(

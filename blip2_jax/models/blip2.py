@@ -1,7 +1,7 @@
 """BLIP-2 stage 1: frozen ViT -> ln_vision -> Q-Former with ITC, ITM and ITG heads (LAVIS `Blip2Qformer`).
 
 The ViT's parameters live under `visual_encoder/` and are frozen (config `frozen_params`); its output is cut
-with stop_gradient so no backward pass ever runs through it.
+with stop_gradient so no backward pass ever runs through it, unless `vit.trainable` (fine-tuning).
 """
 
 import flax.linen as nn
@@ -37,9 +37,13 @@ def _setup_image_side(model):
   model.qformer = QFormer(cfg.qformer)
 
 
-def _encode_image(model, images):
-  """Frozen ViT (no gradient) -> ln_vision (trainable). [B, S, S, 3] -> [B, N, vit width] float32."""
-  feats = jax.lax.stop_gradient(model.visual_encoder(images))
+def _encode_image(model, images, deterministic: bool = True):
+  """ViT -> ln_vision (trainable). [B, S, S, 3] -> [B, N, vit width] float32. The ViT is frozen (its output cut by
+  stop_gradient, so no backward pass runs through it) unless cfg.vit.trainable (fine-tuning; state.model_config
+  sets it from config.frozen_params)."""
+  feats = model.visual_encoder(images, deterministic=deterministic)
+  if not model.cfg.vit.get("trainable", False):
+    feats = jax.lax.stop_gradient(feats)
   return model.ln_vision(feats.astype(jnp.float32))
 
 
@@ -69,8 +73,8 @@ class Blip2Qformer(nn.Module):
 
   # --- the three ways of reading -------------------------------------------------------------------------
 
-  def encode_image(self, images):
-    return _encode_image(self, images)
+  def encode_image(self, images, *, deterministic: bool = True):
+    return _encode_image(self, images, deterministic)
 
   def query_features(self, image_embeds, *, deterministic=True):
     return _query_features(self, image_embeds, deterministic)
@@ -123,7 +127,7 @@ class Blip2Qformer(nn.Module):
     """Returns a dict with `loss` (the unweighted sum) and `loss_itc`, `loss_itm`, `loss_itg`.
 
     `train` switches dropout on; the ITM negatives always draw from the 'itm' rng stream."""
-    return self.stage1_losses(self.encode_image(images), text_ids, text_mask, train=train)
+    return self.stage1_losses(self.encode_image(images, deterministic=not train), text_ids, text_mask, train=train)
 
   def stage1_losses(self, image_embeds, text_ids, text_mask, *, train: bool = True):
     """The Q-Former part of the stage-1 forward, from ln_vision's output on."""
@@ -171,15 +175,17 @@ class Blip2LLM(nn.Module):
     self.language_projection = layers.dense(self.family.width(cfg.llm), ("embed", None), init_std=init_std(cfg.qformer))
     self.language_model = self.family.module(cfg.llm)
 
-  def encode_image(self, images):
-    return _encode_image(self, images)
+  def encode_image(self, images, *, deterministic: bool = True):
+    return _encode_image(self, images, deterministic)
 
   def query_features(self, image_embeds, *, deterministic=True):
     return _query_features(self, image_embeds, deterministic)
 
   def image_prompt(self, images, *, deterministic=True):
     """[B, S, S, 3] -> the projected query outputs [B, Q, LLM width] (float32), the LLM's soft prompt."""
-    query_output, _ = self.query_features(self.encode_image(images), deterministic=deterministic)
+    query_output, _ = self.query_features(
+      self.encode_image(images, deterministic=deterministic), deterministic=deterministic
+    )
     return self.language_projection(query_output)
 
   def llm_inputs(self, image_prompt, input_ids, attention_mask):

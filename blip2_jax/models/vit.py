@@ -96,18 +96,32 @@ class Attention(nn.Module):
 
 
 class Block(nn.Module):
-  """x + attn(norm1(x)), then x + mlp(norm2(x)). A scan body: returns (x, None)."""
+  """x + drop_path(attn(norm1(x))), then x + drop_path(mlp(norm2(x))). A scan body: (x, this block's drop-path
+  rate) -> (x, None)."""
 
   cfg: ml_collections.ConfigDict
+  deterministic: bool = True
 
   @nn.compact
-  def __call__(self, x, _=None):
+  def __call__(self, x, drop_rate=None):
     cfg = self.cfg
-    x = x + Attention(cfg, name="attn")(layers.layer_norm(cfg.layer_norm_eps, name="norm1")(x))
+    x = x + self.drop_path(
+      Attention(cfg, name="attn")(layers.layer_norm(cfg.layer_norm_eps, name="norm1")(x)), drop_rate
+    )
     h = layers.layer_norm(cfg.layer_norm_eps, name="norm2")(x)
     h = layers.dense(cfg.mlp_dim, ("vit_embed", "mlp"), dtype=cfg.dtype, name="fc1")(h)
     h = layers.ACTIVATIONS[cfg.act](h)
-    return x + layers.dense(x.shape[-1], ("mlp", "vit_embed"), dtype=cfg.dtype, name="fc2")(h), None
+    h = layers.dense(x.shape[-1], ("mlp", "vit_embed"), dtype=cfg.dtype, name="fc2")(h)
+    return x + self.drop_path(h, drop_rate), None
+
+  def drop_path(self, y, rate):
+    """Stochastic depth (timm's DropPath, as EVA and LAVIS train the ViT): the residual branch of each example is
+    dropped with probability `rate`, the kept ones scaled by 1 / (1 - rate). Identity when deterministic."""
+    if self.deterministic or rate is None or not self.cfg.get("drop_path_rate", 0.0):
+      return y
+    keep = 1.0 - rate
+    kept = jax.random.bernoulli(self.make_rng("dropout"), keep, (y.shape[0],) + (1,) * (y.ndim - 1))
+    return jnp.where(kept, y / keep.astype(y.dtype), jnp.zeros_like(y))
 
 
 # CLIP's normalisation, which EVA-CLIP and hence BLIP-2 use (pixel values in [0, 1]).
@@ -130,8 +144,10 @@ class VisionTransformer(nn.Module):
   training pipeline sends uint8: a quarter of the bytes, and no normalisation work on the host's cores).
 
   cfg: image_size, patch_size, width, depth, num_heads, mlp_dim, layer_norm_eps, act, dtype, and optionally
-  attention ("xla", the default, or "cudnn": cuDNN's fused kernel on an NVIDIA GPU in bfloat16) and remat_policy
-  ("none", the default, or one of layers.REMAT_POLICIES: what a block keeps for a backward pass through the ViT).
+  attention ("xla", the default, or "cudnn": cuDNN's fused kernel on an NVIDIA GPU in bfloat16), remat_policy
+  ("none", the default, or one of layers.REMAT_POLICIES: what a block keeps for a backward pass through the ViT)
+  and drop_path_rate (stochastic depth when the ViT trains, rising linearly from 0 at the first block to the rate
+  at the last, as timm / EVA; 0, the default, is off; it needs a "dropout" rng and deterministic=False).
 
   The `depth` blocks are one nn.scan: their parameters `blocks/...` are stacked on a leading "layers" axis, and
   XLA compiles one block, not `depth` copies.
@@ -140,7 +156,7 @@ class VisionTransformer(nn.Module):
   cfg: ml_collections.ConfigDict
 
   @nn.compact
-  def __call__(self, images):
+  def __call__(self, images, deterministic: bool = True):
     cfg = self.cfg
     p, d = cfg.patch_size, cfg.width
     if images.shape[1] % p or images.shape[2] != images.shape[1]:
@@ -175,9 +191,10 @@ class VisionTransformer(nn.Module):
     blocks = nn.scan(
       layers.remat(Block, policy),
       variable_axes={"params": 0},
-      split_rngs={"params": True},
+      split_rngs={"params": True, "dropout": True},
       length=cfg.depth,
       metadata_params={nn.PARTITION_NAME: "layers"},
     )
-    x, _ = blocks(cfg, name="blocks")(x, None)
+    drop_rates = jnp.linspace(0.0, cfg.get("drop_path_rate", 0.0), cfg.depth, dtype=jnp.float32)
+    x, _ = blocks(cfg, deterministic, name="blocks")(x, drop_rates)
     return x
