@@ -50,8 +50,14 @@ def tiny_data_dir(tmp_path_factory):
 SHARED_GROUPS = {"test_train": "stage1_workdir", "test_api": "stage1_workdir"}
 
 
+# The longest file first: pytest-xdist hands the groups out in collection order, and test_multiprocess.py (about a
+# third of the suite's work, on one worker) started mid-way would leave the other worker idle at the end.
+FIRST = ("test_multiprocess",)
+
+
 @pytest.hookimpl(tryfirst=True)  # before xdist's own hook, which reads the marks
 def pytest_collection_modifyitems(items):
+  items.sort(key=lambda item: item.path.stem not in FIRST)  # stable: the rest keep their order
   for item in items:
     item.add_marker(pytest.mark.xdist_group(SHARED_GROUPS.get(item.path.stem, item.path.stem)))
 

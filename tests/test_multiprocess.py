@@ -7,6 +7,7 @@ JAX_PROCESS_ID (cli.initialize_distributed), as launch/local.sh starts them.
 
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -127,7 +128,7 @@ config = stage2_opt.get_config("tiny")
 config.data.data_dir, config.init.demo_llm_steps = sys.argv[1], 3
 path = state.resolve_demo_llm(config, sys.argv[2]).init.llm_weights
 with open(os.path.join(path, "model.safetensors"), "rb") as f:
-  print("demo LLM", path, hashlib.sha256(f.read()).hexdigest())
+  print("demo LLM", path, hashlib.sha256(f.read()).hexdigest(), flush=True)
 """
 
 
@@ -158,7 +159,9 @@ def test_stage2_demo_llm_is_made_by_one_process_and_read_by_all(data_dir, tmp_pa
     for p in procs:
       p.kill()
   assert all(p.returncode == 0 for p in procs), "\n".join(out[-3000:] for out in outs)
-  made = [[line for line in out.splitlines() if line.startswith("demo LLM ")] for out in outs]
+  # The line is flushed as it is printed (a buffered one was once lost at the exit of process 0, the coordinator),
+  # and searched anywhere in the output, which stdout shares with stderr's C++ log lines.
+  made = [re.findall(r"demo LLM (\S+) ([0-9a-f]{64})", out) for out in outs]
   assert made[0] == made[1] and len(made[0]) == 1, outs  # the same directory and weights
   assert ["Pretrained the demo" in out for out in outs] == [True, False]
 
