@@ -485,7 +485,11 @@ def run_data(config, steps: int, photos: int = 0, photo_size: tuple[int, int] = 
     def one_pass(cfg) -> tuple[float, float]:
       start, start_cpu = time.perf_counter(), time.thread_time()
       for first in range(0, n, batch):
-        rows = [train_preprocess_or_skip(r, first + i, cfg, kind) for i, r in enumerate(raw[first : first + batch])]
+        # Each example with a fixed rng of its own, as the pipeline gives it one; None if it is skipped.
+        rows = [
+          pipeline.train_preprocess(r, np.random.default_rng(first + i), cfg, kind)
+          for i, r in enumerate(raw[first : first + batch])
+        ]
         rows = [r for r in rows if r is not None]
         stacked = {k: [r[k] for r in rows] for k in rows[0]}
         stacked["image"] = np.stack(stacked["image"])
@@ -529,11 +533,6 @@ def run_data(config, steps: int, photos: int = 0, photo_size: tuple[int, int] = 
 
 PATHS = (("full", False), ("fast", True))
 DATA_ROUNDS = 7
-
-
-def train_preprocess_or_skip(raw: dict, index: int, data_cfg, kind: str):
-  """One example's host work, with the rng the pipeline would give it (a fixed one per example)."""
-  return pipeline.train_preprocess(raw, np.random.default_rng(index), data_cfg, kind)
 
 
 def benchmark(

@@ -86,10 +86,14 @@ def _orientation(image: Image.Image) -> int:
     return 1
 
 
+def _upright(size: tuple[int, int], orientation: int) -> tuple[int, int]:
+  w, h = size
+  return (h, w) if orientation in (5, 6, 7, 8) else (w, h)
+
+
 def upright_size(image: Image.Image) -> tuple[int, int]:
   """(width, height) once the EXIF orientation is applied."""
-  w, h = image.size
-  return (h, w) if _orientation(image) in (5, 6, 7, 8) else (w, h)
+  return _upright(image.size, _orientation(image))
 
 
 def _load_failure(e: Exception) -> BadImage:
@@ -190,9 +194,7 @@ def random_crop(
   whole with PIL. Both draw the same box from the same rng."""
   image = open_image(data, max_pixels)
   orientation = _orientation(image)
-  w, h = image.size
-  if orientation in (5, 6, 7, 8):
-    w, h = h, w
+  w, h = _upright(image.size, orientation)
   x, y, cw, ch = sample_crop(w, h, scale, rng)
   decoded = None
   if fast and image.format == "JPEG" and image.mode in ("RGB", "L"):

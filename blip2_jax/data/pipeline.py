@@ -22,7 +22,6 @@ import zlib
 
 import grain
 import numpy as np
-from PIL import Image
 import tensorflow_datasets as tfds
 
 from blip2_jax.data import images as images_lib
@@ -156,12 +155,6 @@ def clean(data_cfg, caption: str) -> str:
 
 
 # -------------------------------------------------------------------------------------- preprocessing
-
-
-def random_resized_crop(image: Image.Image, size: int, scale, rng: np.random.Generator) -> Image.Image:
-  """torchvision's RandomResizedCrop of a decoded image (images.sample_crop's box), bicubic, with a numpy rng."""
-  x, y, cw, ch = images_lib.sample_crop(*image.size, scale, rng)
-  return image.resize((size, size), Image.BICUBIC, box=(x, y, x + cw, y + ch))
 
 
 _LEFT_RIGHT = re.compile(r"\b(left|right)\b")
