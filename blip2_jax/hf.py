@@ -6,6 +6,9 @@ The released models (Salesforce/blip2-opt-2.7b, blip2-flan-t5-xl, blip2-itm-vit-
   `language_projection` and the frozen LLM -> our `Blip2LLM`;
 - `Blip2ForImageTextRetrieval`: ViT and the whole Q-Former with ITC/ITM heads -> our `Blip2Qformer` (without the
   Q-Former LM head and `temp`, which HF does not keep).
+And InstructBLIP's (model_type "instructblip"), `InstructBlipForConditionalGeneration`: as the first, with the
+Q-Former's text side (`qformer.embeddings.*`, the text FFN), which reads the question -> our question-conditioned
+`Blip2LLM` (model config `qformer_text_input`).
 Reading the tensors into a sharded model is `state.load_hf_blip2`; writing them is `Blip2.save_pretrained`.
 """
 
@@ -23,18 +26,21 @@ from blip2_jax import weights
 from blip2_jax.models import llms
 
 ARCHITECTURES = ("Blip2ForConditionalGeneration", "Blip2ForImageTextRetrieval")
+INSTRUCTBLIP = "InstructBlipForConditionalGeneration"  # model_type "instructblip": the question-conditioned Q-Former
 
 
 def config_from_hf(hf: dict, *, dtype: str = "float32", remat_policy: str = "none", tensor_names=()):
-  """HF BLIP-2 config.json (as a dict) -> (our model config, its kind: llms.RETRIEVAL or the LLM family).
+  """HF BLIP-2 (or InstructBLIP) config.json (as a dict) -> (our model config, its kind: llms.RETRIEVAL or the LLM
+  family). An InstructBLIP config gives a question-conditioned model (`qformer_text_input`).
 
   tensor_names: the checkpoint's tensor names (whether a T5 stores its own lm_head is not in the config)."""
   arch = (hf.get("architectures") or [None])[0]
-  if hf.get("model_type") != "blip-2" or arch not in ARCHITECTURES:
+  instruct = hf.get("model_type") == "instructblip" and arch == INSTRUCTBLIP
+  if not instruct and (hf.get("model_type") != "blip-2" or arch not in ARCHITECTURES):
     raise ValueError(
       f"Not a supported BLIP-2 checkpoint: model_type={hf.get('model_type')!r}, "
       f"architectures={hf.get('architectures')}; expected model_type 'blip-2' and one of "
-      f"{', '.join(ARCHITECTURES)}."
+      f"{', '.join(ARCHITECTURES)}, or model_type 'instructblip' and {INSTRUCTBLIP}."
     )
   vc, qc = hf["vision_config"], hf["qformer_config"]
   act = vc.get("hidden_act", "gelu")
@@ -65,9 +71,10 @@ def config_from_hf(hf: dict, *, dtype: str = "float32", remat_policy: str = "non
         layer_norm_eps=qc["layer_norm_eps"],
         dropout_rate=0.0,
         dtype="float32",
-        text_input=retrieval,
+        text_input=retrieval or instruct,
         lm_head=False,
       ),
+      qformer_text_input=instruct,
       num_query_tokens=hf["num_query_tokens"],
       embed_dim=hf.get("image_text_hidden_size", 256),
       # HF's post_layernorm (our ln_vision) takes the vision config's eps.
@@ -96,7 +103,9 @@ def config_from_hf(hf: dict, *, dtype: str = "float32", remat_policy: str = "non
 
 
 def hf_config_from_ours(cfg, kind: str, llm_hf_config: dict | None = None, image_token_index=None) -> dict:
-  """Our model config -> a BLIP-2 config.json dict that transformers reads (the inverse of config_from_hf)."""
+  """Our model config -> a BLIP-2 config.json dict that transformers reads (the inverse of config_from_hf); an
+  InstructBLIP one for a question-conditioned model (`qformer_text_input`)."""
+  instruct = kind != llms.RETRIEVAL and cfg.get("qformer_text_input", False)
   vit, qf = cfg.vit, cfg.qformer
   vision = dict(
     hidden_size=vit.width,
@@ -120,8 +129,17 @@ def hf_config_from_ours(cfg, kind: str, llm_hf_config: dict | None = None, image
     layer_norm_eps=qf.layer_norm_eps,
     cross_attention_frequency=qf.cross_attention_freq,
     encoder_hidden_size=vit.width,
-    use_qformer_text_input=kind == llms.RETRIEVAL,
   )
+  if instruct:
+    config = transformers.InstructBlipConfig(
+      vision_config=vision,
+      qformer_config=qformer,
+      text_config=llm_hf_config,
+      num_query_tokens=cfg.num_query_tokens,
+      image_token_index=image_token_index,
+    )
+    return dict(config.to_dict(), architectures=[INSTRUCTBLIP])
+  qformer["use_qformer_text_input"] = kind == llms.RETRIEVAL
   config = transformers.Blip2Config(
     vision_config=vision,
     qformer_config=qformer,
@@ -136,8 +154,11 @@ def hf_config_from_ours(cfg, kind: str, llm_hf_config: dict | None = None, image
 
 
 def blip2_weight_map(cfg, kind: str) -> list:
-  """Every parameter of a from_pretrained model (except `temp` of retrieval models) in HF BLIP-2 naming."""
-  out = weights.vision_weight_map() + weights.qformer_weight_map(cfg, text=kind == llms.RETRIEVAL)
+  """Every parameter of a from_pretrained model (except `temp` of retrieval models) in HF BLIP-2 naming (InstructBLIP
+  naming for a question-conditioned model, `qformer_text_input`)."""
+  instruct = kind != llms.RETRIEVAL and cfg.get("qformer_text_input", False)
+  out = weights.vision_weight_map()
+  out += weights.qformer_weight_map(cfg, text=kind == llms.RETRIEVAL, instructblip=instruct)
   if kind != llms.RETRIEVAL:
     out += weights.dense_entries("language_projection", "language_projection")
     out += llm_weight_map(cfg.llm)
@@ -164,8 +185,8 @@ def llm_hf_config(config) -> dict:
   path = config.init.llm_weights
   if path:
     hf = json.loads((Path(path) / "config.json").read_text())
-    return hf["text_config"] if hf.get("model_type") == "blip-2" else hf
-  hf = {k: v for k, v in config.model.llm.to_dict().items() if k not in ("kind", "dtype", "remat_policy")}
+    return hf["text_config"] if hf.get("model_type") in ("blip-2", "instructblip") else hf
+  hf = {k: v for k, v in config.model.llm.to_dict().items() if k not in ("kind", "dtype", "remat_policy", "lora")}
   return dict(hf, model_type=config.model.llm.kind)
 
 

@@ -33,29 +33,55 @@ def itc_similarities(image_feats, text_feats):
   return jnp.einsum("iqe,te->itq", image_feats, text_feats).max(axis=-1)
 
 
-def itc_loss(image_feats, text_feats, temp, label_smoothing: float = 0.1):
+def same_image(image_ids):
+  """[B, B] bool: whether rows i and j show the same image (retrieval fine-tuning: COCO has ~5 captions per image,
+  and LAVIS trains on every (image, caption) pair, so one image can appear several times in a batch)."""
+  return image_ids[:, None] == image_ids[None, :]
+
+
+def itc_loss(image_feats, text_feats, temp, label_smoothing: float = 0.1, image_ids=None):
   """Symmetric InfoNCE over the global batch; the i-th image and i-th text are the positive pair.
+
+  image_ids [B] (retrieval fine-tuning, LAVIS `Blip2Qformer` with `image_id`): every pair of rows that shows the same
+  image is a positive, never a negative; the target spreads 1 - label_smoothing evenly over a row's positives (plus
+  label_smoothing / B everywhere, torch's smoothing). With distinct ids this is exactly the one-positive loss.
 
   Returns (loss, sim_i2t, sim_t2i) with the similarities already divided by temp (as LAVIS)."""
   sim = itc_similarities(image_feats, text_feats) / temp
   sim_i2t, sim_t2i = sim, sim.T
-  labels = jnp.arange(sim.shape[0])
+  if image_ids is None:
+    labels = jnp.arange(sim.shape[0])
+    loss = (
+      smoothed_cross_entropy(sim_i2t, labels, label_smoothing)
+      + smoothed_cross_entropy(sim_t2i, labels, label_smoothing)
+    ) / 2
+    return loss, sim_i2t, sim_t2i
+  positives = same_image(image_ids).astype(jnp.float32)
+  targets = positives / positives.sum(axis=1, keepdims=True)
+  targets = (1.0 - label_smoothing) * targets + label_smoothing / sim.shape[1]
   loss = (
-    smoothed_cross_entropy(sim_i2t, labels, label_smoothing) + smoothed_cross_entropy(sim_t2i, labels, label_smoothing)
+    optax.softmax_cross_entropy(sim_i2t.astype(jnp.float32), targets).mean()
+    + optax.softmax_cross_entropy(sim_t2i.astype(jnp.float32), targets).mean()
   ) / 2
   return loss, sim_i2t, sim_t2i
 
 
-def sample_hard_negatives(rng, sim_i2t, sim_t2i):
+def sample_hard_negatives(rng, sim_i2t, sim_t2i, image_ids=None):
   """One hard negative per row, drawn from softmax(sim) with the positive (diagonal) excluded.
 
-  Returns (neg_text_for_image [B], neg_image_for_text [B]) as indices into the global batch. The positive
-  gets probability exactly zero, so it is never drawn; the draw is a pure function of `rng`.
+  image_ids [B] (retrieval fine-tuning): every row of the same image is excluded too, as LAVIS masks them, so another
+  caption of the image is never drawn as its "negative"; a row whose whole batch shows its image falls back to the
+  diagonal-only exclusion (there is no true negative to draw).
+  Returns (neg_text_for_image [B], neg_image_for_text [B]) as indices into the global batch. The excluded rows get
+  probability exactly zero, so they are never drawn; the draw is a pure function of `rng`.
   """
   b = sim_i2t.shape[0]
-  eye = jnp.eye(b, dtype=bool)
-  sim_i2t = jnp.where(eye, -jnp.inf, jax.lax.stop_gradient(sim_i2t).astype(jnp.float32))
-  sim_t2i = jnp.where(eye, -jnp.inf, jax.lax.stop_gradient(sim_t2i).astype(jnp.float32))
+  excluded = jnp.eye(b, dtype=bool)
+  if image_ids is not None:
+    same = same_image(image_ids)
+    excluded = jnp.where(same.all(axis=1, keepdims=True), excluded, same)
+  sim_i2t = jnp.where(excluded, -jnp.inf, jax.lax.stop_gradient(sim_i2t).astype(jnp.float32))
+  sim_t2i = jnp.where(excluded, -jnp.inf, jax.lax.stop_gradient(sim_t2i).astype(jnp.float32))
   rng_text, rng_image = jax.random.split(rng)
   neg_text = jax.random.categorical(rng_text, sim_i2t, axis=-1)
   neg_image = jax.random.categorical(rng_image, sim_t2i, axis=-1)

@@ -81,14 +81,24 @@ def replicated(mesh: Mesh) -> NamedSharding:
   return NamedSharding(mesh, P())
 
 
+# Last path components of parameters that config.frozen_params never freezes: LoRA adapters (models/lora.py).
+ALWAYS_TRAINABLE = ("lora_a", "lora_b")
+
+
 def split_frozen(params: dict, patterns, sep: str = "/") -> tuple[dict, dict]:
   """Splits a nested param dict into (trainable, frozen) by regexes over 'a/b/c' paths (big_vision style).
 
-  Every pattern must match at least one parameter: a pattern that matches nothing is a config error."""
+  A parameter whose last path component is in ALWAYS_TRAINABLE (`lora_a`, `lora_b`: the LoRA adapters of the
+  frozen LLM, models/lora.py) is trainable whatever the patterns say, so stage 2's "language_model/.*" freezes
+  the LLM's base weights but not its adapters (which exist only when configured). Every pattern must match at
+  least one parameter: a pattern that matches nothing is a config error."""
   flat = traverse_util.flatten_dict(params, sep=sep)
   used = {p: False for p in patterns}
   trainable, frozen = {}, {}
   for path, value in flat.items():
+    if path.rsplit(sep, 1)[-1] in ALWAYS_TRAINABLE:
+      trainable[path] = value
+      continue
     hit = [p for p in patterns if re.fullmatch(p, path)]
     for p in hit:
       used[p] = True

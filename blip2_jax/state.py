@@ -36,8 +36,11 @@ from blip2_jax import partitioning
 from blip2_jax import weights
 from blip2_jax.data import tokenizer as tokenizer_lib
 from blip2_jax.models import llms
+from blip2_jax.models import lora
+from blip2_jax.models import vit as vit_lib
 from blip2_jax.models.blip2 import Blip2LLM
 from blip2_jax.models.blip2 import Blip2Qformer
+from blip2_jax.models.blip2 import qformer_text_input
 
 log = logging.getLogger(__name__)
 
@@ -92,7 +95,7 @@ def _read_hf_config(path: str) -> tuple[dict, str]:
     )
   with open(file, encoding="utf-8") as f:
     config = json.load(f)
-  if config.get("model_type") == "blip-2":
+  if config.get("model_type") in ("blip-2", "instructblip"):
     return config["text_config"], "language_model."
   return config, ""
 
@@ -169,7 +172,16 @@ def model_config(config, tokenizer) -> ml_collections.ConfigDict:
     )
   if kind(config) != llms.RETRIEVAL:
     cfg.llm = llm_config(config)
-    cfg.qformer.text_input = False  # stage 2 drops the Q-Former's text side (LAVIS)
+    cfg.llm.lora = ml_collections.ConfigDict(config.model.llm.get("lora", {}))  # LoRA adapters (models/lora.py)
+    # Stage 2 drops the Q-Former's text side (LAVIS) unless it reads the question (model.qformer_text_input, VQA
+    # fine-tuning as InstructBLIP; Blip2LLM keeps the text side then, without the LM head).
+    cfg.qformer.text_input = qformer_text_input(cfg)
+    cfg.qformer.lm_head = False
+    if cfg.qformer.text_input and cfg.qformer.vocab_size <= 0:
+      raise ValueError(
+        "config.model.qformer_text_input needs config.model.qformer.vocab_size: the size of the Q-Former's "
+        "tokenizer (30523 for bert-base-uncased + [DEC])."
+      )
     return cfg
   vocab = len(tokenizer)
   if cfg.qformer.vocab_size == 0:
@@ -211,6 +223,12 @@ def dummy_batch(config, batch_size: int = 1) -> dict:
   model_kind = kind(config)
   keys = ("text_ids", "text_mask") if model_kind == llms.RETRIEVAL else llms.family(model_kind).text_keys()
   batch.update({k: jnp.ones((batch_size, length), jnp.int32) for k in keys})
+  if model_kind != llms.RETRIEVAL and qformer_text_input(config.model):  # the question, for the Q-Former
+    batch.update({k: jnp.ones((batch_size, length), jnp.int32) for k in ("qformer_ids", "qformer_mask")})
+  if config.data.get("image_ids", False):
+    if model_kind != llms.RETRIEVAL:
+      raise ValueError("config.data.image_ids is for retrieval fine-tuning (stage-1 losses); set it False here.")
+    batch["image_id"] = jnp.arange(batch_size, dtype=jnp.int32)
   return batch
 
 
@@ -333,13 +351,17 @@ def load_pretrained(config, setup: Setup, state, frozen, *, frozen_only: bool = 
     updates.update(traverse_util.flatten_dict(weights.tree_from_hf(ckpt, entries, template), sep="/"))
 
   cfg = setup.model.cfg
-  if init.vision_weights:
+  source = checkpoint_params(init.checkpoint) if init.get("checkpoint") else {}
+  trainable_shapes = {p: v.shape for p, v in traverse_util.flatten_dict(state["params"], sep="/").items()}
+  # Frozen towers the checkpoint holds are not read again from vision_weights / llm_weights.
+  from_checkpoint = {p.split("/")[0] for p in source if p in frozen_flat}
+  if init.vision_weights and "visual_encoder" not in from_checkpoint:
     ckpt = weights.read_safetensors_dir(init.vision_weights)
     vision = weights.vision_weight_map()
     read_frozen(ckpt, vision, "visual_encoder")
     if not frozen_only:
       read_trainable(ckpt, [e for e in vision if e[0].startswith("ln_vision/")])
-  if stage2 and init.llm_weights:
+  if stage2 and init.llm_weights and "language_model" not in from_checkpoint:
     _, prefix = _read_hf_config(init.llm_weights)
     read_frozen(
       weights.read_safetensors_dir(init.llm_weights), hf.llm_weight_map(cfg.llm, prefix=""), "language_model", prefix
@@ -361,6 +383,27 @@ def load_pretrained(config, setup: Setup, state, frozen, *, frozen_only: bool = 
         else:
           updates[path] = value
 
+  if source:  # the checkpoint wins where another source has the same parameter
+    for path, target in frozen_flat.items():
+      if path in source:
+        frozen_flat[path] = place_frozen(path, _fit(path, source[path], target.shape, init.checkpoint, target.dtype))
+    if not frozen_only:
+      updates.update(
+        {
+          p: _fit(p, source[p], shape, init.checkpoint, np.float32)
+          for p, shape in trainable_shapes.items()
+          if p in source
+        }
+      )
+    new = sorted((set(frozen_flat) | set(trainable_shapes)) - set(source))
+    if new:
+      log.info(
+        "%d parameter(s) not in %s keep their initialisation or other source: %s",
+        len(new),
+        init.checkpoint,
+        ", ".join(new[:8]) + (" ..." if len(new) > 8 else ""),
+      )
+    log.info("Weights from %s (config.init.checkpoint).", init.checkpoint)
   frozen = traverse_util.unflatten_dict(frozen_flat, sep="/")
   if updates:
     # Adam's moments start at zero whatever the weights, so only the params change.
@@ -373,6 +416,43 @@ def load_pretrained(config, setup: Setup, state, frozen, *, frozen_only: bool = 
       flat[path] = place(path, x)
     state = dict(state, params=traverse_util.unflatten_dict(flat, sep="/"))
   return state, frozen
+
+
+def checkpoint_params(path: str) -> dict:
+  """Every parameter of a model to fine-tune from (config.init.checkpoint), flat 'a/b' path -> host array: the latest
+  checkpoint of a training workdir with its frozen weights (e.g. the stage-2 or stage-1 model a fine-tune starts
+  from), or a Hugging Face BLIP-2 directory."""
+  if os.path.isdir(os.path.join(path, "checkpoints")):
+    source_config, tokenizer, _, source_state, source_frozen = restore_workdir(path)
+    params = partitioning.merge(source_state["params"], source_frozen)
+    # LoRA adapters of the source are folded into its LLM weights: the same function, whatever this model's rank
+    # (its own adapters, if any, start at B = 0).
+    params = lora.merged_blip2(params, model_config(source_config, tokenizer))
+  elif os.path.isfile(os.path.join(path, "config.json")):
+    _, _, _, params, _ = load_hf_blip2(path)
+  else:
+    raise FileNotFoundError(
+      f"config.init.checkpoint={path!r} is neither a training workdir (with checkpoints/) nor a Hugging Face BLIP-2 "
+      "directory (with config.json)."
+    )
+  return traverse_util.flatten_dict(partitioning.host_copy(params), sep="/")
+
+
+def _fit(path: str, value, shape, source: str, dtype):
+  """A source parameter for a model parameter of `shape`: the ViT's position embeddings are resized bicubically to
+  a new image size (fine-tuning at 364 px from 224 px, as LAVIS does when loading); any other difference in shape
+  is an error naming the parameter."""
+  value = np.asarray(value, np.float32)
+  if value.shape != tuple(shape) and path == "visual_encoder/pos_embed" and value.shape[2:] == tuple(shape[2:]):
+    grid = int(round((shape[1] - 1) ** 0.5))
+    log.info("visual_encoder/pos_embed resized from %s to %s (image size changed).", value.shape, tuple(shape))
+    value = np.asarray(vit_lib.interpolate_pos_embed(jnp.asarray(value), grid))
+  if value.shape != tuple(shape):
+    raise ValueError(
+      f"`{path}` has shape {value.shape} in {source} (config.init.checkpoint) but {tuple(shape)} in the model: "
+      "the fine-tuning config's model sizes differ from the checkpoint's."
+    )
+  return value.astype(dtype)
 
 
 def _stage2_qformer(path, cfg, read_trainable) -> dict:
@@ -414,17 +494,20 @@ def abstract_params(module, cfg, model_kind: str):
   images = jnp.zeros((1, s, s, 3), jnp.float32)
   ids, mask = jnp.zeros((1, 4), jnp.int32), jnp.ones((1, 4), jnp.int32)
   rngs = {"params": jax.random.PRNGKey(0), "itm": jax.random.PRNGKey(0)}
+  question = dict(qformer_ids=ids, qformer_mask=mask) if qformer_text_input(cfg) else {}
   if model_kind == llms.RETRIEVAL:
     init = lambda: module.init(rngs, images, ids, mask, method=Blip2Qformer.retrieval_outputs)
   elif llms.family(model_kind).encoder_decoder:
-    init = lambda: module.init(rngs, images, ids, mask, ids, mask)
+    init = lambda: module.init(rngs, images, ids, mask, ids, mask, **question)
   else:
-    init = lambda: module.init(rngs, images, ids, mask)
+    init = lambda: module.init(rngs, images, ids, mask, **question)
   return jax.eval_shape(init)["params"]
 
 
 def load_hf_blip2(path, *, dtype: str = "float32", mesh=None, rules=DEFAULT_RULES, remat_policy: str = "none"):
-  """A local HF BLIP-2 directory -> (its config.json dict, our model config, kind, params on `mesh`).
+  """A local HF BLIP-2 directory -> (its config.json dict, our model config, kind, params on `mesh`). An HF
+  InstructBLIP directory (InstructBlipForConditionalGeneration) gives a question-conditioned model
+  (`qformer_text_input`: the Q-Former reads the question; models/blip2.py Blip2LLM).
 
   `dtype` applies to the frozen ViT and LLM; the Q-Former, query tokens and projections stay float32 (HF keeps
   `query_tokens` and `qformer` in float32 too). `mesh` defaults to all devices on one 'fsdp' axis. A tensor the

@@ -175,6 +175,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, devices=
   # 3. The loop. Metrics of step s are read back after step s+1 is dispatched, so the host never stalls the
   # device; a checkpoint is written only after its step's loss was seen to be finite.
   step = int(jax.device_get(state["step"]))
+  if step == 0 and config.get("eval_at_start", False):
+    # Fine-tuning: the starting model on the same evaluation, so the run's own log shows before and after.
+    _log_eval(0, evaluator.run(partitioning.merge(state["params"], frozen)), writer, {})
   progress = _progress_bar(step, config.total_steps)
   preemption = checkpointing.Preemption()
   try:

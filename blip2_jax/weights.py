@@ -351,7 +351,8 @@ def load_qformer_from_blip2(path, params_template) -> tuple[dict, set[str]]:
 
   Captioning/VQA checkpoints hold the query side only (`query_tokens`, `qformer.*` without the text FFN);
   retrieval checkpoints (`Blip2ForImageTextRetrieval`, use_qformer_text_input) add the text FFN, embeddings,
-  `vision_projection`, `text_projection` and `itm_head`. HF keeps neither `temp` nor the Q-Former LM head, so
+  `vision_projection`, `text_projection` and `itm_head`; InstructBLIP checkpoints (the question-conditioned
+  Q-Former) add the text FFN and `qformer.embeddings.*`. HF keeps neither `temp` nor the Q-Former LM head, so
   those are never filled. A checkpoint tensor with no counterpart in the model (more layers, cross-attention
   where the config has none) is an error: the config does not describe the checkpoint.
   """
@@ -362,7 +363,11 @@ def load_qformer_from_blip2(path, params_template) -> tuple[dict, set[str]]:
   cross = [i for i in range(num_layers) if "crossattention" in qformer[f"layers_{i}"]]
   freq = cross[1] - cross[0] if len(cross) > 1 else num_layers
   cfg = ml_collections.ConfigDict(dict(qformer=dict(num_layers=num_layers, cross_attention_freq=freq)))
-  entries = qformer_weight_map(cfg, text="embeddings.word_embeddings.weight" in ckpt)
+  entries = qformer_weight_map(
+    cfg,
+    text="embeddings.word_embeddings.weight" in ckpt,
+    instructblip="qformer.embeddings.word_embeddings.weight" in ckpt,
+  )
   used = {e[1] for e in entries}
   unused = sorted(
     k
@@ -517,11 +522,16 @@ def vision_weight_map() -> list:
   return out + norm_entries("ln_vision", "vision_model.post_layernorm")
 
 
-def qformer_weight_map(cfg, *, text: bool) -> list:
+def qformer_weight_map(cfg, *, text: bool, instructblip: bool = False) -> list:
   """query_tokens and the Q-Former in HF naming; with `text`, also the text side and the ITC/ITM heads of
-  retrieval checkpoints (`embeddings.*`, the text FFN, `vision_projection`, `text_projection`, `itm_head`)."""
+  retrieval checkpoints (`embeddings.*`, the text FFN, `vision_projection`, `text_projection`, `itm_head`).
+
+  instructblip: the question-conditioned Q-Former in HF InstructBLIP naming instead: the text side (the text FFN,
+  `qformer.embeddings.word_embeddings` / `position_embeddings`) with the embedding LayerNorm at
+  `qformer.embeddings.layernorm`, and no heads."""
   qf = cfg.qformer
-  out = [("query_tokens", "query_tokens", "copy")] + norm_entries("qformer/embed_norm", "qformer.layernorm")
+  norm = "qformer.embeddings.layernorm" if instructblip else "qformer.layernorm"
+  out = [("query_tokens", "query_tokens", "copy")] + norm_entries("qformer/embed_norm", norm)
   for i in range(qf.num_layers):
     src, dst = f"qformer.encoder.layer.{i}", f"qformer/layers_{i}"
     for name in ("query", "key", "value"):
@@ -533,7 +543,9 @@ def qformer_weight_map(cfg, *, text: bool) -> list:
         out += dense_entries(f"{dst}/crossattention/{name}", f"{src}.crossattention.attention.{name}")
       out += dense_entries(f"{dst}/crossattention/output", f"{src}.crossattention.output.dense")
       out += norm_entries(f"{dst}/crossattention/output_norm", f"{src}.crossattention.output.LayerNorm")
-    ffns = [("ffn_query", "intermediate_query", "output_query")] + ([("ffn", "intermediate", "output")] if text else [])
+    ffns = [("ffn_query", "intermediate_query", "output_query")]
+    if text or instructblip:
+      ffns.append(("ffn", "intermediate", "output"))
     for ours, intermediate, output in ffns:
       out += dense_entries(f"{dst}/{ours}/intermediate", f"{src}.{intermediate}.dense")
       out += dense_entries(f"{dst}/{ours}/output", f"{src}.{output}.dense")
@@ -545,4 +557,9 @@ def qformer_weight_map(cfg, *, text: bool) -> list:
     ]
     out += dense_entries("vision_proj", "vision_projection") + dense_entries("text_proj", "text_projection")
     out += dense_entries("itm_head", "itm_head")
+  elif instructblip:
+    out += [
+      ("qformer/word_embeddings/embedding", "qformer.embeddings.word_embeddings.weight", "copy"),
+      ("qformer/position_embeddings", "qformer.embeddings.position_embeddings.weight", "copy"),
+    ]
   return out

@@ -114,6 +114,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       vision_weights="",  # local HF BLIP-2 checkpoint dir (vision_model.* in safetensors)
       bert_weights="",  # local bert-base-uncased dir (HF layout, safetensors) for the Q-Former
       lavis_weights="",  # or a LAVIS stage-1 checkpoint (blip2_pretrained.pth) to continue stage 1 from
+      # Fine-tuning: every parameter from a training workdir's latest checkpoint or a HF BLIP-2 directory (ViT
+      # position embeddings resized to data.image_size). It wins over the sources above, which fill only what it
+      # lacks (e.g. bert_weights for a text side a stage-2 checkpoint does not have).
+      checkpoint="",
     )
   )
   c.tokenizer = ""  # local bert-base-uncased dir, or a WordPiece vocab .txt

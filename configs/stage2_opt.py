@@ -138,9 +138,22 @@ def stage2_config(kind: str, variant: str) -> ml_collections.ConfigDict:
       ),
       num_query_tokens=32,
       ln_vision_eps=1e-5,
+      # VQA fine-tuning (paper Sec. 4.3; InstructBLIP): the Q-Former also reads the question, batch keys
+      # qformer_ids / qformer_mask (its own tokenizer; qformer.vocab_size its size), and keeps its text side.
+      qformer_text_input=False,
       # The frozen LLM. With init.llm_weights its sizes come from that directory's config.json; the fields
       # here are used only without weights (random init, e.g. benchmarks). dtype: compute dtype.
-      llm=dict(kind=kind, dtype="bfloat16", remat_policy="none", **(OPT_2_7B if kind == "opt" else FLAN_T5_XL)),
+      llm=dict(
+        kind=kind,
+        dtype="bfloat16",
+        remat_policy="none",
+        # LoRA adapters on the frozen LLM's projections (models/lora.py, docs/finetune.md), with or without
+        # llm_weights; rank 0 = off (the paper trains none). targets: HF / PEFT module names. Common practice
+        # for BLIP-2 with PEFT (e.g. PEFT's BLIP-2 fine-tuning examples) is rank=16, alpha=32, dropout=0.05 on
+        # q_proj / v_proj (T5: q / v).
+        lora=dict(rank=0, alpha=16.0, dropout=0.05, targets=("q_proj", "v_proj") if kind == "opt" else ("q", "v")),
+        **(OPT_2_7B if kind == "opt" else FLAN_T5_XL),
+      ),
     )
   )
   c.frozen_params = ("visual_encoder/.*", "language_model/.*")
@@ -151,6 +164,10 @@ def stage2_config(kind: str, variant: str) -> ml_collections.ConfigDict:
       vision_weights="",  # HF BLIP-2 dir (vision_model.*)
       llm_weights="",  # HF OPT / T5 dir, or a BLIP-2 dir (language_model.*); "demo" = blip2_jax.demo_llm
       qformer_weights="",  # stage-1 workdir, or HF BLIP-2 dir (query side)
+      # Fine-tuning: every parameter from a training workdir's latest checkpoint or a HF BLIP-2 directory (ViT
+      # position embeddings resized to data.image_size). It wins over the sources above, which fill only what it
+      # lacks (e.g. bert_weights for a text side a stage-2 checkpoint does not have).
+      checkpoint="",
     )
   )
   # llm_weights="demo": pretraining steps of the tiny caption LLM (None: blip2_jax.demo_llm.DEFAULT_STEPS).

@@ -47,7 +47,7 @@ def tiny_data_dir(tmp_path_factory):
 
 # pytest.ini runs the suite on pytest-xdist workers with --dist=loadgroup: each test file is one group, so a
 # module-scoped fixture is built once; the files that read `stage1_workdir` share a group, so it is built once too.
-SHARED_GROUPS = {"test_train": "stage1_workdir", "test_api": "stage1_workdir"}
+SHARED_GROUPS = {"test_train": "stage1_workdir", "test_api": "stage1_workdir", "test_finetune": "stage1_workdir"}
 
 
 # The longest file first: pytest-xdist hands the groups out in collection order, and test_multiprocess.py (about a

@@ -10,7 +10,7 @@ captions (a web caption and CapFilt's synthetic ones); each step draws one of th
 The `data` ConfigDict fields read here: name, data_dir, builder_kwargs, train_split, eval_split, image_size,
 crop_scale, flip, max_text_len, num_threads, prefetch, eval_max_examples, and, with defaults for older configs,
 sources ({} = none), clean_captions (True), max_caption_words (50), fast_decode (True), max_pixels
-(images.MAX_PIXELS).
+(images.MAX_PIXELS), image_ids (False: retrieval fine-tuning's `image_id` batch field), captions_per_image (1).
 """
 
 import collections
@@ -193,8 +193,13 @@ def train_preprocess(example: dict, rng: np.random.Generator, data_cfg, kind: st
     captions = [swap_left_right(c) for c in captions]
   # One caption per image per step (BLIP-2 samples one of an image's kept captions each time it is seen);
   # drawn only when there is a choice, so one-caption data keeps its random stream.
-  caption = captions[int(rng.integers(len(captions)))] if len(captions) > 1 else captions[0]
+  if "_visit" in example:  # data.captions_per_image: the k-th visit of an image in an epoch reads its k-th caption
+    caption = captions[example["_visit"] % len(captions)]
+  else:
+    caption = captions[int(rng.integers(len(captions)))] if len(captions) > 1 else captions[0]
   out = {"image": image, "caption": caption}  # a flipped view: the batching copies it anyway
+  if data_cfg.get("image_ids", False):
+    out["image_id"] = example["_image_id"]
   if kind != llms.RETRIEVAL and llms.family(kind).encoder_decoder:
     if data_cfg.get("prompt_fraction", 0.0) and rng.random() < data_cfg.prompt_fraction:
       out["prefix"], out["suffix"] = data_cfg.prompt, caption  # the captioning format: prompt -> caption
@@ -241,7 +246,7 @@ def make_train_iterator(
     )
   _check_prompt_fraction(data_cfg, kind)
   stream = (
-    _mixture(train_sources(data_cfg), seed)
+    _mixture(train_sources(data_cfg), seed, data_cfg.get("captions_per_image", 1))
     .filter(_has_image_bytes)
     .random_map(lambda ex, rng: train_preprocess(ex, rng, data_cfg, kind))
     .filter(lambda ex: ex is not None)  # broken images and examples without captions
@@ -265,22 +270,43 @@ def make_train_iterator(
   return TrainIterator(make, b, process_count)
 
 
-def _mixture(sources, seed: int) -> grain.MapDataset:
+def _mixture(sources, seed: int, captions_per_image: int = 1) -> grain.MapDataset:
   """The endless stream of raw examples: each source shuffled anew every epoch and repeated, the sources
   interleaved in proportion to their weights (grain's deterministic mix). Each example carries `_where` (source
-  name, record index) for the bad-sample warnings."""
+  name, record index) for the bad-sample warnings and `_image_id`: the example's own `image_id` field if it has one
+  (TFDS COCO, synthetic_shapes), else the record's position in the sources' concatenation (a prepared record is one
+  image). captions_per_image K > 1 (retrieval fine-tuning on prepared COCO, whose records hold an image's ~5
+  captions): an epoch visits every record K times, the k-th visit marked `_visit` k, as LAVIS trains on every
+  (image, caption) pair once per epoch."""
+  if captions_per_image < 1:
+    raise ValueError(f"config.data.captions_per_image={captions_per_image}: use 1 or more.")
+  offsets = np.cumsum([0] + [len(source) for _, source, _ in sources])
 
-  def tagged(name, source, seed):
+  def tagged(name, source, seed, offset):
     n = len(source)
-    # The record's index, for the warning (grain passes later epochs' indices unwrapped).
-    ds = grain.MapDataset.source(source).seed(seed).map_with_index(lambda i, ex: {**ex, "_where": (name, i % n)})
+
+    def tag(i, ex):
+      # The record's index, for the warning (grain passes later epochs' indices unwrapped).
+      image_id = int(ex["image_id"]) if "image_id" in ex else offset + i % n
+      out = {**ex, "_where": (name, i % n), "_image_id": image_id}
+      if captions_per_image > 1:
+        out["_visit"] = (i // n) % captions_per_image
+      return out
+
+    ds = grain.MapDataset.source(source)
+    if captions_per_image > 1:
+      ds = ds.repeat(captions_per_image)
+    ds = ds.seed(seed).map_with_index(tag)
     # The whole-dataset slice [0::1] changes nothing but grain's seeding of the shuffle: it keeps the order (and so
     # the demo results) of the runs made when each process shuffled its own slice of the data.
     return ds[0::1].shuffle().repeat()  # a new order each epoch (grain mixes the epoch into the seed)
 
   if len(sources) == 1:
-    return tagged(*sources[0][:2], seed)
-  parents = [tagged(name, source, seed + zlib.crc32(name.encode()) % 2**31) for name, source, _ in sources]
+    return tagged(*sources[0][:2], seed, 0)
+  parents = [
+    tagged(name, source, seed + zlib.crc32(name.encode()) % 2**31, int(offset))
+    for (name, source, _), offset in zip(sources, offsets)
+  ]
   weights = [w for _, _, w in sources]
   return grain.MapDataset.mix(parents, [w / math.fsum(weights) for w in weights])
 
@@ -355,6 +381,8 @@ def _tokenize_batch(batch: dict, tokenizer, data_cfg, kind: str) -> dict:
     whole caption)."""
   max_len = data_cfg.max_text_len
   out = {"image": batch["image"]}
+  if "image_id" in batch:
+    out["image_id"] = np.asarray(batch["image_id"], np.int32)
   if kind == llms.RETRIEVAL:
     out["text_ids"], out["text_mask"] = tokenizer_lib.tokenize(tokenizer, [str(c) for c in batch["caption"]], max_len)
     return out

@@ -29,10 +29,13 @@ def dense(
   dtype: Dtype = jnp.float32,
   init_std: float = 0.02,
   name: str | None = None,
+  module: type[nn.Dense] = nn.Dense,
+  **attributes,
 ) -> nn.Dense:
   """nn.Dense whose kernel carries logical axes (in_axis, out_axis) and bias (out_axis,); fp32 master weights.
-  The kernel starts N(0, init_std^2)."""
-  return nn.Dense(
+  The kernel starts N(0, init_std^2). `module`: an nn.Dense subclass to build instead (lora.Dense), with its own
+  fields in `attributes`."""
+  return module(
     features,
     use_bias=use_bias,
     dtype=dtype,
@@ -40,6 +43,7 @@ def dense(
     kernel_init=logical(nn.initializers.normal(stddev=init_std), axes),
     bias_init=logical(nn.initializers.zeros, (axes[1],)),
     name=name,
+    **attributes,
   )
 
 
@@ -82,11 +86,12 @@ def check_remat_policy(policy: str, where: str) -> None:
     raise ValueError(f"{where}={policy!r} is not one of {['none', *REMAT_POLICIES]}.")
 
 
-def remat(block, policy: str):
-  """The module class `block` rematerialised per `policy` (a REMAT_POLICIES key, or "none": unchanged)."""
+def remat(block, policy: str, static_argnums: tuple[int, ...] = ()):
+  """The module class `block` rematerialised per `policy` (a REMAT_POLICIES key, or "none": unchanged).
+  static_argnums: the positions of `block.__call__`'s Python arguments (a `deterministic` flag), self being 0."""
   if policy == "none":
     return block
-  return nn.remat(block, policy=REMAT_POLICIES[policy], prevent_cse=False)
+  return nn.remat(block, policy=REMAT_POLICIES[policy], prevent_cse=False, static_argnums=static_argnums)
 
 
 def unstack(stacked) -> list:

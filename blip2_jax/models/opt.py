@@ -1,9 +1,10 @@
 """The frozen OPT decoder of BLIP-2 stage 2 (HF `OPTForCausalLM`; BLIP-2 uses OPT-2.7B and OPT-6.7B).
 
 Pre-LayerNorm decoder blocks, learned absolute positions (with fairseq's offset of 2 rows), a final LayerNorm and
-an lm_head tied to the token embeddings. The LLM is always frozen and run deterministically, so there is no
-dropout and no layerdrop. BLIP-2 prepends its projected query outputs to the token embeddings, so the model runs
-from embeddings: `embed(ids)`, concatenate, then `__call__` (HF's `inputs_embeds` path).
+an lm_head tied to the token embeddings. The LLM is frozen and has no dropout and no layerdrop; its projections
+may carry trainable LoRA adapters (models/lora.py, `cfg.lora`), whose dropout runs when not `deterministic`.
+BLIP-2 prepends its projected query outputs to the token embeddings, so the model runs from embeddings:
+`embed(ids)`, concatenate, then `__call__` (HF's `inputs_embeds` path).
 
 Decoding uses a KV cache {"k", "v"} of [B, layers, S_max, heads, head_dim], batch first so that beam search
 reorders a whole decoding state with one gather on axis 0. The caller owns the cache's key mask [B, S_max] and
@@ -21,6 +22,7 @@ import ml_collections
 import transformers
 
 from blip2_jax.models import layers
+from blip2_jax.models import lora
 
 # OPT configs carry no epsilon: its LayerNorms use torch's default.
 LAYER_NORM_EPS = 1e-5
@@ -31,6 +33,9 @@ POSITION_OFFSET = 2
 ACTIVATIONS = {"relu": jax.nn.relu, "gelu": layers.gelu}  # HF's "gelu" is the exact (erf) GELU
 
 REMAT_POLICIES = layers.REMAT_POLICIES
+
+# The projections LoRA can adapt (cfg.lora.targets), by their HF / PEFT module names.
+LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2")
 
 
 def config_from_hf(hf, *, dtype: str = "float32", remat_policy: str = "none") -> ml_collections.ConfigDict:
@@ -107,15 +112,15 @@ class Attention(nn.Module):
   cfg: ml_collections.ConfigDict
 
   @nn.compact
-  def __call__(self, x, mask, cache_index, cache):
+  def __call__(self, x, mask, cache_index, cache, deterministic=True):
     cfg = self.cfg
     b, t, d = x.shape
     heads = cfg.num_attention_heads
-    proj = lambda axes, name: layers.dense(d, axes, use_bias=cfg.enable_bias, dtype=cfg.dtype, name=name)
+    proj = lambda axes, name: lora.dense(d, axes, cfg, name, use_bias=cfg.enable_bias, dtype=cfg.dtype, name=name)
     split = lambda y: y.reshape(b, t, heads, d // heads)
-    q = split(proj(("embed", "heads"), "q_proj")(x))
-    k = split(proj(("embed", "heads"), "k_proj")(x))
-    v = split(proj(("embed", "heads"), "v_proj")(x))
+    q = split(proj(("embed", "heads"), "q_proj")(x, deterministic))
+    k = split(proj(("embed", "heads"), "k_proj")(x, deterministic))
+    v = split(proj(("embed", "heads"), "v_proj")(x, deterministic))
     if cache is not None:
       at = (0, cache_index, 0, 0)
       k = lax.dynamic_update_slice(cache["k"], k.astype(cache["k"].dtype), at)
@@ -124,24 +129,28 @@ class Attention(nn.Module):
     # HF scales q by head_dim**-0.5 before the product; layers.attention scales the float32 logits instead: the
     # same function, one rounding fewer in low precision.
     out = layers.attention(q, k, v, mask).reshape(b, t, d)
-    return proj(("heads", "embed"), "out_proj")(out), cache
+    return proj(("heads", "embed"), "out_proj")(out, deterministic), cache
 
 
 class DecoderLayer(nn.Module):
-  """Pre-LayerNorm block: x + attn(LN(x)), then x + fc2(act(fc1(LN(x))))."""
+  """Pre-LayerNorm block: x + attn(LN(x)), then x + fc2(act(fc1(LN(x)))). `deterministic` (positional: static
+  under remat) switches the LoRA adapters' dropout off."""
 
   cfg: ml_collections.ConfigDict
 
   @nn.compact
-  def __call__(self, x, mask, cache_index, cache):
+  def __call__(self, x, mask, cache_index, cache, deterministic=True):
     cfg = self.cfg
+    proj = lambda features, axes, name: lora.dense(
+      features, axes, cfg, name, use_bias=cfg.enable_bias, dtype=cfg.dtype, name=name
+    )
     h = layers.layer_norm(LAYER_NORM_EPS, name="self_attn_layer_norm")(x)
-    h, cache = Attention(cfg, name="self_attn")(h, mask, cache_index, cache)
+    h, cache = Attention(cfg, name="self_attn")(h, mask, cache_index, cache, deterministic)
     x = x + h
     h = layers.layer_norm(LAYER_NORM_EPS, name="final_layer_norm")(x)
-    h = layers.dense(cfg.ffn_dim, ("embed", "mlp"), use_bias=cfg.enable_bias, dtype=cfg.dtype, name="fc1")(h)
+    h = proj(cfg.ffn_dim, ("embed", "mlp"), "fc1")(h, deterministic)
     h = ACTIVATIONS[cfg.activation_function](h)
-    h = layers.dense(x.shape[-1], ("mlp", "embed"), use_bias=cfg.enable_bias, dtype=cfg.dtype, name="fc2")(h)
+    h = proj(x.shape[-1], ("mlp", "embed"), "fc2")(h, deterministic)
     return x + h, cache
 
 
@@ -149,13 +158,14 @@ class OPTForCausalLM(nn.Module):
   """OPT from embeddings to float32 logits. cfg: see `config_from_hf`.
 
   Parameter names follow HF's (`weight_map` pairs them); the decoder layers are stacked by nn.scan on a leading
-  "layers" axis.
+  "layers" axis, their LoRA adapters (if any) too.
   """
 
   cfg: ml_collections.ConfigDict
 
   def setup(self):
     cfg = self.cfg
+    lora.check(cfg, LORA_TARGETS, "OPT")
     embed = lambda rows, axes: nn.Embed(
       rows,
       cfg.hidden_size,
@@ -165,13 +175,14 @@ class OPTForCausalLM(nn.Module):
     )
     self.embed_tokens = embed(cfg.vocab_size, ("vocab", "embed"))
     self.embed_positions = embed(cfg.max_position_embeddings + POSITION_OFFSET, (None, "embed"))
-    block = layers.remat(DecoderLayer, cfg.remat_policy)
-    # The cache is scanned along its layer axis (1), keeping the batch first outside.
+    block = layers.remat(DecoderLayer, cfg.remat_policy, static_argnums=(5,))  # (self, ..., deterministic)
+    # The cache is scanned along its layer axis (1), keeping the batch first outside; each layer draws its own
+    # LoRA dropout.
     self.layers = nn.scan(
       block,
       variable_axes={"params": 0},
-      split_rngs={"params": True},
-      in_axes=(nn.broadcast, nn.broadcast, 1),
+      split_rngs={"params": True, "dropout": True},
+      in_axes=(nn.broadcast, nn.broadcast, 1, nn.broadcast),
       out_axes=1,
       length=cfg.num_hidden_layers,
       metadata_params={nn.PARTITION_NAME: "layers"},
@@ -182,7 +193,17 @@ class OPTForCausalLM(nn.Module):
     """Token embeddings [B, T, D] alone (no positions: `__call__` adds them)."""
     return self.embed_tokens(ids)
 
-  def __call__(self, embeds, attention_mask, *, positions=None, cache=None, cache_index=None, logits_range=None):
+  def __call__(
+    self,
+    embeds,
+    attention_mask,
+    *,
+    positions=None,
+    cache=None,
+    cache_index=None,
+    logits_range=None,
+    deterministic=True,
+  ):
     """embeds [B, T, D] -> (logits [B, T, vocab] float32, the updated cache or None).
 
     logits_range (start, stop): the logits of those positions only, [B, stop - start, vocab] (a loss that reads
@@ -192,6 +213,7 @@ class OPTForCausalLM(nn.Module):
     real tokens, positions (if not given) counted over the real tokens as HF does, so left padding shifts nothing.
     With a cache: attention_mask [B, S_max] marks the valid cache slots, the tokens go to slots cache_index ..
     cache_index + T - 1 (cache_index: int32 scalar, may be traced) and `positions` [B, T] must be given.
+    deterministic: False runs the LoRA adapters' dropout (the "dropout" rng); nothing else is random.
     """
     cfg = self.cfg
     b, t, _ = embeds.shape
@@ -217,7 +239,7 @@ class OPTForCausalLM(nn.Module):
         f"[batch, cache slots] = {cache['k'].shape[:1] + cache['k'].shape[2:3]}."
       )
     mask = _attention_mask(attention_mask, t, cache_index)
-    x, cache = self.layers(self.inputs(embeds, positions), mask, cache_index, cache)
+    x, cache = self.layers(self.inputs(embeds, positions), mask, cache_index, cache, deterministic)
     if logits_range is not None:
       x = x[:, logits_range[0] : logits_range[1]]
     return self.head(x), cache
@@ -234,7 +256,8 @@ class OPTForCausalLM(nn.Module):
 
 
 def split_layers(params) -> list:
-  """The scanned layers' parameters [layers, ...] as one tree per layer, for `decode_step`."""
+  """The scanned layers' parameters [layers, ...] (LoRA adapters included) as one tree per layer, for
+  `decode_step`."""
   return layers.unstack(params["layers"])
 
 
@@ -268,7 +291,8 @@ def decode_step(
 def weight_map(cfg) -> list[tuple[str, str, str]]:
   """(our parameter path, HF `OPTForCausalLM.state_dict()` name, kind) for weights.tree_from_hf / hf_tensors.
 
-  `lm_head.weight` is absent: it is tied to the token embeddings and HF stores only those."""
+  `lm_head.weight` is absent: it is tied to the token embeddings and HF stores only those. LoRA adapters have no
+  row: export merges them first (lora.merged)."""
   out = [
     ("embed_tokens/embedding", "model.decoder.embed_tokens.weight", "copy"),
     ("embed_positions/embedding", "model.decoder.embed_positions.weight", "copy"),

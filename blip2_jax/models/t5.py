@@ -4,8 +4,9 @@ Flan-T5-XL and -XXL).
 Pre-norm blocks with T5's RMS LayerNorm (a scale, no bias, no mean subtraction), attention logits without the
 1/sqrt(head_dim) scaling (T5 folds it into the initialisation of q), and a learned relative position bias: one
 table per stack, held by block 0 in HF and shared by every layer, so it lives outside the scanned layers here.
-The FFN is relu (wi -> wo) or gated (act(wi_0 x) * wi_1 x -> wo). The LLM is always frozen and run
-deterministically, so there is no dropout.
+The FFN is relu (wi -> wo) or gated (act(wi_0 x) * wi_1 x -> wo). The LLM is frozen and has no dropout; its
+projections (named as HF names them: q, k, v, o, wi / wi_0, wi_1, wo) may carry trainable LoRA adapters
+(models/lora.py, `cfg.lora`), whose dropout runs when not `deterministic`.
 
 BLIP-2 puts its projected query outputs in front of the embedded prefix text and runs the encoder from
 embeddings: `embed(ids)`, concatenate, then `encode` (HF's `inputs_embeds` path); the decoder predicts the suffix.
@@ -31,6 +32,7 @@ import numpy as np
 import transformers
 
 from blip2_jax.models import layers
+from blip2_jax.models import lora
 
 # HF's ACT2FN names: "gelu" is the exact (erf) GELU, which BLIP-2 forces on Flan-T5; "gelu_new" the tanh
 # approximation that Flan-T5's own config names.
@@ -39,6 +41,11 @@ ACTIVATIONS = {"relu": jax.nn.relu, "gelu": layers.gelu, "gelu_new": lambda x: j
 REMAT_POLICIES = layers.REMAT_POLICIES
 
 _CACHE_KEYS = ("self_k", "self_v", "cross_k", "cross_v")
+
+
+def lora_targets(cfg) -> tuple[str, ...]:
+  """The projections LoRA can adapt (cfg.lora.targets), by their HF / PEFT module names."""
+  return ("q", "k", "v", "o", *(("wi_0", "wi_1") if cfg.is_gated_act else ("wi",)), "wo")
 
 
 def config_from_hf(
@@ -161,37 +168,37 @@ class RMSNorm(nn.Module):
 
 class Attention(nn.Module):
   """T5 attention (no bias terms). Keys/values are projected separately (`project_kv`) so the decoder can cache
-  them: its own per step, the encoder's once per sequence."""
+  them: its own per step, the encoder's once per sequence. `deterministic`: see lora.Dense."""
 
   cfg: ml_collections.ConfigDict
 
   def setup(self):
     cfg = self.cfg
     inner = cfg.num_heads * cfg.d_kv
-    proj = lambda features, axes: layers.dense(features, axes, use_bias=False, dtype=cfg.dtype)
-    self.q = proj(inner, ("embed", "heads"))
-    self.k = proj(inner, ("embed", "heads"))
-    self.v = proj(inner, ("embed", "heads"))
-    self.o = proj(cfg.d_model, ("heads", "embed"))
+    proj = lambda features, axes, target: lora.dense(features, axes, cfg, target, use_bias=False, dtype=cfg.dtype)
+    self.q = proj(inner, ("embed", "heads"), "q")
+    self.k = proj(inner, ("embed", "heads"), "k")
+    self.v = proj(inner, ("embed", "heads"), "v")
+    self.o = proj(cfg.d_model, ("heads", "embed"), "o")
 
   def _split(self, y):
     return y.reshape(*y.shape[:2], self.cfg.num_heads, self.cfg.d_kv)
 
-  def project_kv(self, x):
+  def project_kv(self, x, deterministic=True):
     """x [B, S, D] -> keys, values [B, S, heads, d_kv]."""
-    return self._split(self.k(x)), self._split(self.v(x))
+    return self._split(self.k(x, deterministic)), self._split(self.v(x, deterministic))
 
-  def __call__(self, x, k, v, bias, mask):
+  def __call__(self, x, k, v, bias, mask, deterministic=True):
     """x [B, T, D] attends to k, v [B, S, heads, d_kv]; bias float32 broadcastable to [B, heads, T, S] (or None);
     mask bool broadcastable to [B, heads, T, S], True = may attend."""
-    q = self._split(self.q(x))
+    q = self._split(self.q(x, deterministic))
     logits = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32)  # no 1/sqrt(d_kv)
     if bias is not None:
       logits = logits + bias
     logits = jnp.where(mask, logits, jnp.finfo(jnp.float32).min)
     probs = jax.nn.softmax(logits, axis=-1)
     out = jnp.einsum("bhqk,bkhd->bqhd", probs.astype(v.dtype), v)
-    return self.o(out.reshape(*x.shape[:2], -1))
+    return self.o(out.reshape(*x.shape[:2], -1), deterministic)
 
 
 class FeedForward(nn.Module):
@@ -201,35 +208,37 @@ class FeedForward(nn.Module):
   cfg: ml_collections.ConfigDict
 
   @nn.compact
-  def __call__(self, x):
+  def __call__(self, x, deterministic=True):
     cfg = self.cfg
     act = ACTIVATIONS[cfg.dense_act_fn]
-    proj = lambda features, axes, name: layers.dense(features, axes, use_bias=False, dtype=cfg.dtype, name=name)
-    if cfg.is_gated_act:
-      h = act(proj(cfg.d_ff, ("embed", "mlp"), "wi_0")(x)) * proj(cfg.d_ff, ("embed", "mlp"), "wi_1")(x)
-    else:
-      h = act(proj(cfg.d_ff, ("embed", "mlp"), "wi")(x))
-    return proj(cfg.d_model, ("mlp", "embed"), "wo")(h)
+    proj = lambda features, axes, name: lora.dense(
+      features, axes, cfg, name, use_bias=False, dtype=cfg.dtype, name=name
+    )
+    up = lambda name: proj(cfg.d_ff, ("embed", "mlp"), name)(x, deterministic)
+    h = act(up("wi_0")) * up("wi_1") if cfg.is_gated_act else act(up("wi"))
+    return proj(cfg.d_model, ("mlp", "embed"), "wo")(h, deterministic)
 
 
 class EncoderBlock(nn.Module):
-  """x + attn(norm(x)) with the shared position bias, then x + ffn(norm(x)). A scan body: returns (x, None)."""
+  """x + attn(norm(x)) with the shared position bias, then x + ffn(norm(x)). A scan body: returns (x, None).
+  `deterministic` (positional: static under remat) switches the LoRA adapters' dropout off."""
 
   cfg: ml_collections.ConfigDict
 
   @nn.compact
-  def __call__(self, x, bias, mask):
+  def __call__(self, x, bias, mask, deterministic=True):
     cfg = self.cfg
     h = RMSNorm(cfg.layer_norm_epsilon, name="self_attention_norm")(x)
     attention = Attention(cfg, name="self_attention")
-    x = x + attention(h, *attention.project_kv(h), bias, mask)
-    x = x + FeedForward(cfg, name="ffn")(RMSNorm(cfg.layer_norm_epsilon, name="ffn_norm")(x))
+    x = x + attention(h, *attention.project_kv(h, deterministic), bias, mask, deterministic)
+    x = x + FeedForward(cfg, name="ffn")(RMSNorm(cfg.layer_norm_epsilon, name="ffn_norm")(x), deterministic)
     return x, None
 
 
 class DecoderBlock(nn.Module):
   """Causal self-attention (with the shared position bias), cross-attention to the encoder (no position bias),
-  FFN, each pre-normed with a residual. Both methods are scan bodies."""
+  FFN, each pre-normed with a residual. Both methods are scan bodies; `deterministic` (positional: static under
+  remat) switches the LoRA adapters' dropout off."""
 
   cfg: ml_collections.ConfigDict
 
@@ -242,33 +251,34 @@ class DecoderBlock(nn.Module):
     self.ffn_norm = RMSNorm(cfg.layer_norm_epsilon)
     self.ffn = FeedForward(cfg)
 
-  def cross_kv(self, carry, encoder_out):
+  def cross_kv(self, carry, encoder_out, deterministic=True):
     """This layer's cross-attention keys and values of the encoder output."""
-    return carry, self.cross_attention.project_kv(encoder_out)
+    return carry, self.cross_attention.project_kv(encoder_out, deterministic)
 
-  def __call__(self, x, self_bias, self_mask, cross_mask, cache_index, state):
+  def __call__(self, x, self_bias, self_mask, cross_mask, cache_index, state, deterministic=True):
     """state: this layer's "cross_k", "cross_v" and, when decoding with a cache, "self_k", "self_v" [B, S_max,
     heads, d_kv], into which the new keys/values are written at cache_index. Returns (x, the new self_k/self_v)."""
     h = self.self_attention_norm(x)
-    k, v = self.self_attention.project_kv(h)
+    k, v = self.self_attention.project_kv(h, deterministic)
     new = {}
     if "self_k" in state:
       at = (0, cache_index, 0, 0)
       k = new["self_k"] = lax.dynamic_update_slice(state["self_k"], k.astype(state["self_k"].dtype), at)
       v = new["self_v"] = lax.dynamic_update_slice(state["self_v"], v.astype(state["self_v"].dtype), at)
-    x = x + self.self_attention(h, k, v, self_bias, self_mask)
+    x = x + self.self_attention(h, k, v, self_bias, self_mask, deterministic)
     h = self.cross_attention_norm(x)
-    x = x + self.cross_attention(h, state["cross_k"], state["cross_v"], None, cross_mask)
-    return x + self.ffn(self.ffn_norm(x)), new
+    x = x + self.cross_attention(h, state["cross_k"], state["cross_v"], None, cross_mask, deterministic)
+    return x + self.ffn(self.ffn_norm(x), deterministic), new
 
 
-def _scanned(block, cfg, length: int, methods: dict):
-  """The module class of `block` stacked `length` times by nn.scan on a leading "layers" parameter axis,
-  rematerialised per cfg.remat_policy; `methods` gives each scanned method's in_axes/out_axes."""
-  block = layers.remat(block, cfg.remat_policy)
+def _scanned(block, cfg, length: int, methods: dict, static_argnums: tuple[int, ...]):
+  """The module class of `block` stacked `length` times by nn.scan on a leading "layers" parameter axis (LoRA
+  adapters included; each layer draws its own LoRA dropout), its __call__ rematerialised per cfg.remat_policy
+  with `static_argnums` static; `methods` gives each scanned method's in_axes/out_axes."""
+  block = layers.remat(block, cfg.remat_policy, static_argnums)
   common = dict(
     variable_axes={"params": 0},
-    split_rngs={"params": True},
+    split_rngs={"params": True, "dropout": True},
     length=length,
     metadata_params={nn.PARTITION_NAME: "layers"},
   )
@@ -290,7 +300,7 @@ class Encoder(nn.Module):
   cfg: ml_collections.ConfigDict
 
   @nn.compact
-  def __call__(self, x, attention_mask):
+  def __call__(self, x, attention_mask, deterministic=True):
     cfg = self.cfg
     table = self.param("relative_attention_bias", *_bias_table(cfg), jnp.float32)
     positions = jnp.arange(x.shape[1])
@@ -302,10 +312,10 @@ class Encoder(nn.Module):
     )
     bias = _position_bias(table, buckets)
     mask = attention_mask.astype(bool)[:, None, None, :]
-    stack = _scanned(EncoderBlock, cfg, cfg.num_layers, {"__call__": dict(in_axes=(nn.broadcast, nn.broadcast))})(
-      cfg, name="layers"
-    )
-    x, _ = stack(x.astype(cfg.dtype), bias, mask)
+    # EncoderBlock.__call__(self, x, bias, mask, deterministic): deterministic is static under remat.
+    methods = {"__call__": dict(in_axes=(nn.broadcast,) * 3)}
+    stack = _scanned(EncoderBlock, cfg, cfg.num_layers, methods, static_argnums=(4,))(cfg, name="layers")
+    x, _ = stack(x.astype(cfg.dtype), bias, mask, deterministic)
     return RMSNorm(cfg.layer_norm_epsilon, name="final_norm")(x)
 
 
@@ -317,25 +327,27 @@ class Decoder(nn.Module):
   def setup(self):
     cfg = self.cfg
     self.relative_attention_bias = self.param("relative_attention_bias", *_bias_table(cfg), jnp.float32)
-    # Biases, masks and cache_index are shared by all layers; the keys/values in `state` and those returned are
-    # batch first with the layer axis second.
+    # Biases, masks, cache_index and deterministic are shared by all layers; the keys/values in `state` and those
+    # returned are batch first with the layer axis second. DecoderBlock.__call__'s deterministic is its argument
+    # 7 (self 0), static under remat.
     self.layers = _scanned(
       DecoderBlock,
       cfg,
       cfg.num_decoder_layers,
       {
-        "__call__": dict(in_axes=(nn.broadcast,) * 4 + (1,), out_axes=1),
-        "cross_kv": dict(in_axes=(nn.broadcast,), out_axes=1),
+        "__call__": dict(in_axes=(nn.broadcast,) * 4 + (1, nn.broadcast), out_axes=1),
+        "cross_kv": dict(in_axes=(nn.broadcast, nn.broadcast), out_axes=1),
       },
+      static_argnums=(7,),
     )(cfg)
     self.final_norm = RMSNorm(cfg.layer_norm_epsilon)
 
-  def cross_kv(self, encoder_out):
+  def cross_kv(self, encoder_out, deterministic=True):
     """Every layer's cross-attention keys and values: two [B, layers, S_enc, heads, d_kv]."""
-    _, (k, v) = self.layers.cross_kv(None, encoder_out.astype(self.cfg.dtype))
+    _, (k, v) = self.layers.cross_kv(None, encoder_out.astype(self.cfg.dtype), deterministic)
     return k, v
 
-  def __call__(self, x, key_mask, encoder_mask, first, state):
+  def __call__(self, x, key_mask, encoder_mask, first, state, deterministic=True):
     """x [B, T, D] at positions first .. first + T - 1 attend to self-attention slots j <= their position where
     key_mask [B, S_self] (or None) allows, and to encoder positions where encoder_mask [B, S_enc] allows."""
     cfg = self.cfg
@@ -343,7 +355,7 @@ class Decoder(nn.Module):
     bias, self_mask, cross_mask = _decoder_bias_and_masks(
       cfg, self.relative_attention_bias, first, x.shape[1], num_slots, key_mask, encoder_mask
     )
-    x, new = self.layers(x.astype(cfg.dtype), bias, self_mask, cross_mask, first, state)
+    x, new = self.layers(x.astype(cfg.dtype), bias, self_mask, cross_mask, first, state, deterministic)
     return self.final_norm(x), new
 
 
@@ -377,7 +389,8 @@ class T5ForConditionalGeneration(nn.Module):
   """T5 from encoder embeddings and decoder ids to float32 logits. cfg: see `config_from_hf`.
 
   Parameters are float32 and every one carries logical axis names; the blocks of each stack are stacked by
-  nn.scan on a leading "layers" axis, and `weight_map` pairs them with HF's names.
+  nn.scan on a leading "layers" axis, and `weight_map` pairs them with HF's names. `deterministic=False` runs the
+  LoRA adapters' dropout (the "dropout" rng); nothing else is random.
   """
 
   cfg: ml_collections.ConfigDict
@@ -385,6 +398,7 @@ class T5ForConditionalGeneration(nn.Module):
   def setup(self):
     cfg = self.cfg
     check_config(cfg)
+    lora.check(cfg, lora_targets(cfg), "T5")
     self.shared = nn.Embed(
       cfg.vocab_size,
       cfg.d_model,
@@ -403,10 +417,10 @@ class T5ForConditionalGeneration(nn.Module):
     """Token embeddings [B, T, D] of the shared table (T5 adds no positions to them)."""
     return self.shared(ids)
 
-  def encode(self, embeds, attention_mask):
+  def encode(self, embeds, attention_mask, *, deterministic=True):
     """embeds [B, S, D], attention_mask [B, S] (1 = real; padding on either side) -> encoder output [B, S, D]."""
     _check_mask("attention_mask", attention_mask, embeds.shape[:2])
-    return self.encoder(embeds, attention_mask)
+    return self.encoder(embeds, attention_mask, deterministic)
 
   def init_cache(self, encoder_out, encoder_mask, max_len: int) -> dict:
     """The decoding state for up to `max_len` (a Python int) decoder tokens: empty self-attention slots, the
@@ -423,7 +437,17 @@ class T5ForConditionalGeneration(nn.Module):
       "encoder_mask": encoder_mask.astype(bool),
     }
 
-  def decode(self, decoder_ids, encoder_out, encoder_mask, *, decoder_mask=None, cache=None, cache_index=None):
+  def decode(
+    self,
+    decoder_ids,
+    encoder_out,
+    encoder_mask,
+    *,
+    decoder_mask=None,
+    cache=None,
+    cache_index=None,
+    deterministic=True,
+  ):
     """decoder_ids [B, T] -> (logits [B, T, vocab] float32, the updated cache or None).
 
     Without a cache: causal self-attention over the T tokens, decoder_mask [B, T] (or None) masks padding keys,
@@ -435,7 +459,7 @@ class T5ForConditionalGeneration(nn.Module):
     if cache is None:
       _check_mask("encoder_mask", encoder_mask, encoder_out.shape[:2])
       _check_mask("decoder_mask", decoder_mask, decoder_ids.shape)
-      cross_k, cross_v = self.decoder.cross_kv(encoder_out)
+      cross_k, cross_v = self.decoder.cross_kv(encoder_out, deterministic)
       state, first = {"cross_k": cross_k, "cross_v": cross_v}, 0
     else:
       if encoder_out is not None or encoder_mask is not None or cache_index is None:
@@ -445,7 +469,7 @@ class T5ForConditionalGeneration(nn.Module):
         )
       _check_mask("decoder_mask", decoder_mask, cache["self_k"].shape[:1] + cache["self_k"].shape[2:3])
       state, first, encoder_mask = {k: cache[k] for k in _CACHE_KEYS}, cache_index, cache["encoder_mask"]
-    h, new = self.decoder(self.embed(decoder_ids), decoder_mask, encoder_mask, first, state)
+    h, new = self.decoder(self.embed(decoder_ids), decoder_mask, encoder_mask, first, state, deterministic)
     return self.head(h), (None if cache is None else {**cache, **new})
 
   def head(self, h):
@@ -459,15 +483,18 @@ class T5ForConditionalGeneration(nn.Module):
       "btd,dv->btv", h.astype(cfg.dtype), jnp.asarray(head, cfg.dtype), preferred_element_type=jnp.float32
     )
 
-  def __call__(self, embeds, attention_mask, decoder_ids, decoder_mask=None):
+  def __call__(self, embeds, attention_mask, decoder_ids, decoder_mask=None, *, deterministic=True):
     """Teacher-forced logits [B, T, vocab] float32 of decoder_ids given encoder embeds [B, S, D]."""
-    encoder_out = self.encode(embeds, attention_mask)
-    logits, _ = self.decode(decoder_ids, encoder_out, attention_mask, decoder_mask=decoder_mask)
+    encoder_out = self.encode(embeds, attention_mask, deterministic=deterministic)
+    logits, _ = self.decode(
+      decoder_ids, encoder_out, attention_mask, decoder_mask=decoder_mask, deterministic=deterministic
+    )
     return logits
 
 
 def split_layers(params) -> list:
-  """The scanned decoder layers' parameters [layers, ...] as one tree per layer, for `decode_step`."""
+  """The scanned decoder layers' parameters [layers, ...] (LoRA adapters included) as one tree per layer, for
+  `decode_step`."""
   return layers.unstack(params["decoder"]["layers"])
 
 
@@ -509,7 +536,8 @@ def weight_map(cfg) -> list[tuple[str, str, str]]:
   hf_tensors.
 
   HF stores the shared table once (encoder/decoder.embed_tokens are tied to it and not written), the relative
-  position bias only in block 0 of each stack, and `lm_head.weight` only when it is not the shared table."""
+  position bias only in block 0 of each stack, and `lm_head.weight` only when it is not the shared table. LoRA
+  adapters have no row: export merges them first (lora.merged)."""
   out = [("shared/embedding", "shared.weight", "copy")]
   attention = lambda ours, hf: [(f"{ours}/{p}/kernel", f"{hf}.{p}.weight", "linear") for p in "qkvo"]
   ffn_names = ("wi_0", "wi_1", "wo") if cfg.is_gated_act else ("wi", "wo")
