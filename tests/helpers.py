@@ -4,6 +4,39 @@ import numpy as np
 import torch
 import transformers
 
+# The tiny LLM configs of the BLIP-2 / InstructBLIP parity tests (transformers' text_config).
+OPT_TEXT = dict(
+  model_type="opt",
+  vocab_size=64,
+  hidden_size=24,
+  num_hidden_layers=2,
+  ffn_dim=48,
+  num_attention_heads=4,
+  max_position_embeddings=40,
+  word_embed_proj_dim=24,
+  pad_token_id=1,
+  bos_token_id=2,
+  eos_token_id=2,
+)
+T5_TEXT = dict(
+  model_type="t5",
+  vocab_size=64,
+  d_model=24,
+  d_kv=8,
+  d_ff=48,
+  num_layers=2,
+  num_decoder_layers=2,
+  num_heads=3,
+  feed_forward_proj="gated-gelu",
+  dense_act_fn="gelu",
+  tie_word_embeddings=False,
+  relative_attention_num_buckets=8,
+  relative_attention_max_distance=16,
+  decoder_start_token_id=0,
+  pad_token_id=0,
+  eos_token_id=1,
+)
+
 
 def rel_error(ours, theirs, where=None):
   """max |ours - theirs| / max |theirs| in float32, over `where` (an index into both) if given. `theirs` may be a

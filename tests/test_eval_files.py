@@ -14,6 +14,7 @@ import subprocess
 import sys
 
 from conftest import one_device_env
+from helpers import OPT_TEXT
 from helpers import randomise
 import jax
 import ml_collections
@@ -21,7 +22,6 @@ import numpy as np
 from PIL import Image
 import pytest
 from test_api import IMAGE
-from test_api import OPT_TEXT
 from test_api import QUERIES
 from test_api import VISION
 from test_api import _qformer

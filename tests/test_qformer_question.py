@@ -7,6 +7,8 @@ Each HF model is tiny and randomised as in test_api.py (std 0.2; norm scales aro
 
 from flax import traverse_util
 import flax.linen as nn
+from helpers import OPT_TEXT
+from helpers import T5_TEXT
 from helpers import randomise
 from helpers import rel_error
 import jax
@@ -47,37 +49,6 @@ QFORMER = dict(
   encoder_hidden_size=WIDTH,
   vocab_size=VOCAB_QF,
   max_position_embeddings=16,
-)
-OPT_TEXT = dict(
-  model_type="opt",
-  vocab_size=64,
-  hidden_size=24,
-  num_hidden_layers=2,
-  ffn_dim=48,
-  num_attention_heads=4,
-  max_position_embeddings=40,
-  word_embed_proj_dim=24,
-  pad_token_id=1,
-  bos_token_id=2,
-  eos_token_id=2,
-)
-T5_TEXT = dict(
-  model_type="t5",
-  vocab_size=64,
-  d_model=24,
-  d_kv=8,
-  d_ff=48,
-  num_layers=2,
-  num_decoder_layers=2,
-  num_heads=3,
-  feed_forward_proj="gated-gelu",
-  dense_act_fn="gelu",
-  tie_word_embeddings=False,
-  relative_attention_num_buckets=8,
-  relative_attention_max_distance=16,
-  decoder_start_token_id=0,
-  pad_token_id=0,
-  eos_token_id=1,
 )
 
 
