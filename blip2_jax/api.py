@@ -97,13 +97,22 @@ class Blip2:
   @classmethod
   def from_workdir(cls, workdir, *, devices=None) -> "Blip2":
     """The latest checkpoint of a training workdir (its config.json says how it was trained) with its frozen
-    weights (`state.restore_workdir`): a retrieval model (stage 1) or an LLM one (stage 2)."""
+    weights (`state.restore_workdir`): a retrieval model (stage 1) or an LLM one (stage 2; a question-conditioned
+    one with its Q-Former tokenizer, config.qformer_tokenizer)."""
     config, tokenizer, setup, state, frozen = state_lib.restore_workdir(workdir, devices=devices)
     cfg = state_lib.model_config(config, tokenizer)
     params = partitioning.merge(state["params"], frozen)
     kind = state_lib.kind(config)
     llm_hf_config = None if kind == llms.RETRIEVAL else hf.llm_hf_config(config)
-    return cls(cfg, kind, params, setup.mesh, tokenizer, llm_hf_config=llm_hf_config)
+    return cls(
+      cfg,
+      kind,
+      params,
+      setup.mesh,
+      tokenizer,
+      llm_hf_config=llm_hf_config,
+      qformer_tokenizer=state_lib.load_qformer_tokenizer(config),
+    )
 
   # --- forward API ---------------------------------------------------------------------------------------
 

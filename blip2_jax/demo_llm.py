@@ -17,8 +17,16 @@ the filler. The window never holds an image or anything computed from one. The r
 directory (config.json, model.safetensors, tokenizer), so it is loaded exactly as a real OPT or Flan-T5 would be,
 by us and by transformers.
 
-The tokenizer is word level: one token per caption word, "," its own token, plus the captioning prompt's words
-("a photo of") and, for OPT, "\n", BLIP-2's end of caption for OPT. Special tokens and their ids are those of OPT
+Questions too (for VQA fine-tuning, as a real LLM knows BLIP-2's VQA prompts): for OPT, QA_FRACTION of the rows
+keep the caption's window but follow it with a synthetic_vqa question about that scene in BLIP-2's VQA prompt and
+its answer ("</s>Question: what colour is the object at the top left? Answer: red\n"). The questions are drawn
+afresh each step from the scenes of the training captions (data/synthetic_vqa.py's generator, never an image). The
+tiny LLM learns the format at once, the answers slowly: see DEFAULT_STEPS and docs/demo.md. The T5 code path takes
+questions too ("Question: ... Short answer:" to the encoder, the answer from the decoder) but its share is 0.
+
+The tokenizer is word level: one token per caption, question and answer word, ",", "?" and ":" their own tokens,
+plus the captioning prompt's words ("a photo of"), the VQA prompts' ("question", "short", "answer") and, for OPT,
+"\n", BLIP-2's end of caption for OPT. Special tokens and their ids are those of OPT
 (`<s>` 0, `<pad>` 1, `</s>` 2 as bos, put in front of every text, `<unk>` 3) or of T5 (`<pad>` 0, `</s>` 1 appended,
 `<unk>` 2), so code written for the real tokenizers needs no exceptions.
 """
@@ -48,7 +56,9 @@ from blip2_jax import optim
 from blip2_jax import weights
 from blip2_jax.data import pipeline
 from blip2_jax.data import synthetic_shapes
+from blip2_jax.data import synthetic_vqa
 from blip2_jax.data import tokenizer as tokenizer_lib
+from blip2_jax.models import llms
 from blip2_jax.models import opt
 from blip2_jax.models import t5
 
@@ -75,10 +85,23 @@ T5_SIZES = dict(
   relative_attention_num_buckets=32,
   relative_attention_max_distance=128,
 )
-# Measured on the demo's 20,000 captions: OPT reads its context after ~250 steps (the loss falls from the grammar's
-# ~0.6 nats/token to ~0.01; greedy decoding then writes 200 of 200 held-out captions from their windows).
-DEFAULT_STEPS = {"opt": 400, "t5": 800}
-BATCH_SIZE = {"opt": 16, "t5": 32}  # rows of one caption each
+# Measured on the demo's 20,000 captions (docs/demo.md): with half its rows questions, OPT writes every held-out
+# caption from its window after ~200 steps; of the questions it answers those about one object's colour, shape or
+# size best, and counts and positions barely above their priors (they need far more steps than the demo affords).
+DEFAULT_STEPS = {"opt": 1000, "t5": 800}
+BATCH_SIZE = {"opt": 16, "t5": 32}  # rows of one caption or one question each
+# The share of each batch's rows that are a question and its answer (synthetic_vqa's templates, about the scene of
+# a training caption) instead of a caption, so that the demo LLM knows BLIP-2's VQA prompt, as a real pretrained LLM
+# does. T5 gets none: with half its rows questions its 800 steps no longer taught it to read the captions' windows,
+# and with a quarter it answered no better than its priors (colour 0.00) while the stage-2 T5 demo fell from CIDEr-D
+# 5.0-5.5 to 4.46 (docs/demo.md). Its tokenizer still has the questions' words, so the VQA recipe's T5 variants run.
+QA_FRACTION = {"opt": 0.5, "t5": 0.0}
+# The random init's weights (std 0.02) are multiplied by this: at width 64, std 0.02 leaves attention near uniform
+# (as in the stage-1 demo's Q-Former, docs/demo.md). Measured with half the rows questions: OPT at std 0.02 had not
+# learned to read its window after 1,200 steps, at 0.07 it does after ~100, and at 0.14 it learns the question
+# lookups sooner still. T5 keeps 0.02 (measured: 0.07 with half its rows questions reads no caption either).
+INIT_SCALE = {"opt": 7.0, "t5": 1.0}
+PUNCTUATION = (",", "?", ":")  # tokens of their own, not after a space (decoding writes "left?", "answer:")
 # T5: the fraction of examples that put the prompt before the whole caption, the others a cut caption's first
 # part (BLIP-2's prefix LM). OPT's always have the prompt, as the demo's stage-2 examples do.
 PROMPT_FRACTION = 0.25
@@ -94,12 +117,17 @@ def make_tokenizer(kind: str) -> transformers.PreTrainedTokenizerFast:
   _check_kind(kind)
   specials = SPECIAL_TOKENS[kind]
   words = synthetic_shapes.vocabulary()
-  words += [w for w in PROMPT.split() if w not in words]
+  # The captioning prompt, the questions' and answers' words and both families' VQA prompts: the two tokenizers
+  # have the same words.
+  prompts = [PROMPT, *(family.vqa_prompt.format("") for family in llms.FAMILIES.values())]
+  for word in [w for text in prompts for w in text.lower().replace(":", " :").split()] + synthetic_vqa.vocabulary():
+    if word not in words:
+      words.append(word)
   vocab = {token: i for i, token in enumerate(specials)}
   if kind == "opt":
     vocab[NEWLINE] = len(vocab)
   for word in words:
-    vocab[word if word == "," else WORD_START + word] = len(vocab)
+    vocab[word if word in PUNCTUATION else WORD_START + word] = len(vocab)
 
   tok = tokenizers.Tokenizer(tokenizers.models.WordLevel(vocab, unk_token="<unk>"))
   # Canonical spacing first ("a ,b" -> "a, b"), so every word starts with a space and gets its WORD_START form.
@@ -108,6 +136,8 @@ def make_tokenizer(kind: str) -> transformers.PreTrainedTokenizerFast:
       normalizers.Lowercase(),
       normalizers.Replace(tokenizers.Regex(r"\s+"), " "),
       normalizers.Replace(tokenizers.Regex(r" ?, ?"), ", "),
+      normalizers.Replace(tokenizers.Regex(r" ?\? ?"), "? "),
+      normalizers.Replace(tokenizers.Regex(r" ?: ?"), ": "),
       normalizers.Strip(),
     ]
   )
@@ -204,7 +234,15 @@ def make_demo_llm(kind: str, out_dir, data_cfg, *, steps: int | None = None, see
   tok.save_pretrained(tmp)
   with open(os.path.join(tmp, "demo_llm.json"), "w") as f:
     json.dump(
-      dict(kind=kind, data=data_cfg.name, num_captions=len(captions), steps=steps, seed=seed, final_loss=final_loss),
+      dict(
+        kind=kind,
+        data=data_cfg.name,
+        num_captions=len(captions),
+        steps=steps,
+        seed=seed,
+        final_loss=final_loss,
+        qa_fraction=QA_FRACTION[kind],
+      ),
       f,
       indent=2,
     )
@@ -221,12 +259,27 @@ def _check_kind(kind):
 
 
 def _training_captions(data_cfg, tok) -> list[str]:
-  """The cleaned captions of the training split, each checked to be covered by the tokenizer."""
-  source = pipeline.get_source(data_cfg, data_cfg.train_split)
-  captions = []
-  for i in range(len(source)):
-    text = source[i]["caption"]
-    captions.append(tokenizer_lib.clean_caption(text.decode("utf-8") if isinstance(text, bytes) else text))
+  """The cleaned captions of the training split, each checked to be covered by the tokenizer. synthetic_vqa has
+  no captions: its training scenes' captions, worked out from its generation arguments (no image is read)."""
+  if data_cfg.name == synthetic_vqa.SyntheticVqa.name:
+    kwargs = dict(data_cfg.builder_kwargs or {})
+    defaults = synthetic_vqa.SyntheticVqaConfig(name="defaults")
+    args = {k: kwargs.get(k, getattr(defaults, k)) for k in ("num_train", "num_test", "num_objects", "seed")}
+    scenes = synthetic_vqa.split_scenes(**args)
+    if data_cfg.train_split not in scenes:
+      raise ValueError(
+        f"The demo LLM reads a whole split of synthetic_vqa ({', '.join(scenes)}), not {data_cfg.train_split!r}."
+      )
+    num_objects = args["num_objects"]
+    captions = [
+      synthetic_shapes.caption(synthetic_shapes.combination(int(s), num_objects)) for s in scenes[data_cfg.train_split]
+    ]
+  else:
+    source = pipeline.get_source(data_cfg, data_cfg.train_split)
+    captions = []
+    for i in range(len(source)):
+      text = source[i]["caption"]
+      captions.append(tokenizer_lib.clean_caption(text.decode("utf-8") if isinstance(text, bytes) else text))
   if not captions:
     raise ValueError(f"The {data_cfg.train_split!r} split of {data_cfg.name!r} has no examples to pretrain on.")
   ids = tok(captions).input_ids
@@ -263,6 +316,11 @@ def _decay_mask(params):
   return jax.tree.map(lambda p: p.ndim > 1, params)
 
 
+def _scale_init(params, factor: float):
+  """The random weights times `factor` (LayerNorm scales and biases, constant at init, unchanged)."""
+  return jax.tree.map(lambda p: p * factor if float(jnp.std(p)) > 0 else p, params)
+
+
 def _fit(loss_fn, params, next_batch, steps: int) -> tuple[dict, list[float]]:
   """`steps` AdamW steps of loss_fn(params, *batch), each on a new batch from `next_batch()`; returns the trained
   parameters and the loss of every step."""
@@ -292,9 +350,33 @@ def _context_window(rng, caption_ids, fillers):
 
 
 def _word_ids(tok) -> np.ndarray:
-  """The ids of the caption and prompt words (no special tokens, no "\n"): the context window's filler."""
+  """The ids of the words and punctuation (no special tokens, no "\n"): the context window's filler."""
   specials = set(tok.all_special_ids) | {tok.convert_tokens_to_ids(NEWLINE)}
   return np.array(sorted(i for i in tok.get_vocab().values() if i not in specials), np.int32)
+
+
+# --- questions ---------------------------------------------------------------------------------------------------
+
+
+def vqa_prompt(kind: str, question: str) -> str:
+  """The text before the answer: BLIP-2's zero-shot VQA template of the family `kind` with `question` in it."""
+  return llms.family(kind).vqa_prompt.format(question)
+
+
+def random_questions(captions: list[str], n: int, rng: np.random.Generator) -> list[tuple[int, str, str]]:
+  """`n` random (caption index, question, answer): a question of synthetic_vqa's about the scene of a random
+  caption, its type drawn uniformly among those the scene can be asked, and its true answer."""
+  out = []
+  for i in rng.integers(len(captions), size=n):
+    scene = synthetic_vqa.parse_caption(captions[i])
+    types = [t for t in synthetic_vqa.QUESTION_TYPES if synthetic_vqa.can_ask(scene, t)]
+    out.append((int(i), *synthetic_vqa.random_question(scene, types[int(rng.integers(len(types)))], rng)))
+  return out
+
+
+def _num_questions(kind: str, batch_size: int) -> int:
+  """Rows of a batch that are a question (the first ones; the others are captions)."""
+  return round(QA_FRACTION[kind] * batch_size)
 
 
 # --- OPT: causal LM after a context window ------------------------------------------------------------------------
@@ -321,6 +403,7 @@ def _train_opt(tok, captions, steps, seed):
       "params"
     ]
   )
+  params = _scale_init(params, INIT_SCALE["opt"])
 
   def logits(params, inputs):
     embeds = model.apply({"params": params}, inputs, method="embed")
@@ -337,22 +420,31 @@ def _train_opt(tok, captions, steps, seed):
 def _opt_batches(tok, captions, batch_size, rng):
   """Rows [context window] "</s>" PROMPT caption "\n" (right-padded), and a mask of the tokens to predict (the
   caption and "\n"): the layout of a stage-2 demo example (data.prompt is PROMPT) with the caption's words where
-  the queries go."""
+  the queries go. The first QA_FRACTION["opt"] of the rows are a question about the scene of the caption in their
+  window instead: [context window] "</s>" "Question: {question} Answer:" answer "\n", predicting answer and "\n"."""
   newline, bos, pad = tok.convert_tokens_to_ids(NEWLINE), tok.bos_token_id, tok.pad_token_id
-  ids = [np.asarray(row[1:], np.int32) for row in tok(captions).input_ids]  # without the leading "</s>"
+  encode = lambda texts: [np.asarray(row, np.int32) for row in tok(texts, add_special_tokens=False).input_ids]
+  ids = encode(captions)
   prompt = np.asarray(tok(PROMPT, add_special_tokens=False).input_ids, np.int32)
   if max(len(row) for row in ids) > CONTEXT_SLOTS:
     raise ValueError(f"A caption is longer than the demo LLM's context window of {CONTEXT_SLOTS} tokens.")
-  length = CONTEXT_SLOTS + 1 + len(prompt) + max(len(row) for row in ids) + 1
+  longest_qa = max(len(row) for row in encode([vqa_prompt("opt", q) for q in synthetic_vqa.all_questions()])) + 2
+  length = CONTEXT_SLOTS + 1 + max(len(prompt) + max(len(row) for row in ids), longest_qa) + 1
   length = -(-length // 8) * 8 + 1  # + 1: inputs and labels are the row shifted by one
   fillers = _word_ids(tok)
+  num_questions = _num_questions("opt", batch_size)
 
   def next_batch():
     tokens = np.full((batch_size, length), pad, np.int32)
     labels = np.zeros((batch_size, length), np.int32)
-    for row, i in enumerate(rng.integers(len(ids), size=batch_size)):
-      head = np.concatenate([_context_window(rng, ids[i], fillers), [bos], prompt])
-      text = np.concatenate([ids[i], [newline]])
+    qa = random_questions(captions, num_questions, rng)
+    rows = [(i, np.concatenate([[bos], prompt]), ids[i]) for i in rng.integers(len(ids), size=batch_size - len(qa))]
+    if qa:
+      prompts, answers = encode([vqa_prompt("opt", q) for _, q, _ in qa]), encode([a for _, _, a in qa])
+      rows = [(i, np.concatenate([[bos], p]), a) for (i, _, _), p, a in zip(qa, prompts, answers)] + rows
+    for row, (i, before, target) in enumerate(rows):
+      head = np.concatenate([_context_window(rng, ids[i], fillers), before])
+      text = np.concatenate([target, [newline]])
       tokens[row, : len(head) + len(text)] = np.concatenate([head, text])
       labels[row, len(head) : len(head) + len(text)] = 1
     return jnp.asarray(tokens), jnp.asarray(labels)
@@ -378,12 +470,14 @@ def _train_t5(tok, captions, steps, seed):
   )
   cfg = t5.config_from_hf(hf_config, has_lm_head=True)
   model = t5.T5ForConditionalGeneration(cfg)
-  # The longest text either side can get: a whole caption (or the prompt) with its "</s>", rounded up.
-  length = -(-max(len(row) for row in tok([*captions, PROMPT]).input_ids) // 8) * 8
+  # The longest text either side can get: a whole caption (or a prompt) with its "</s>", rounded up.
+  prompts = [PROMPT, *(vqa_prompt("t5", q) for q in synthetic_vqa.all_questions())]
+  length = -(-max(len(row) for row in tok([*captions, *prompts]).input_ids) // 8) * 8
   zeros = jnp.zeros((1, length), jnp.int32)
   params = nn.unbox(
     jax.jit(model.init)(jax.random.PRNGKey(seed), jnp.zeros((1, length, cfg.d_model)), zeros + 1, zeros)["params"]
   )
+  params = _scale_init(params, INIT_SCALE["t5"])
 
   def loss_fn(params, enc_ids, enc_mask, labels, label_mask):
     embeds = model.apply({"params": params}, enc_ids, method="embed")
@@ -399,15 +493,19 @@ def _train_t5(tok, captions, steps, seed):
 def _t5_batches(tok, captions, length, batch_size, rng):
   """Prefix-LM pairs as BLIP-2 trains Flan-T5: a caption cut at a random word boundary, the first part to the
   encoder, the rest (with "</s>") to be predicted; for PROMPT_FRACTION of them the prompt, then the whole caption.
-  The encoder input starts with the caption's context window, where the queries go in stage 2."""
+  The first QA_FRACTION["t5"] of the pairs are a question about the scene of the caption in their window instead:
+  "Question: {question} Short answer:" to the encoder, the answer to be predicted. The encoder input starts with
+  the caption's context window, where the queries go in stage 2."""
   encode = lambda texts: tok(texts, padding="max_length", max_length=length, return_tensors="np")
 
   ids = [np.asarray(row[:-1], np.int32) for row in tok(captions).input_ids]  # without the trailing "</s>"
   fillers = _word_ids(tok)
+  num_questions = _num_questions("t5", batch_size)
 
   def next_batch():
-    prefixes, suffixes = [], []
-    chosen = rng.integers(len(captions), size=batch_size)
+    qa = random_questions(captions, num_questions, rng)
+    prefixes, suffixes = [vqa_prompt("t5", q) for _, q, _ in qa], [a for _, _, a in qa]
+    chosen = rng.integers(len(captions), size=batch_size - len(qa))
     for i in chosen:
       # The draws in data.pipeline.train_preprocess's order: whether to use the prompt, then where to cut.
       if rng.random() < PROMPT_FRACTION:
@@ -417,7 +515,7 @@ def _t5_batches(tok, captions, length, batch_size, rng):
       prefixes.append(prefix)
       suffixes.append(suffix)
     enc, dec = encode(prefixes), encode(suffixes)
-    windows = np.stack([_context_window(rng, ids[i], fillers) for i in chosen])
+    windows = np.stack([_context_window(rng, ids[i], fillers) for i in [*(i for i, _, _ in qa), *chosen]])
     enc_ids = np.concatenate([windows, enc.input_ids], axis=1)
     enc_mask = np.concatenate([np.ones_like(windows), enc.attention_mask], axis=1)
     return tuple(jnp.asarray(a, jnp.int32) for a in (enc_ids, enc_mask, dec.input_ids, dec.attention_mask))

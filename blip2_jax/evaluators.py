@@ -1,9 +1,10 @@
-"""Evaluators of a training run's eval split: image-text retrieval (stage 1) and captioning (stage 2).
+"""Evaluators of a training run's eval split: image-text retrieval (stage 1), captioning (stage 2) and VQA (stage 2
+with config.data.task "vqa").
 
-`make_evaluator(config, setup, tokenizer)` picks one by the model's kind; `run(params, max_images=None)` returns
-`eval/*` metrics over the split (or its first max_images images, the cheap look the trainer takes every
-config.eval_every steps), and `picture()` draws the last run's first examples. `evaluate_workdir` evaluates a
-workdir's latest checkpoint alone (`python -m blip2_jax.evaluate --config=... --workdir=...`).
+`make_evaluator(config, setup, tokenizer)` picks one by the model's kind and data.task; `run(params,
+max_images=None)` returns `eval/*` metrics over the split (or its first max_images images, the cheap look the trainer
+takes every config.eval_every steps), and `picture()` draws the last run's first examples. `evaluate_workdir`
+evaluates a workdir's latest checkpoint alone (`python -m blip2_jax.evaluate --config=... --workdir=...`).
 """
 
 import json
@@ -119,15 +120,109 @@ class CaptionEvaluator:
     return examples.grid(examples.to_uint8(d["images"][:n]), examples.caption_texts(self.predictions, refs, n))
 
 
+class VqaEvaluator:
+  """Stage 2 with config.data.task "vqa": answers every question of the eval split and scores the answers with the
+  VQAv2 accuracy (metrics.vqa_accuracy, in percent), over all questions and per question type.
+
+  The LLM reads config.eval.prompt with the question ("" = the LLM family's VQA prompt, the paper's); a
+  question-conditioned model's Q-Former reads the question alone, in its own tokenizer (config.qformer_tokenizer).
+  Decoding: config.eval's num_beams, max_new_tokens, min_new_tokens, length_penalty (the paper: 5 beams, at most 10
+  new tokens, at least 1, length penalty -1, as LAVIS's VQA evaluation configs). Each question is one row of a
+  fixed-size batch; the rows of questions about one image read that image."""
+
+  def __init__(self, config, setup, tokenizer):
+    self.config, self.setup, self.tokenizer = config, setup, tokenizer
+    kind = state_lib.kind(config)
+    self.template = pipeline.vqa_template(config.eval.prompt, kind, "config.eval.prompt")
+    self.qformer_tokenizer = state_lib.load_qformer_tokenizer(config)
+    self.data = pipeline.load_vqa_eval_set(config.data)
+    self.predictions: list[str] = []
+    self.scores: list[float] = []
+    self.shown = None  # the questions (and images) of the last run, for picture()
+
+  def _questions(self, max_images: int | None) -> np.ndarray:
+    """The indices of the questions about the split's first max_images images (all of them with None)."""
+    q2img = self.data["q2img"]
+    return np.arange(len(q2img)) if max_images is None else np.flatnonzero(q2img < max_images)
+
+  def run(self, params, max_images: int | None = None) -> dict:
+    """VQA accuracy over the split's questions, or over those about its first max_images images."""
+    e, d = self.config.eval, self.data
+    rows = self._questions(max_images)
+    shards = partitioning.batch_shards(self.setup.batch_sharding)
+    batch_size = -(-e.batch_size // shards) * shards
+    conditioned = self.qformer_tokenizer is not None
+    preds = []
+    for batch, n in images_lib.padded_batches(rows, batch_size=batch_size):
+      questions = [d["questions"][i] for i in batch]
+      preds += tasks.generate_text(
+        self.setup.model,
+        params,
+        self.tokenizer,
+        d["images"][d["q2img"][batch]],
+        [self.template.format(q) for q in questions],
+        qformer_tokenizer=self.qformer_tokenizer,
+        qformer_prompts=questions if conditioned else None,
+        max_new_tokens=e.max_new_tokens,
+        min_new_tokens=e.min_new_tokens,
+        num_beams=e.num_beams,
+        length_penalty=e.length_penalty,
+        sharding=self.setup.batch_sharding,
+      )[:n]
+    scored = metrics.vqa_accuracy(dict(zip(rows.tolist(), preds)), {int(i): d["answers"][i] for i in rows})
+    self.predictions = preds
+    self.scores = [scored["per_question"][int(i)] for i in rows]
+    self.shown = rows
+    out = {"eval/vqa_accuracy": scored["accuracy"]}
+    by_type = {}
+    for i, score in zip(rows, self.scores):
+      if d["question_types"][i]:
+        by_type.setdefault(d["question_types"][i], []).append(score)
+    for name, values in sorted(by_type.items()):
+      out[f"eval/vqa_accuracy_{'_'.join(name.split())}"] = 100.0 * float(np.mean(values))
+    out["eval/num_questions"] = float(len(rows))
+    out["eval/num_images"] = float(len(np.unique(d["q2img"][rows])))
+    return out
+
+  def picture(self, n: int = 16):
+    """The last run's first n questions: each one's image, the question, the answer given (green if it scores) and
+    the most common human answer."""
+    d, rows = self.data, self.shown[:n]
+    return examples.grid(
+      examples.to_uint8(d["images"][d["q2img"][rows]]),
+      examples.vqa_texts(
+        [d["questions"][i] for i in rows], self.predictions, [d["answers"][i] for i in rows], self.scores, n
+      ),
+    )
+
+  def report(self) -> list[dict]:
+    """Every question of the last run with its answer and score (for WORKDIR/eval_step_N.json)."""
+    d = self.data
+    return [
+      {
+        "question_id": d["question_ids"][i],
+        "question": d["questions"][i],
+        "question_type": d["question_types"][i],
+        "prediction": p,
+        "answers": d["answers"][i],
+        "accuracy": score,
+      }
+      for i, p, score in zip(self.shown.tolist(), self.predictions, self.scores)
+    ]
+
+
 def make_evaluator(config, setup, tokenizer):
-  """Retrieval for stage 1, captioning for stage 2."""
-  cls = RetrievalEvaluator if state_lib.kind(config) == llms.RETRIEVAL else CaptionEvaluator
+  """Retrieval for stage 1; for stage 2, VQA when config.data.task is "vqa", else captioning."""
+  kind = state_lib.kind(config)
+  if kind == llms.RETRIEVAL:
+    return RetrievalEvaluator(config, setup, tokenizer)
+  cls = VqaEvaluator if pipeline.task(config.data, kind) == "vqa" else CaptionEvaluator
   return cls(config, setup, tokenizer)
 
 
 def evaluate_workdir(config, workdir: str) -> dict:
   """The latest checkpoint of `workdir` (trained with `config`) on its eval split; writes WORKDIR/eval_step_N.json
-  (stage 2: with every caption)."""
+  (stage 2: with every caption, or every answer)."""
   config, tokenizer, setup, state, frozen = state_lib.restore_workdir(workdir, config)
   step = int(jax.device_get(state["step"]))
   evaluator = make_evaluator(config, setup, tokenizer)
@@ -139,6 +234,8 @@ def evaluate_workdir(config, workdir: str) -> dict:
         {"image": i, "prediction": p, "references": [evaluator.data["captions"][t] for t in ts]}
         for i, (p, ts) in enumerate(zip(evaluator.predictions, evaluator.data["img2txt"]))
       ]
+    elif isinstance(evaluator, VqaEvaluator):
+      report["answers"] = evaluator.report()
     with open(os.path.join(workdir, f"eval_step_{step}.json"), "w", encoding="utf-8") as f:
       json.dump(report, f, indent=2)
   return {"step": step, **scores}

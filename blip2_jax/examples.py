@@ -2,9 +2,11 @@
 
 The trainer writes one at the end of a run as WORKDIR/examples.png (and the same image to TensorBoard):
 stage 1, each image's top retrieved caption, green where it is one of the image's own captions, red where not;
-stage 2, the generated caption (green where it equals a reference after cleaning) above the reference (grey).
+stage 2, the generated caption (green where it equals a reference after cleaning) above the reference (grey);
+VQA, the question (grey), the answer given (green where it scores, red where not) and the most common human answer.
 """
 
+import collections
 import textwrap
 
 import numpy as np
@@ -76,4 +78,20 @@ def caption_texts(predictions: list[str], references: list[list[str]], n: int) -
   for pred, refs in list(zip(predictions, references))[:n]:
     ok = clean(pred) in {clean(r) for r in refs}
     out.append([("model: " + pred, RIGHT if ok else WRONG), ("reference: " + refs[0], NEUTRAL)])
+  return out
+
+
+def vqa_texts(questions: list[str], predictions: list[str], answers: list[list[str]], scores: list[float], n: int):
+  """VQA: for each of the first n questions, the question, the answer given with its VQA accuracy (green if it
+  scores, red if not) and the most common of the human answers."""
+  out = []
+  for question, pred, humans, score in list(zip(questions, predictions, answers, scores))[:n]:
+    common = collections.Counter(humans).most_common(1)[0][0] if humans else ""
+    out.append(
+      [
+        ("Q: " + question, NEUTRAL),
+        (f"model: {pred} ({score:.1f})", RIGHT if score > 0 else WRONG),
+        ("answer: " + common, NEUTRAL),
+      ]
+    )
   return out

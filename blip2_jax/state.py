@@ -78,10 +78,36 @@ def load_tokenizer(config):
         "config.init.llm_weights) to a local Hugging Face OPT / T5 directory."
       )
     return transformers.AutoTokenizer.from_pretrained(path, local_files_only=True)
-  path = tokenizer_lib.demo_vocab_path() if config.tokenizer == "demo" else config.tokenizer
+  path = (
+    tokenizer_lib.demo_vocab_path(config.tokenizer)
+    if config.tokenizer in tokenizer_lib.DEMO_VOCABS
+    else config.tokenizer
+  )
   if not path:
     raise ValueError(
       "config.tokenizer is empty: give a local bert-base-uncased directory (HF layout) or a WordPiece vocab .txt file."
+    )
+  return tokenizer_lib.load_tokenizer(path)
+
+
+def load_qformer_tokenizer(config):
+  """The Q-Former's own (BERT WordPiece, + [DEC]) tokenizer of a question-conditioned stage-2 model
+  (config.model.qformer_text_input, VQA fine-tuning), from config.qformer_tokenizer: a local bert-base-uncased
+  directory, a WordPiece vocab .txt, or a vocabulary shipped with the package ("demo": synthetic_shapes' words,
+  "demo_vqa": synthetic_vqa's). None for every other model, which has no Q-Former text input."""
+  if kind(config) == llms.RETRIEVAL or not qformer_text_input(config.model):
+    return None
+  name = config.get("qformer_tokenizer", "") or ""
+  if not name:
+    raise ValueError(
+      "config.model.qformer_text_input needs config.qformer_tokenizer, the Q-Former's BERT tokenizer: a local "
+      f"bert-base-uncased directory, a WordPiece vocab .txt file, or one of {', '.join(tokenizer_lib.DEMO_VOCABS)}."
+    )
+  path = tokenizer_lib.demo_vocab_path(name) if name in tokenizer_lib.DEMO_VOCABS else name
+  if not (os.path.isdir(path) or (os.path.isfile(path) and path.endswith(".txt"))):
+    raise FileNotFoundError(
+      f"config.qformer_tokenizer={name!r} is neither a local bert-base-uncased directory nor a WordPiece vocab .txt "
+      f"file, nor one of the shipped vocabularies ({', '.join(tokenizer_lib.DEMO_VOCABS)})."
     )
   return tokenizer_lib.load_tokenizer(path)
 
@@ -177,22 +203,32 @@ def model_config(config, tokenizer) -> ml_collections.ConfigDict:
     # fine-tuning as InstructBLIP; Blip2LLM keeps the text side then, without the LM head).
     cfg.qformer.text_input = qformer_text_input(cfg)
     cfg.qformer.lm_head = False
-    if cfg.qformer.text_input and cfg.qformer.vocab_size <= 0:
+    if cfg.qformer.text_input and (cfg.qformer.vocab_size <= 0 or config.get("qformer_tokenizer")):
+      # As stage 1 with its tokenizer: vocab_size 0 is the Q-Former tokenizer's size (30,523 for
+      # bert-base-uncased + [DEC]); a given size must hold every token.
+      _fit_vocab(
+        cfg.qformer, len(load_qformer_tokenizer(config)), "the Q-Former tokenizer's (config.qformer_tokenizer)"
+      )
+    question = config.data.get("max_question_len") or config.data.max_text_len
+    if cfg.qformer.text_input and question > cfg.qformer.max_position_embeddings:
       raise ValueError(
-        "config.model.qformer_text_input needs config.model.qformer.vocab_size: the size of the Q-Former's "
-        "tokenizer (30523 for bert-base-uncased + [DEC])."
+        f"Questions of config.data.max_question_len={question} tokens (default: max_text_len) exceed the Q-Former's "
+        f"max_position_embeddings={cfg.qformer.max_position_embeddings}."
       )
     return cfg
-  vocab = len(tokenizer)
-  if cfg.qformer.vocab_size == 0:
-    cfg.qformer.vocab_size = vocab
-  elif cfg.qformer.vocab_size < vocab:
-    raise ValueError(
-      f"config.model.qformer.vocab_size={cfg.qformer.vocab_size} is smaller than the "
-      f"tokenizer's {vocab} tokens (incl. [DEC])."
-    )
+  _fit_vocab(cfg.qformer, len(tokenizer), "the tokenizer's")
   cfg.bos_token_id = tokenizer.bos_token_id
   return cfg
+
+
+def _fit_vocab(qformer_cfg, vocab: int, whose: str):
+  """qformer_cfg.vocab_size: 0 = the tokenizer's size; a smaller given size than the tokenizer's is an error."""
+  if qformer_cfg.vocab_size <= 0:
+    qformer_cfg.vocab_size = vocab
+  elif qformer_cfg.vocab_size < vocab:
+    raise ValueError(
+      f"config.model.qformer.vocab_size={qformer_cfg.vocab_size} is smaller than {whose} {vocab} tokens (incl. [DEC])."
+    )
 
 
 VIT_PROBE = "visual_encoder/patch_embed/kernel"  # a parameter path of the ViT, for reading config.frozen_params
@@ -224,7 +260,8 @@ def dummy_batch(config, batch_size: int = 1) -> dict:
   keys = ("text_ids", "text_mask") if model_kind == llms.RETRIEVAL else llms.family(model_kind).text_keys()
   batch.update({k: jnp.ones((batch_size, length), jnp.int32) for k in keys})
   if model_kind != llms.RETRIEVAL and qformer_text_input(config.model):  # the question, for the Q-Former
-    batch.update({k: jnp.ones((batch_size, length), jnp.int32) for k in ("qformer_ids", "qformer_mask")})
+    question = config.data.get("max_question_len") or length
+    batch.update({k: jnp.ones((batch_size, question), jnp.int32) for k in ("qformer_ids", "qformer_mask")})
   if config.data.get("image_ids", False):
     if model_kind != llms.RETRIEVAL:
       raise ValueError("config.data.image_ids is for retrieval fine-tuning (stage-1 losses); set it False here.")
@@ -457,21 +494,32 @@ def _fit(path: str, value, shape, source: str, dtype):
 
 def _stage2_qformer(path, cfg, read_trainable) -> dict:
   """Stage 2's starting Q-Former: the query side of a stage-1 workdir's latest checkpoint, or of a HF BLIP-2
-  directory (query_tokens, ln_vision, Q-Former layers without the text FFN)."""
+  directory (query_tokens, ln_vision, Q-Former layers without the text FFN). A question-conditioned model
+  (qformer_text_input) also reads the text side (word and position embeddings, the text FFN) where the source has
+  it: a stage-1 workdir, a HF BLIP-2 retrieval directory or a HF InstructBLIP one."""
+  text_input = bool(cfg.qformer.get("text_input", False))
   if os.path.isdir(os.path.join(path, "checkpoints")):
     _, _, stage1_setup, stage1_state, stage1_frozen = restore_workdir(path)
     del stage1_setup
     stage1 = traverse_util.flatten_dict(partitioning.merge(stage1_state["params"], stage1_frozen), sep="/")
-    wanted = {e[0] for e in weights.qformer_weight_map(cfg, text=False)} | {"ln_vision/scale", "ln_vision/bias"}
+    wanted = {e[0] for e in weights.qformer_weight_map(cfg, text=False, instructblip=text_input)}
+    wanted |= {"ln_vision/scale", "ln_vision/bias"}
     missing = sorted(wanted - set(stage1))
     if missing:
       raise ValueError(f"Stage-1 workdir {path} has no `{missing[0]}`: its Q-Former differs from the config.")
-    log.info("Stage-2 Q-Former from the stage-1 workdir %s.", path)
+    log.info("Stage-2 Q-Former from the stage-1 workdir %s%s.", path, " (with its text side)" if text_input else "")
     return {p: np.asarray(partitioning.host_copy(stage1[p]), np.float32) for p in wanted}
-  entries = weights.qformer_weight_map(cfg, text=False) + [
-    e for e in weights.vision_weight_map() if e[0].startswith("ln_vision/")
-  ]
-  read_trainable(weights.read_safetensors_dir(path), entries)
+  ckpt = weights.read_safetensors_dir(path)
+  entries = weights.qformer_weight_map(cfg, text=False)
+  if text_input and "embeddings.word_embeddings.weight" in ckpt:  # a retrieval checkpoint (blip2-itm-vit-g)
+    heads = ("vision_proj/", "text_proj/", "itm_head/")
+    entries = [e for e in weights.qformer_weight_map(cfg, text=True) if not e[0].startswith(heads)]
+  elif text_input and "qformer.embeddings.word_embeddings.weight" in ckpt:  # InstructBLIP
+    entries = weights.qformer_weight_map(cfg, text=False, instructblip=True)
+  elif text_input:
+    log.info("%s has no Q-Former text side: it keeps its initialisation (or comes from init.checkpoint).", path)
+  entries = entries + [e for e in weights.vision_weight_map() if e[0].startswith("ln_vision/")]
+  read_trainable(ckpt, entries)
   log.info("Stage-2 Q-Former from the BLIP-2 checkpoint %s.", path)
   return {}
 

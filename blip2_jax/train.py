@@ -132,8 +132,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, devices=
     with open(os.path.join(workdir, "config.json"), "w", encoding="utf-8") as f:
       f.write(config.to_json_best_effort(indent=2))
 
-  # 1. Tokenizer and input pipeline: each process reads only its share of the global batch.
+  # 1. Tokenizer(s) and input pipeline: each process reads only its share of the global batch. A question-conditioned
+  # model's Q-Former has a tokenizer of its own (VQA fine-tuning; None otherwise).
   tokenizer = state_lib.load_tokenizer(config)
+  qformer_tokenizer = state_lib.load_qformer_tokenizer(config)
   kind = state_lib.kind(config)
   if config.global_batch_size % jax.process_count():
     raise ValueError(
@@ -147,6 +149,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, devices=
     kind=kind,
     process_index=jax.process_index(),
     process_count=jax.process_count(),
+    qformer_tokenizer=qformer_tokenizer,
   )
 
   # 2. Model, optimizer, mesh and shardings; parameters are born sharded.

@@ -173,6 +173,9 @@ def stage2_config(kind: str, variant: str) -> ml_collections.ConfigDict:
   # llm_weights="demo": pretraining steps of the tiny caption LLM (None: blip2_jax.demo_llm.DEFAULT_STEPS).
   c.init.demo_llm_steps = ml_collections.config_dict.placeholder(int)
   c.tokenizer = ""  # the LLM's tokenizer dir; '' = init.llm_weights
+  # model.qformer_text_input: the Q-Former's own BERT tokenizer (a local bert-base-uncased dir, a WordPiece .txt, or
+  # "demo" / "demo_vqa", the vocabularies shipped for the demos); state.load_qformer_tokenizer.
+  c.qformer_tokenizer = ""
 
   # --- data -------------------------------------------------------------------------------------------------
   c.data = ml_collections.ConfigDict(
@@ -202,6 +205,11 @@ def stage2_config(kind: str, variant: str) -> ml_collections.ConfigDict:
       # OPT: data.prompt goes before every caption. T5: the share of examples that are data.prompt -> the whole
       # caption (the captioning fine-tune format) instead of a prefix-LM split (paper: 0, no prompt).
       prompt_fraction=0.0,
+      # "caption", or "vqa": (image, question, answer) examples (configs/finetune_vqa.py; data.prompt is then a
+      # template with {} for the question, "" = the LLM family's VQA prompt).
+      task="caption",
+      # VQA with model.qformer_text_input: the question's length in Q-Former tokens (None = max_text_len).
+      max_question_len=ml_collections.config_dict.placeholder(int),
     )
   )
 

@@ -21,6 +21,7 @@ from blip2_jax import demo_llm
 from blip2_jax import weights
 from blip2_jax.data import pipeline
 from blip2_jax.data import synthetic_shapes
+from blip2_jax.data import synthetic_vqa
 from blip2_jax.models import opt
 from blip2_jax.models import t5
 from configs import stage1
@@ -169,6 +170,56 @@ def test_pretrained_opt_writes_the_caption_its_context_describes(opt_dir, data_c
   written = [tok.decode(row[ids.shape[1] :], skip_special_tokens=True) for row in out]
   assert np.mean([w == c + "\n" for w, c in zip(written, captions)]) >= 0.9, list(zip(written, captions))
   assert all(re.fullmatch(CAPTION + "\n", w) for w in written)  # the grammar, where a word is wrong
+
+
+def test_pretrained_opt_answers_questions_in_the_vqa_format(opt_dir, data_cfg):
+  """Held-out scenes' windows, then "</s>" and BLIP-2's OPT VQA prompt with a synthetic_vqa question: greedy decoding
+  writes one answer of the question's kind and "\n". How often it is right needs far more pretraining than a test
+  affords (docs/demo.md: after the default 1,000 steps on the demo's 20,000 captions, about half are right)."""
+  tok = transformers.AutoTokenizer.from_pretrained(opt_dir)
+  hf = transformers.OPTForCausalLM.from_pretrained(opt_dir).eval()
+  with open(f"{opt_dir}/demo_llm.json") as f:
+    assert json.load(f)["qa_fraction"] == demo_llm.QA_FRACTION["opt"] > 0
+  source = pipeline.get_source(data_cfg, "test")
+  captions = [source[i]["caption"] for i in range(len(source))]
+  captions = [c.decode() if isinstance(c, bytes) else c for c in captions]
+  rng = np.random.default_rng(0)
+  questions = demo_llm.random_questions(captions, 64, rng)
+  fillers = demo_llm._word_ids(tok)
+  encode = lambda text: tok(text, add_special_tokens=False).input_ids
+  rows = [
+    np.concatenate(
+      [
+        demo_llm._context_window(rng, encode(captions[i]), fillers),
+        [tok.bos_token_id],
+        encode(demo_llm.vqa_prompt("opt", question)),
+      ]
+    )
+    for i, question, _ in questions
+  ]
+  width = max(len(row) for row in rows)
+  ids = np.full((len(rows), width), tok.pad_token_id)
+  mask = np.zeros((len(rows), width), np.int64)
+  for r, row in enumerate(rows):  # left-padded, as BLIP-2 pads OPT prompts for generation
+    ids[r, width - len(row) :], mask[r, width - len(row) :] = row, 1
+  out = hf.generate(
+    torch.from_numpy(ids),
+    attention_mask=torch.from_numpy(mask),
+    do_sample=False,
+    max_new_tokens=4,
+    eos_token_id=tok.convert_tokens_to_ids("\n"),
+    pad_token_id=tok.pad_token_id,
+  )
+  written = [tok.decode(row[width:], skip_special_tokens=True) for row in out]
+  kinds = {  # the answers a question of each template can have
+    "what colour": synthetic_shapes.COLOURS,
+    "what shape": synthetic_shapes.SHAPES,
+    "what size": synthetic_shapes.SIZES,
+    "where": synthetic_shapes.QUADRANTS,
+    "how many": synthetic_vqa.COUNTS,
+  }
+  valid = [next(v for k, v in kinds.items() if q.startswith(k)) for _, q, _ in questions]
+  assert np.mean([w.endswith("\n") and w[:-1] in v for w, v in zip(written, valid)]) >= 0.95, written
 
 
 def test_pretraining_lowers_the_loss(opt_dir, t5_dir):

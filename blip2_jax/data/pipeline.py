@@ -10,7 +10,16 @@ captions (a web caption and CapFilt's synthetic ones); each step draws one of th
 The `data` ConfigDict fields read here: name, data_dir, builder_kwargs, train_split, eval_split, image_size,
 crop_scale, flip, max_text_len, num_threads, prefetch, eval_max_examples, and, with defaults for older configs,
 sources ({} = none), clean_captions (True), max_caption_words (50), fast_decode (True), max_pixels
-(images.MAX_PIXELS), image_ids (False: retrieval fine-tuning's `image_id` batch field), captions_per_image (1).
+(images.MAX_PIXELS), image_ids (False: retrieval fine-tuning's `image_id` batch field), captions_per_image (1),
+task ("caption"; "vqa": stage-2 VQA fine-tuning, below) and max_question_len (max_text_len).
+
+VQA (data.task "vqa", stage 2): examples {'image', 'question', 'answers' (VQAv2: 10 human answers), 'question_type',
+'image_id', 'question_id'}, e.g. synthetic_vqa. Each step trains on (image, question, one answer), the answer drawn
+from the example's answers uniformly, i.e. each distinct answer with probability count / number of answers: the
+expected loss is then the answer-weighted loss of BLIP and LAVIS (LAVIS's VQA datasets give each distinct answer
+the weight count / len(answers), and BLIP's VQA loss sums the answers' losses times those weights). The LLM text is
+the family's VQA prompt with the question, then the answer (`tokenize_vqa_batch`); a question-conditioned model
+(model.qformer_text_input) also gets the question alone in the Q-Former's tokenizer, qformer_ids / qformer_mask.
 """
 
 import collections
@@ -29,11 +38,12 @@ from blip2_jax.data import prepared as prepared_lib
 from blip2_jax.data import tokenizer as tokenizer_lib
 from blip2_jax.data.coco_captions import CocoCaptions
 from blip2_jax.data.synthetic_shapes import SyntheticShapes
+from blip2_jax.data.synthetic_vqa import SyntheticVqa
 from blip2_jax.models import llms
 
 # Builders that ship with the package prepare their own data on first use (generate it, or convert local
 # COCO files); any other name must already be prepared under data_dir.
-SHIPPED_BUILDERS = {"synthetic_shapes": SyntheticShapes, "coco_captions": CocoCaptions}
+SHIPPED_BUILDERS = {"synthetic_shapes": SyntheticShapes, "synthetic_vqa": SyntheticVqa, "coco_captions": CocoCaptions}
 
 
 # ----------------------------------------------------------------------------------------------- source
@@ -164,14 +174,10 @@ def swap_left_right(caption: str) -> str:
   return _LEFT_RIGHT.sub(lambda m: "right" if m.group(1) == "left" else "left", caption)
 
 
-def train_preprocess(example: dict, rng: np.random.Generator, data_cfg, kind: str = llms.RETRIEVAL) -> dict | None:
-  """An augmented training example of the model `kind` (models/llms.py): the RandomResizedCrop uint8 image
-  (the model normalises it on the accelerator) and one cleaned caption of the example's list, which an
-  encoder-decoder LLM's prefix-LM splits into a prefix and a suffix. None (counted by reason, logged once) for an
-  example whose image is broken or that has no caption left after cleaning."""
-  where = example["_where"]
+def _train_image(example: dict, rng: np.random.Generator, data_cfg) -> np.ndarray | None:
+  """The RandomResizedCrop uint8 image of a training example, or None (counted by reason, logged once)."""
   try:
-    image = images_lib.random_crop(
+    return images_lib.random_crop(
       example["image"],
       data_cfg.image_size,
       data_cfg.crop_scale,
@@ -180,7 +186,18 @@ def train_preprocess(example: dict, rng: np.random.Generator, data_cfg, kind: st
       max_pixels=data_cfg.get("max_pixels", images_lib.MAX_PIXELS),
     )
   except images_lib.BadImage as e:
-    _skip(e.reason, where, str(e))
+    _skip(e.reason, example["_where"], str(e))
+    return None
+
+
+def train_preprocess(example: dict, rng: np.random.Generator, data_cfg, kind: str = llms.RETRIEVAL) -> dict | None:
+  """An augmented training example of the model `kind` (models/llms.py): the RandomResizedCrop uint8 image
+  (the model normalises it on the accelerator) and one cleaned caption of the example's list, which an
+  encoder-decoder LLM's prefix-LM splits into a prefix and a suffix. None (counted by reason, logged once) for an
+  example whose image is broken or that has no caption left after cleaning."""
+  where = example["_where"]
+  image = _train_image(example, rng, data_cfg)
+  if image is None:
     return None
   captions = [c for c in (clean(data_cfg, c) for c in _captions(example)) if c]
   if not captions:
@@ -216,6 +233,110 @@ def split_prefix_lm(caption: str, rng: np.random.Generator) -> tuple[str, str]:
   return " ".join(words[:cut]), " ".join(words[cut:])
 
 
+# ------------------------------------------------------------------------------------------------ VQA
+
+TASKS = ("caption", "vqa")
+_QUESTION_STRIPPED = re.compile(r'[.!"()*#:;~]')  # what LAVIS's question processor removes ("?" stays)
+
+
+def task(data_cfg, kind: str) -> str:
+  """data.task: "caption" (the default: image-text pairs) or "vqa" (question-answer pairs, stage 2 only)."""
+  name = data_cfg.get("task", "caption")
+  if name not in TASKS:
+    raise ValueError(f"config.data.task={name!r}: choose one of {', '.join(TASKS)}.")
+  if name == "vqa" and kind == llms.RETRIEVAL:
+    raise ValueError("config.data.task='vqa' is for stage-2 (LLM) models; a stage-1 model trains on captions.")
+  return name
+
+
+def vqa_template(prompt: str, kind: str, where: str = "config.data.prompt") -> str:
+  """The VQA prompt template: `prompt`, or with "" the LLM family's (the paper's "Question: {} Answer:" for OPT,
+  "Question: {} Short answer:" for T5); it must hold one "{}", where the question goes."""
+  default = llms.family(kind).vqa_prompt
+  template = prompt or default
+  if template.count("{}") != 1:
+    raise ValueError(
+      f"{where}={prompt!r}: a VQA prompt is a template with one {{}} for the question, e.g. {default!r} "
+      "(or '' for that, the LLM family's)."
+    )
+  return template
+
+
+def max_question_len(data_cfg) -> int:
+  """The Q-Former's question length (qformer_ids), data.max_question_len, by default data.max_text_len."""
+  return data_cfg.get("max_question_len") or data_cfg.max_text_len
+
+
+def _text(x) -> str:
+  return x.decode("utf-8") if isinstance(x, bytes) else str(x)
+
+
+def clean_question(data_cfg, question: str) -> str:
+  """LAVIS's question processor (BlipQuestionProcessor): lower case, [.!"()*#:;~] removed ("?" kept), at most
+  data.max_caption_words words; with data.clean_captions False only the whitespace is collapsed."""
+  if not data_cfg.get("clean_captions", True):
+    return " ".join(question.split())
+  return " ".join(_QUESTION_STRIPPED.sub("", question.lower()).split()[: data_cfg.get("max_caption_words", 50)])
+
+
+def vqa_train_preprocess(example: dict, rng: np.random.Generator, data_cfg) -> dict | None:
+  """An augmented VQA training example: the image as train_preprocess crops it, the cleaned question and one
+  answer, drawn uniformly from the example's answers (each distinct answer with probability count / number of
+  answers; module docstring). A horizontal flip swaps "left" and "right" in the question and the answer, so both
+  stay true. None (counted as missing_caption, logged once) without a question or an answer."""
+  image = _train_image(example, rng, data_cfg)
+  if image is None:
+    return None
+  question = clean_question(data_cfg, _text(example["question"]))
+  answers = [a for a in (" ".join(_text(a).split()) for a in example["answers"]) if a]
+  if not question or not answers:
+    _skip("missing_caption", example["_where"], "no question or no answer")
+    return None
+  flip = data_cfg.flip and rng.random() < 0.5
+  answer = answers[int(rng.integers(len(answers)))]
+  if flip:
+    image, question, answer = image[:, ::-1], swap_left_right(question), swap_left_right(answer)
+  return {"image": image, "question": question, "answer": answer}
+
+
+def tokenize_vqa_batch(batch: dict, tokenizer, qformer_tokenizer, data_cfg, kind: str) -> dict:
+  """The text side of a VQA batch (data.prompt the template, "" = the family's VQA prompt):
+  - a decoder-only LLM (OPT): text_ids, text_mask of "</s>" + prompt(question) + " " + answer + "\n", label_mask
+    on the answer and "\n" only;
+  - an encoder-decoder LLM (T5): text_ids, text_mask of prompt(question) + "</s>" (the encoder), target_ids,
+    target_mask of answer + "</s>" (the decoder);
+  - with a Q-Former tokenizer (a question-conditioned model): qformer_ids, qformer_mask of "[CLS] question [SEP]",
+    padded to data.max_question_len."""
+  family = llms.family(kind)
+  template = vqa_template(data_cfg.get("prompt", ""), kind)
+  questions, answers = [str(q) for q in batch["question"]], [str(a) for a in batch["answer"]]
+  prompts = [template.format(q) for q in questions]
+  max_len = data_cfg.max_text_len
+  out = {"image": batch["image"]}
+  if family.encoder_decoder:
+    out["text_ids"], out["text_mask"] = tokenizer_lib.tokenize(tokenizer, prompts, max_len)
+    out["target_ids"], out["target_mask"] = tokenizer_lib.tokenize(tokenizer, answers, max_len)
+  else:
+    end = family.caption_end or tokenizer.eos_token
+    out.update(tokenize_prompted_answers(tokenizer, prompts, answers, max_len, end))
+  if qformer_tokenizer is not None:
+    out["qformer_ids"], out["qformer_mask"] = tokenizer_lib.tokenize(
+      qformer_tokenizer, questions, max_question_len(data_cfg)
+    )
+  return out
+
+
+def tokenize_prompted_answers(tokenizer, prompts: list[str], answers: list[str], max_len: int, end: str) -> dict:
+  """A decoder-only LLM's text of answers to prompts: BOS ("</s>" for OPT) + prompt + " " + answer + end ("\n"
+  for OPT); label_mask is 1 on the answer and end tokens, 0 on BOS, the prompt and pads (each row's prompt length,
+  as tokenize_decoder_only counts it)."""
+  prompts = [p.rstrip() for p in prompts]
+  ids, mask = tokenizer_lib.tokenize(tokenizer, [f"{p} {a}{end}" for p, a in zip(prompts, answers)], max_len)
+  prompt_lens = np.asarray([len(x) for x in tokenizer(prompts).input_ids])  # bos + prompt tokens
+  label_mask = mask * (np.arange(max_len)[None] >= prompt_lens[:, None])
+  return {"text_ids": ids, "text_mask": mask, "label_mask": label_mask.astype(np.int32)}
+
+
 # ------------------------------------------------------------------------------------------- training
 
 
@@ -228,9 +349,12 @@ def make_train_iterator(
   kind: str = llms.RETRIEVAL,
   process_index: int = 0,
   process_count: int = 1,
+  qformer_tokenizer=None,
 ) -> "TrainIterator":
   """An endless iterator of this process's batches: {'image' f32 [b,S,S,3], 'text_ids', 'text_mask' i32 [b,L],
   and the other text fields the model `kind` reads (see _tokenize_batch)}; b = global_batch_size // process_count.
+  With data.task "vqa": VQA batches (tokenize_vqa_batch), with qformer_ids / qformer_mask when qformer_tokenizer
+  (a question-conditioned model's) is given.
 
   One stream defines the data, whatever the number of processes: the training split shuffled by `seed` (a new
   order each epoch), each example augmented by a function of (seed, its position in the stream). Global batch s
@@ -244,11 +368,23 @@ def make_train_iterator(
       f"global_batch_size {global_batch_size} is not divisible by the number of processes "
       f"{process_count}; pick a multiple of {process_count}."
     )
-  _check_prompt_fraction(data_cfg, kind)
+  vqa = task(data_cfg, kind) == "vqa"
+  if vqa:
+    _check_vqa(data_cfg, kind)
+    preprocess = lambda ex, rng: vqa_train_preprocess(ex, rng, data_cfg)
+    tokenize = lambda batch: tokenize_vqa_batch(batch, tokenizer, qformer_tokenizer, data_cfg, kind)
+  else:
+    if qformer_tokenizer is not None:
+      raise ValueError(
+        "A question-conditioned model (config.model.qformer_text_input) reads a question: set config.data.task='vqa'."
+      )
+    _check_prompt_fraction(data_cfg, kind)
+    preprocess = lambda ex, rng: train_preprocess(ex, rng, data_cfg, kind)
+    tokenize = lambda batch: _tokenize_batch(batch, tokenizer, data_cfg, kind)
   stream = (
     _mixture(train_sources(data_cfg), seed, data_cfg.get("captions_per_image", 1))
     .filter(_has_image_bytes)
-    .random_map(lambda ex, rng: train_preprocess(ex, rng, data_cfg, kind))
+    .random_map(preprocess)
     .filter(lambda ex: ex is not None)  # broken images and examples without captions
   )
   b = global_batch_size // process_count
@@ -264,7 +400,7 @@ def make_train_iterator(
       .batch(b, drop_remainder=True)
       # Tokenise whole batches in the consuming thread: one call per batch is fast, and a HF fast
       # tokenizer shared by grain's worker threads can fail with "Already borrowed".
-      .map(lambda batch: _tokenize_batch(batch, tokenizer, data_cfg, kind))
+      .map(tokenize)
     )
 
   return TrainIterator(make, b, process_count)
@@ -350,6 +486,17 @@ class TrainIterator:
     else:
       self._it = self._make(state["global_batches"] * self._batch_size)
     self._batches = state["global_batches"]
+
+
+def _check_vqa(data_cfg, kind: str):
+  vqa_template(data_cfg.get("prompt", ""), kind)
+  if any(spec.get("path") for spec in (data_cfg.get("sources") or {}).values()):
+    raise ValueError(
+      "config.data.task='vqa' reads data.name's TFDS dataset; the prepared folders of data.sources hold captions: "
+      "clear their paths."
+    )
+  if data_cfg.get("prompt_fraction", 0.0):
+    raise ValueError("config.data.prompt_fraction is for captions; with config.data.task='vqa' set it to 0.")
 
 
 def _check_prompt_fraction(data_cfg, kind: str):
@@ -459,3 +606,56 @@ def load_eval_set(data_cfg, tokenizer, split: str | None = None) -> dict:
     "img2txt": [img2txt[i] for i in range(len(images))],
     "captions": captions,
   }
+
+
+def load_vqa_eval_set(data_cfg, split: str | None = None) -> dict:
+  """The whole VQA eval split (data.task "vqa"; or its first eval_max_examples questions), with the questions
+  cleaned as in training. Questions that share an `image_id` share one image (without an image_id each question is
+  its own image). Returns
+    images          f32 [N_img, S, S, 3]    q2img  i32 [N_q], the image of each question
+    questions, question_types: N_q strings  answers: N_q lists of the human answers   question_ids: N_q ints."""
+  source = get_source(data_cfg, split or data_cfg.eval_split)
+  n = len(source) if data_cfg.eval_max_examples is None else min(len(source), data_cfg.eval_max_examples)
+  examples = (
+    grain.MapDataset.source(source)[:n]
+    .map_with_index(lambda i, ex: _decode_vqa(ex, i))
+    .filter(lambda ex: ex["image"] is not None)
+    .map(lambda ex: {**ex, "image": images_lib.eval_preprocess(ex["image"], data_cfg.image_size)})
+    .to_iter_dataset(grain.ReadOptions(num_threads=data_cfg.num_threads, prefetch_buffer_size=data_cfg.prefetch))
+  )
+  out = {k: [] for k in ("images", "q2img", "questions", "answers", "question_types", "question_ids")}
+  image_index = {}  # image_id -> row in images
+  for i, ex in enumerate(examples):
+    key = ex.get("image_id", ("example", i))
+    if key not in image_index:
+      image_index[key] = len(out["images"])
+      out["images"].append(ex["image"])
+    out["q2img"].append(image_index[key])
+    out["questions"].append(clean_question(data_cfg, ex["question"]))
+    out["answers"].append(ex["answers"])
+    out["question_types"].append(ex["question_type"])
+    out["question_ids"].append(ex["question_id"])
+  if not out["images"]:
+    raise ValueError(f"The VQA eval split of {data_cfg.name!r} has no question with a readable image.")
+  out["images"] = np.stack(out["images"])
+  out["q2img"] = np.asarray(out["q2img"], np.int32)
+  return out
+
+
+def _decode_vqa(example: dict, index: int) -> dict:
+  """Eval: a VQA example with its image decoded (None if broken: counted, logged)."""
+  try:
+    image = images_lib.decode(example["image"])
+  except images_lib.BadImage as e:
+    _skip(e.reason, ("the eval split", index), str(e))
+    image = None
+  out = {
+    "image": image,
+    "question": _text(example["question"]),
+    "answers": [_text(a) for a in example["answers"]],
+    "question_type": _text(example["question_type"]) if "question_type" in example else "",
+    "question_id": int(example["question_id"]) if "question_id" in example else index,
+  }
+  if "image_id" in example:
+    out["image_id"] = int(example["image_id"])
+  return out

@@ -9,9 +9,17 @@ import transformers
 _STRIPPED = re.compile(r'[.!"()*#:;~]')  # the characters LAVIS's caption processor removes
 
 
-def demo_vocab_path() -> str:
-  """The WordPiece vocab shipped for synthetic_shapes (every word its captions use)."""
-  return os.path.join(os.path.dirname(__file__), "demo_vocab.txt")
+# The WordPiece vocabs shipped for the demos, by the name a config's `tokenizer` gives them: "demo" has every word of
+# the synthetic_shapes captions, "demo_vqa" those and every word of the synthetic_vqa questions and answers (its
+# first lines are demo_vocab.txt's, in order, so a caption gets the same ids from both).
+DEMO_VOCABS = {"demo": "demo_vocab.txt", "demo_vqa": "demo_vqa_vocab.txt"}
+
+
+def demo_vocab_path(name: str = "demo") -> str:
+  """The path of the shipped WordPiece vocab `name` (a key of DEMO_VOCABS)."""
+  if name not in DEMO_VOCABS:
+    raise ValueError(f"Unknown demo vocab {name!r}; choose one of {', '.join(DEMO_VOCABS)}.")
+  return os.path.join(os.path.dirname(__file__), DEMO_VOCABS[name])
 
 
 def load_tokenizer(path: str) -> transformers.PreTrainedTokenizerFast:
