@@ -59,6 +59,20 @@ def layer_norm(eps: float, name: str | None = None) -> nn.LayerNorm:
   )
 
 
+class RMSNorm(nn.Module):
+  """RMS LayerNorm (T5's LayerNorm, LLaMA's RMSNorm): x / rms(x) * scale, no mean subtraction and no bias;
+  computed and returned in float32 whatever the activation dtype."""
+
+  eps: float
+
+  @nn.compact
+  def __call__(self, x):
+    scale = self.param("scale", logical(nn.initializers.ones, ("norm",)), (x.shape[-1],), jnp.float32)
+    x = x.astype(jnp.float32)
+    x = x * jax.lax.rsqrt(jnp.mean(jnp.square(x), axis=-1, keepdims=True) + self.eps)
+    return x * scale
+
+
 def gelu(x):
   # Exact (erf) GELU: both EVA-ViT-g and BERT use it; the tanh approximation is a different function.
   return jax.nn.gelu(x, approximate=False)

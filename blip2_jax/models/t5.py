@@ -153,19 +153,6 @@ def relative_position_bucket(relative_position, *, bidirectional: bool, num_buck
 # --- building blocks -----------------------------------------------------------------------------------------
 
 
-class RMSNorm(nn.Module):
-  """T5's LayerNorm: x / rms(x) * scale, no mean subtraction and no bias; computed and returned in float32."""
-
-  eps: float
-
-  @nn.compact
-  def __call__(self, x):
-    scale = self.param("scale", layers.logical(nn.initializers.ones, ("norm",)), (x.shape[-1],), jnp.float32)
-    x = x.astype(jnp.float32)
-    x = x * lax.rsqrt(jnp.mean(jnp.square(x), axis=-1, keepdims=True) + self.eps)
-    return x * scale.astype(jnp.float32)
-
-
 class Attention(nn.Module):
   """T5 attention (no bias terms). Keys/values are projected separately (`project_kv`) so the decoder can cache
   them: its own per step, the encoder's once per sequence. `deterministic`: see lora.Dense."""
@@ -228,10 +215,10 @@ class EncoderBlock(nn.Module):
   @nn.compact
   def __call__(self, x, bias, mask, deterministic=True):
     cfg = self.cfg
-    h = RMSNorm(cfg.layer_norm_epsilon, name="self_attention_norm")(x)
+    h = layers.RMSNorm(cfg.layer_norm_epsilon, name="self_attention_norm")(x)
     attention = Attention(cfg, name="self_attention")
     x = x + attention(h, *attention.project_kv(h, deterministic), bias, mask, deterministic)
-    x = x + FeedForward(cfg, name="ffn")(RMSNorm(cfg.layer_norm_epsilon, name="ffn_norm")(x), deterministic)
+    x = x + FeedForward(cfg, name="ffn")(layers.RMSNorm(cfg.layer_norm_epsilon, name="ffn_norm")(x), deterministic)
     return x, None
 
 
@@ -244,11 +231,11 @@ class DecoderBlock(nn.Module):
 
   def setup(self):
     cfg = self.cfg
-    self.self_attention_norm = RMSNorm(cfg.layer_norm_epsilon)
+    self.self_attention_norm = layers.RMSNorm(cfg.layer_norm_epsilon)
     self.self_attention = Attention(cfg)
-    self.cross_attention_norm = RMSNorm(cfg.layer_norm_epsilon)
+    self.cross_attention_norm = layers.RMSNorm(cfg.layer_norm_epsilon)
     self.cross_attention = Attention(cfg)
-    self.ffn_norm = RMSNorm(cfg.layer_norm_epsilon)
+    self.ffn_norm = layers.RMSNorm(cfg.layer_norm_epsilon)
     self.ffn = FeedForward(cfg)
 
   def cross_kv(self, carry, encoder_out, deterministic=True):
@@ -316,7 +303,7 @@ class Encoder(nn.Module):
     methods = {"__call__": dict(in_axes=(nn.broadcast,) * 3)}
     stack = _scanned(EncoderBlock, cfg, cfg.num_layers, methods, static_argnums=(4,))(cfg, name="layers")
     x, _ = stack(x.astype(cfg.dtype), bias, mask, deterministic)
-    return RMSNorm(cfg.layer_norm_epsilon, name="final_norm")(x)
+    return layers.RMSNorm(cfg.layer_norm_epsilon, name="final_norm")(x)
 
 
 class Decoder(nn.Module):
@@ -340,7 +327,7 @@ class Decoder(nn.Module):
       },
       static_argnums=(7,),
     )(cfg)
-    self.final_norm = RMSNorm(cfg.layer_norm_epsilon)
+    self.final_norm = layers.RMSNorm(cfg.layer_norm_epsilon)
 
   def cross_kv(self, encoder_out, deterministic=True):
     """Every layer's cross-attention keys and values: two [B, layers, S_enc, heads, d_kv]."""
@@ -527,7 +514,7 @@ def decode_step(
   for lp, cache in zip(layer_params, caches):
     x, new = block.apply({"params": lp}, x, bias, self_mask, cross_mask, cache_index, cache)
     new_caches.append({**cache, **new})
-  h = RMSNorm(cfg.layer_norm_epsilon).apply({"params": params["decoder"]["final_norm"]}, x)
+  h = layers.RMSNorm(cfg.layer_norm_epsilon).apply({"params": params["decoder"]["final_norm"]}, x)
   return model.apply({"params": params}, h, method="head"), new_caches
 
 
