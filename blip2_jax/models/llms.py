@@ -4,8 +4,8 @@ Stage 2 puts the Q-Former's projected query outputs in front of a frozen LLM. Wh
 to know about that LLM is one `LLMFamily` entry here: its Flax module and decoding adapter, how its HF config
 and weights are named, which side prompts are padded on, what ends a caption, and whether it is decoder-only
 (the soft prompt and the text form one sequence, OPT) or an encoder-decoder (the soft prompt and a text prefix
-are the encoder's input, the decoder predicts the rest, Flan-T5). Adding a family (e.g. LLaMA) means its model
-file and one entry in FAMILIES.
+are the encoder's input, the decoder predicts the rest, Flan-T5). Adding a family means its model file and one
+entry in FAMILIES; LLaMA (2, 3, Vicuna) and Qwen2 share models/llama.py.
 
 One name says which kind of BLIP-2 model something is, everywhere (configs, the data pipeline, `Blip2.kind`):
 RETRIEVAL for the stage-1 model (ViT + Q-Former with ITC/ITM/ITG heads; HF Blip2ForImageTextRetrieval), else the
@@ -17,6 +17,7 @@ import dataclasses
 
 import ml_collections
 
+from blip2_jax.models import llama
 from blip2_jax.models import opt
 from blip2_jax.models import t5
 
@@ -38,8 +39,8 @@ class LLMFamily:
   encoder_decoder: bool  # see the module docstring
   # Where prompts are padded for generation: a decoder-only model's last prompt position must be a real token.
   padding_side: str
-  # The text that ends a caption in training and whose token ends generation; None: the tokenizer's EOS, which it
-  # appends itself.
+  # The text that ends a caption in training and whose token ends generation; None: the tokenizer's EOS (the
+  # data pipeline appends its text, data.pipeline._tokenize_batch; T5's tokenizer appends it itself).
   caption_end: str | None
   vqa_prompt: str  # the paper's zero-shot VQA template
   vocab_tables: tuple[str, ...]  # HF names of the tensors with a row per token (export adds HF's <image> row)
@@ -68,10 +69,33 @@ def _opt_config(hf, *, dtype, remat_policy, tensor_names=None):
   return opt.config_from_hf(hf, dtype=dtype, remat_policy=remat_policy)
 
 
+def _llama_config(hf, *, dtype, remat_policy, tensor_names=None):
+  del tensor_names  # config.json's tie_word_embeddings says whether lm_head.weight is stored
+  return llama.config_from_hf(hf, dtype=dtype, remat_policy=remat_policy)
+
+
 def _t5_config(hf, *, dtype, remat_policy, tensor_names=None):
   # Whether the head is the shared table shows in the tensors only (transformers >= 5 configs say "tied").
   has_lm_head = None if tensor_names is None else "lm_head.weight" in tensor_names
   return t5.config_from_hf(hf, dtype=dtype, remat_policy=remat_policy, has_lm_head=has_lm_head)
+
+
+def _llama_family(name: str) -> LLMFamily:
+  """LLaMA (2, 3, Vicuna) and Qwen2: one model file (models/llama.py), told apart by cfg.model_type."""
+  return LLMFamily(
+    name=name,
+    module=llama.LlamaForCausalLM,
+    decoder=llama.LlamaDecoder,
+    config_from_hf=_llama_config,
+    weight_map=llama.weight_map,
+    width=lambda cfg: cfg.hidden_size,
+    encoder_decoder=False,
+    padding_side="left",
+    # The tokenizer's EOS: LAVIS Blip2VicunaInstruct ends each training text with it ("</s>" for Vicuna).
+    caption_end=None,
+    vqa_prompt="Question: {} Answer:",
+    vocab_tables=("model.embed_tokens.weight", "lm_head.weight"),  # lm_head.weight: when untied
+  )
 
 
 FAMILIES = {
@@ -88,6 +112,8 @@ FAMILIES = {
     vqa_prompt="Question: {} Answer:",
     vocab_tables=("model.decoder.embed_tokens.weight",),
   ),
+  "llama": _llama_family("llama"),
+  "qwen2": _llama_family("qwen2"),
   "t5": LLMFamily(
     name="t5",
     module=t5.T5ForConditionalGeneration,
