@@ -324,11 +324,11 @@ def test_pickle_only_directory_is_refused_without_unpickling(saved, tmp_path):
 
 
 def test_unsupported_llm_type_is_one_error(saved, tmp_path):
-  bad = tmp_path / "llama"
+  bad = tmp_path / "mistral"
   bad.mkdir()
   config = json.loads((saved["opt"][1] / "config.json").read_text())
-  config["text_config"]["model_type"] = "llama"
+  config["text_config"]["model_type"] = "mistral"
   (bad / "config.json").write_text(json.dumps(config))
   (bad / "model.safetensors").write_bytes((saved["opt"][1] / "model.safetensors").read_bytes())
-  with pytest.raises(ValueError, match="text_config.model_type='llama' is not supported"):
+  with pytest.raises(ValueError, match="text_config.model_type='mistral' is not supported"):
     Blip2.from_pretrained(bad)

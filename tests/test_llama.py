@@ -4,7 +4,9 @@ Qwen2ForCausalLM, cached decoding, generation token for token, remat, weights, e
 The HF models are tiny and randomised (std 0.2, norm scales around 1; generation: std 0.5 with the embedding rows
 rescaled to one norm, as tests/test_generation.py) so that a wrong transpose or name cannot hide behind zeros.
 Parity is max |ours - theirs| / max |theirs| in float32, over the real (unpadded) tokens. HF is given the
-position ids its `generate` computes from the mask (cumsum(mask) - 1), which ours count by default.
+position ids its `generate` computes from the mask (cumsum(mask) - 1), which ours count by default. Last, a tiny
+HF BLIP-2 with a LLaMA LLM loads into `Blip2.from_pretrained` with HF's logits and exports back (as
+tests/test_api.py checks OPT and T5).
 """
 
 import functools
@@ -23,7 +25,9 @@ import torch
 import transformers
 
 from blip2_jax import generation
+from blip2_jax import partitioning
 from blip2_jax import weights
+from blip2_jax.api import Blip2
 from blip2_jax.models import llama
 from blip2_jax.models import llms
 
@@ -404,3 +408,94 @@ def test_bad_arguments_are_one_line_errors():
     model.apply({"params": params}, x, mask, cache=llama.init_cache(cfg, 1, 8, jnp.float32), cache_index=0)
   with pytest.raises(ValueError, match=r"without a cache it must be \[batch, tokens\]"):
     model.apply({"params": params}, x, mask)
+
+
+# --- BLIP-2 with a LLaMA LLM (HF Blip2ForConditionalGeneration, as tests/test_api.py for OPT) ---------------
+
+BLIP2_QUERIES, BLIP2_IMAGE, IMAGE_TOKEN = 4, 32, 63  # HF >= 4.47 puts num_query_tokens <image> ids first
+
+
+@pytest.fixture(scope="module")
+def blip2_llama(tmp_path_factory):
+  """A tiny random HF BLIP-2 whose LLM is a grouped-query LLaMA with an untied head (Vicuna's layout), saved with
+  save_pretrained, and our Blip2 loaded from that directory onto one device."""
+  vision = dict(
+    hidden_size=WIDTH,
+    intermediate_size=64,
+    num_hidden_layers=1,
+    num_attention_heads=4,
+    image_size=BLIP2_IMAGE,
+    patch_size=8,
+    layer_norm_eps=1e-6,
+    qkv_bias=True,
+  )
+  qformer = dict(
+    hidden_size=WIDTH,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    intermediate_size=64,
+    cross_attention_frequency=2,
+    encoder_hidden_size=WIDTH,
+    vocab_size=40,
+    use_qformer_text_input=False,
+    max_position_embeddings=16,
+  )
+  text = dict(_hf_config("llama", vocab=64, num_key_value_heads=2, pad_token_id=0).to_dict(), model_type="llama")
+  config = transformers.Blip2Config(
+    vision_config=vision,
+    qformer_config=qformer,
+    text_config=text,
+    num_query_tokens=BLIP2_QUERIES,
+    image_token_index=IMAGE_TOKEN,
+  )
+  torch.manual_seed(0)
+  hf = randomise(transformers.Blip2ForConditionalGeneration(config), 0)
+  path = tmp_path_factory.mktemp("blip2_llama")
+  hf.save_pretrained(path)
+  mesh = partitioning.make_mesh({"data": 1, "fsdp": 1, "tensor": 1}, jax.devices()[:1])
+  return hf, Blip2.from_pretrained(path, mesh=mesh)
+
+
+def _blip2_inputs(left_pad: bool):
+  x = np.random.default_rng(0).normal(size=(3, BLIP2_IMAGE, BLIP2_IMAGE, 3)).astype(np.float32)
+  lengths = np.array([7, 5, 2])[:, None]
+  pos = np.arange(7)[None]
+  mask = ((pos >= 7 - lengths) if left_pad else (pos < lengths)).astype(np.int64)
+  ids = np.random.default_rng(1).integers(3, 60, size=(3, 7)) * mask
+  return x, ids, mask
+
+
+def _hf_blip2_logits(hf, x, ids, mask, left_pad: bool):
+  """HF's logits over [queries; text] for our inputs: <image> placeholders in front of the text. With left padding
+  (the padding between the queries and the text) HF's forward is given generate's position ids."""
+  hf_ids = np.concatenate([np.full((len(ids), BLIP2_QUERIES), IMAGE_TOKEN), ids], axis=1)
+  hf_mask = np.concatenate([np.ones((len(ids), BLIP2_QUERIES), np.int64), mask], axis=1)
+  extra = dict(position_ids=_generate_positions(hf_mask)) if left_pad else {}
+  with torch.no_grad():
+    return hf(
+      pixel_values=torch.from_numpy(x.transpose(0, 3, 1, 2).copy()),
+      input_ids=torch.from_numpy(hf_ids),
+      attention_mask=torch.from_numpy(hf_mask),
+      **extra,
+    ).logits, hf_mask.astype(bool)
+
+
+@pytest.mark.parametrize("left_pad", [False, True])
+def test_blip2_llama_logits_match_hf(blip2_llama, left_pad):
+  """Right padding (training texts: HF's own positions) and left padding (generation prompts)."""
+  hf, ours = blip2_llama
+  assert ours.kind == "llama" and ours.cfg.llm.num_key_value_heads == 2
+  x, ids, mask = _blip2_inputs(left_pad)
+  theirs, real = _hf_blip2_logits(hf, x, ids, mask, left_pad)
+  assert rel_error(ours.lm_logits(x, ids, mask), theirs, real) < TOL
+
+
+def test_blip2_llama_export_reloads_in_transformers_with_the_same_logits(blip2_llama, tmp_path):
+  hf, ours = blip2_llama
+  ours.save_pretrained(tmp_path / "out")
+  again = transformers.Blip2ForConditionalGeneration.from_pretrained(tmp_path / "out").eval()
+  assert not again.config.text_config.tie_word_embeddings
+  x, ids, mask = _blip2_inputs(left_pad=False)
+  theirs, real = _hf_blip2_logits(hf, x, ids, mask, left_pad=False)
+  reloaded, _ = _hf_blip2_logits(again, x, ids, mask, left_pad=False)
+  assert rel_error(reloaded, theirs, real) < TOL
