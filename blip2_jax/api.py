@@ -45,9 +45,9 @@ class Blip2:
   """A BLIP-2 model with its parameters (sharded over `mesh`) and, when the directory has one, its tokenizer.
 
   `kind` is 'retrieval' (image-text matching and contrastive scores, feature extraction) or the LLM family,
-  'opt' / 't5' (LLM logits and generation); models/llms.py. `qformer_tokenizer`: the Q-Former's (BERT) tokenizer
-  of a question-conditioned model, when known (saved in and read from the `qformer_tokenizer` subfolder, as HF's
-  InstructBlipProcessor does)."""
+  'opt' / 't5' / 'llama' / 'qwen2' (LLM logits and generation); models/llms.py. `qformer_tokenizer`: the
+  Q-Former's (BERT) tokenizer of a question-conditioned model, when known (saved in and read from the
+  `qformer_tokenizer` subfolder, as HF's InstructBlipProcessor does)."""
 
   def __init__(
     self,
