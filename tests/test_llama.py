@@ -30,6 +30,7 @@ from blip2_jax import weights
 from blip2_jax.api import Blip2
 from blip2_jax.models import llama
 from blip2_jax.models import llms
+from blip2_jax.models import lora
 
 VOCAB, WIDTH, TOL = 100, 32, 1e-5
 # Three rows: no padding, left padding (batched generation) and right padding.
@@ -499,3 +500,27 @@ def test_blip2_llama_export_reloads_in_transformers_with_the_same_logits(blip2_l
   theirs, real = _hf_blip2_logits(hf, x, ids, mask, left_pad=False)
   reloaded, _ = _hf_blip2_logits(again, x, ids, mask, left_pad=False)
   assert rel_error(reloaded, theirs, real) < TOL
+
+
+def test_lora_adapters_merge_into_the_same_function():
+  """LoRA on an attention and an MLP projection (PEFT names): nonzero adapters change the logits, and
+  lora.merged folds them into the kernels of the plain model with the same logits."""
+  _, cfg, params = _loaded("qwen2")
+  adapted_cfg = ml_collections.ConfigDict(
+    dict(cfg.to_dict(), lora=dict(rank=2, alpha=4.0, targets=("k_proj", "up_proj")))
+  )
+  model = llama.LlamaForCausalLM(adapted_cfg)
+  x = jnp.asarray(0.5 * np.random.default_rng(5).normal(size=MASK.shape + (WIDTH,)), jnp.float32)
+  init = model.init(jax.random.PRNGKey(0), x, jnp.asarray(MASK))["params"]
+  flat = traverse_util.flatten_dict(nn.unbox(init), sep="/")
+  assert {p for p in flat if "lora" in p} == {
+    f"layers/{m}/lora_{ab}" for m in ("self_attn/k_proj", "up_proj") for ab in "ab"
+  }
+  rng = np.random.default_rng(6)
+  adapters = {p: 0.3 * rng.normal(size=v.shape).astype(np.float32) for p, v in flat.items() if "lora" in p}
+  adapted = traverse_util.unflatten_dict({**traverse_util.flatten_dict(params, sep="/"), **adapters}, sep="/")
+  ours = model.apply({"params": adapted}, x, jnp.asarray(MASK))[0]
+  plain = llama.LlamaForCausalLM(cfg).apply({"params": params}, x, jnp.asarray(MASK))[0]
+  merged = llama.LlamaForCausalLM(cfg).apply({"params": lora.merged(adapted, adapted_cfg)}, x, jnp.asarray(MASK))[0]
+  assert rel_error(plain, ours, MASK.astype(bool)) > 1e-3
+  assert rel_error(merged, ours, MASK.astype(bool)) < TOL
