@@ -36,6 +36,21 @@ T5_TEXT = dict(
   pad_token_id=0,
   eos_token_id=1,
 )
+# Vicuna's layout, tiny: a LLaMA with grouped-query attention (2 KV heads for 4) and an untied lm_head.
+LLAMA_TEXT = dict(
+  model_type="llama",
+  vocab_size=64,
+  hidden_size=32,
+  intermediate_size=64,
+  num_hidden_layers=2,
+  num_attention_heads=4,
+  num_key_value_heads=2,
+  max_position_embeddings=64,
+  tie_word_embeddings=False,
+  pad_token_id=0,
+  bos_token_id=1,
+  eos_token_id=2,
+)
 
 
 def rel_error(ours, theirs, where=None):

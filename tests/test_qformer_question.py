@@ -1,5 +1,5 @@
 """The question-conditioned Q-Former (BLIP-2's VQA fine-tuning, HF InstructBLIP): its mask, parity with
-transformers' InstructBlipForConditionalGeneration (OPT and T5 LLMs), and its export.
+transformers' InstructBlipForConditionalGeneration (OPT, Flan-T5 and LLaMA/Vicuna LLMs), and its export.
 
 Each HF model is tiny and randomised as in test_api.py (std 0.2; norm scales around 1), saved with
 `save_pretrained`, loaded by us and compared in float32: max |ours - theirs| / max |theirs| <= 1e-5.
@@ -7,6 +7,7 @@ Each HF model is tiny and randomised as in test_api.py (std 0.2; norm scales aro
 
 from flax import traverse_util
 import flax.linen as nn
+from helpers import LLAMA_TEXT
 from helpers import OPT_TEXT
 from helpers import T5_TEXT
 from helpers import randomise
@@ -25,6 +26,7 @@ from blip2_jax import partitioning
 from blip2_jax import state as state_lib
 from blip2_jax.api import Blip2
 from blip2_jax.data import tokenizer as tokenizer_lib
+from blip2_jax.models import llms
 from blip2_jax.models import masks
 from blip2_jax.models.blip2 import Blip2LLM
 
@@ -50,13 +52,14 @@ QFORMER = dict(
   vocab_size=VOCAB_QF,
   max_position_embeddings=16,
 )
+TEXT = {"opt": OPT_TEXT, "t5": T5_TEXT, "llama": LLAMA_TEXT}  # llama: Vicuna's (grouped-query, untied head)
 
 
 def _hf_model(kind: str, seed=0):
   config = transformers.InstructBlipConfig(
     vision_config=VISION,
     qformer_config=QFORMER,
-    text_config=OPT_TEXT if kind == "opt" else T5_TEXT,
+    text_config=TEXT[kind],
     num_query_tokens=QUERIES,
     image_token_index=IMAGE_TOKEN,
   )
@@ -121,11 +124,19 @@ def loaded(saved):
   return _Lazy(lambda kind: Blip2.from_pretrained(saved[kind][1], mesh=_one_device_mesh()))
 
 
-def _hf_logits(hf, px, ids, mask, q_ids, q_mask, dec_ids=None):
+def _hf_mask(mask):
+  return np.concatenate([np.ones((mask.shape[0], QUERIES), np.int64), mask], axis=1)
+
+
+def _hf_logits(hf, px, ids, mask, q_ids, q_mask, dec_ids=None, image_token=IMAGE_TOKEN):
+  """HF's logits for our inputs: <image> placeholders in front of the LLM text. A LLaMA is given generate's
+  position ids (cumsum(mask) - 1, which ours count): its forward would count the left padding."""
   b = ids.shape[0]
-  hf_ids = np.concatenate([np.full((b, QUERIES), IMAGE_TOKEN), ids], axis=1)
-  hf_mask = np.concatenate([np.ones((b, QUERIES), np.int64), mask], axis=1)
+  hf_ids = np.concatenate([np.full((b, QUERIES), image_token), ids], axis=1)
+  hf_mask = _hf_mask(mask)
   extra = {} if dec_ids is None else {"decoder_input_ids": torch.from_numpy(dec_ids)}
+  if hf.config.text_config.model_type == "llama":
+    extra["position_ids"] = torch.from_numpy(np.where(hf_mask == 1, np.cumsum(hf_mask, axis=1) - 1, 0))
   with torch.no_grad():
     return hf(
       pixel_values=px,
@@ -138,13 +149,15 @@ def _hf_logits(hf, px, ids, mask, q_ids, q_mask, dec_ids=None):
 
 
 def _llm_text(kind):
-  if kind == "opt":
-    ids, mask = _texts(OPT_TEXT["vocab_size"] - 1, left_pad=True)
-    return ids, mask, None
-  ids, mask = _texts(T5_TEXT["vocab_size"] - 1)
-  dec = np.random.default_rng(2).integers(2, 60, size=(3, 5))
-  dec[:, 0] = 0
-  return ids, mask, dec
+  """(ids, mask, decoder ids or None, where to compare the logits or None: everywhere)."""
+  if kind == "t5":
+    ids, mask = _texts(T5_TEXT["vocab_size"] - 1)
+    dec = np.random.default_rng(2).integers(2, 60, size=(3, 5))
+    dec[:, 0] = 0
+    return ids, mask, dec, None
+  ids, mask = _texts(TEXT[kind]["vocab_size"] - 1, left_pad=True)
+  # OPT: every position (its positions skip the padding in HF too); LLaMA: the real tokens, as tests/test_llama.py.
+  return ids, mask, None, (_hf_mask(mask).astype(bool) if kind == "llama" else None)
 
 
 # --- the mask --------------------------------------------------------------------------------------------------
@@ -209,7 +222,7 @@ def test_question_ids_are_required_exactly_when_the_flag_is_on(loaded):
 # --- parity with transformers ------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("kind", ["opt", "t5"])
+@pytest.mark.parametrize("kind", ["opt", "t5", "llama"])
 def test_query_outputs_and_logits_match_hf_instructblip(saved, loaded, kind):
   hf, ours = saved[kind][0], loaded[kind]
   assert ours.question_conditioned
@@ -221,43 +234,54 @@ def test_query_outputs_and_logits_match_hf_instructblip(saved, loaded, kind):
     )
   assert rel_error(ours.query_output(x, q_ids, q_mask), features.qformer_outputs[0][:, :QUERIES]) < TOL
   assert rel_error(ours.image_prompt(x, q_ids, q_mask), features.pooler_output) < TOL
-  ids, mask, dec = _llm_text(kind)
+  ids, mask, dec, real = _llm_text(kind)
   theirs = _hf_logits(hf, px, ids, mask, q_ids, q_mask, dec)
-  assert rel_error(ours.lm_logits(x, ids, mask, dec, qformer_ids=q_ids, qformer_mask=q_mask), theirs) < TOL
+  assert rel_error(ours.lm_logits(x, ids, mask, dec, qformer_ids=q_ids, qformer_mask=q_mask), theirs, real) < TOL
 
 
-@pytest.mark.parametrize("kind", ["opt", "t5"])
+@pytest.mark.parametrize("kind", ["opt", "t5", "llama"])
 def test_export_reloads_in_transformers_instructblip_with_the_same_logits(saved, loaded, kind, tmp_path):
   hf, ours = saved[kind][0], loaded[kind]
   ours.save_pretrained(tmp_path / "out")
   again = transformers.InstructBlipForConditionalGeneration.from_pretrained(tmp_path / "out").eval()
   x, px = _images()
   q_ids, q_mask = _question()
-  ids, mask, dec = _llm_text(kind)
+  assert again.config.text_config.model_type == kind
+  ids, mask, dec, real = _llm_text(kind)
   theirs = _hf_logits(hf, px, ids, mask, q_ids, q_mask, dec)
-  assert rel_error(_hf_logits(again, px, ids, mask, q_ids, q_mask, dec), theirs) < TOL
+  assert rel_error(_hf_logits(again, px, ids, mask, q_ids, q_mask, dec), theirs, real) < TOL
 
 
-def _llm_tokenizer():
-  """A word-level tokenizer over the tiny OPT's whole vocabulary ("w5" ... "w63"; "\n" = 4 ends a caption), which
-  puts "</s>" in front of each text as OPT's does."""
-  vocab = {"<s>": 0, "<pad>": 1, "</s>": 2, "<unk>": 3, "\n": 4}
-  vocab.update({f"w{i}": i for i in range(5, OPT_TEXT["vocab_size"])})
+def _llm_tokenizer(kind):
+  """A word-level tokenizer over the tiny LLM's whole vocabulary ("w5" ... "w63"). OPT's: "\n" = 4 ends a
+  caption, and "</s>" goes in front of each text as OPT's tokenizer does; LLaMA's: "<s>" = 1 in front, "</s>" = 2
+  (its EOS) ends a caption."""
+  if kind == "opt":
+    specials, first, pad = ("<s>", "<pad>", "</s>", "<unk>"), "</s>", "<pad>"
+  else:
+    specials, first, pad = ("<unk>", "<s>", "</s>"), "<s>", "<unk>"
+  vocab = {t: i for i, t in enumerate(specials)}
+  vocab.update({"\n": 4} if kind == "opt" else {})
+  vocab.update({f"w{i}": i for i in range(len(vocab), TEXT[kind]["vocab_size"])})
   tok = tokenizers.Tokenizer(tokenizers.models.WordLevel(vocab, unk_token="<unk>"))
   tok.pre_tokenizer = tokenizers.pre_tokenizers.WhitespaceSplit()
-  tok.add_special_tokens([tokenizers.AddedToken(t, special=True) for t in ("<s>", "<pad>", "</s>", "<unk>")])
-  tok.add_tokens([tokenizers.AddedToken("\n", normalized=False)])
-  tok.post_processor = tokenizers.processors.TemplateProcessing(single="</s> $A", special_tokens=[("</s>", 2)])
+  tok.add_special_tokens([tokenizers.AddedToken(t, special=True) for t in specials])
+  if kind == "opt":
+    tok.add_tokens([tokenizers.AddedToken("\n", normalized=False)])
+  tok.post_processor = tokenizers.processors.TemplateProcessing(
+    single=f"{first} $A", special_tokens=[(first, vocab[first])]
+  )
   return transformers.PreTrainedTokenizerFast(
-    tokenizer_object=tok, pad_token="<pad>", eos_token="</s>", bos_token="</s>", unk_token="<unk>"
+    tokenizer_object=tok, pad_token=pad, eos_token="</s>", bos_token=first, unk_token="<unk>"
   )
 
 
-def test_generation_matches_hf_instructblip_greedy(saved, loaded):
+@pytest.mark.parametrize("kind", ["opt", "llama"])
+def test_generation_matches_hf_instructblip_greedy(saved, loaded, kind):
   """`Blip2.generate` tokenizes the LLM prompt and the Q-Former's text (its own tokenizer, as
   InstructBlipProcessor) and decodes greedily as HF's generate does, token for token."""
-  hf, ours = saved["opt"][0], loaded["opt"]
-  ours.tokenizer = _llm_tokenizer()
+  hf, ours = saved[kind][0], loaded[kind]
+  ours.tokenizer = _llm_tokenizer(kind)
   ours.qformer_tokenizer = tokenizer_lib.load_tokenizer(tokenizer_lib.demo_vocab_path())
   x, px = _images(batch=2)
   prompts, questions = ["w7 w9 w30", "w12"], ["large red circle", "small blue square on the left"]
@@ -273,8 +297,8 @@ def test_generation_matches_hf_instructblip_greedy(saved, loaded):
         max_new_tokens=6,
         do_sample=False,
         num_beams=1,
-        eos_token_id=4,
-        pad_token_id=1,
+        eos_token_id=llms.family(kind).eos_token_id(ours.tokenizer),
+        pad_token_id=ours.tokenizer.pad_token_id,
       )
     want.append(ours.tokenizer.decode(out[0, QUERIES + len(ids) :], skip_special_tokens=True).strip())
   assert all(want) and texts == want
@@ -283,25 +307,31 @@ def test_generation_matches_hf_instructblip_greedy(saved, loaded):
 # --- our own model, exported and read back ---------------------------------------------------------------------
 
 
-def test_question_conditioned_params_round_trip_through_the_instructblip_layout(saved, tmp_path):
+# The LLM's tables with a row per token (their axis of it), to which the export adds HF's <image> row.
+VOCAB_AXES = {"language_model/embed_tokens/embedding": 0, "language_model/lm_head/kernel": 1}
+
+
+@pytest.mark.parametrize("kind", ["opt", "llama"])
+def test_question_conditioned_params_round_trip_through_the_instructblip_layout(kind, tmp_path):
   """A question-conditioned Blip2LLM with random parameters of its own (not from HF) -> save_pretrained (with a
   Q-Former tokenizer) -> from_pretrained: every parameter and the tokenizer come back; transformers reads the
   export and gives our logits."""
   hf_config = transformers.InstructBlipConfig(
-    vision_config=VISION, qformer_config=QFORMER, text_config=OPT_TEXT, num_query_tokens=QUERIES
+    vision_config=VISION, qformer_config=QFORMER, text_config=TEXT[kind], num_query_tokens=QUERIES
   ).to_dict()
   hf_config["architectures"] = ["InstructBlipForConditionalGeneration"]
-  cfg, kind = hf_lib.config_from_hf(hf_config)
+  cfg, got_kind = hf_lib.config_from_hf(hf_config)
+  assert got_kind == kind
   abstract = state_lib.abstract_params(state_lib.build_module(cfg, kind), cfg, kind)
   rng = np.random.default_rng(0)
   flat = traverse_util.flatten_dict(nn.unbox(abstract), sep="/")
   assert "qformer/word_embeddings/embedding" in flat and "qformer/layers_1/ffn/intermediate/kernel" in flat
-  assert not any("lm_" in p for p in flat)  # no Q-Former LM head
+  assert not any(p.startswith("qformer/") and "lm_" in p for p in flat)  # no Q-Former LM head
   params = traverse_util.unflatten_dict(
     {p: jnp.asarray(0.2 * rng.standard_normal(a.shape), jnp.float32) for p, a in flat.items()}, sep="/"
   )
   qformer_tokenizer = tokenizer_lib.load_tokenizer(tokenizer_lib.demo_vocab_path())
-  model = Blip2(cfg, kind, params, _one_device_mesh(), llm_hf_config=OPT_TEXT, qformer_tokenizer=qformer_tokenizer)
+  model = Blip2(cfg, kind, params, _one_device_mesh(), llm_hf_config=TEXT[kind], qformer_tokenizer=qformer_tokenizer)
   model.save_pretrained(tmp_path / "out")
   assert (tmp_path / "out" / "qformer_tokenizer" / "tokenizer_config.json").is_file()
 
@@ -311,25 +341,19 @@ def test_question_conditioned_params_round_trip_through_the_instructblip_layout(
   assert set(back) == set(flat)
   for path, value in traverse_util.flatten_dict(params, sep="/").items():
     got = np.asarray(back[path])
-    if path == "language_model/embed_tokens/embedding":  # plus the export's <image> row
+    if path in VOCAB_AXES:  # plus the export's <image> row
+      got = np.moveaxis(got, VOCAB_AXES[path], 0)
+      value = np.moveaxis(np.asarray(value), VOCAB_AXES[path], 0)
       assert got.shape[0] == value.shape[0] + 1 and not got[-1].any()
       got = got[:-1]
     assert np.array_equal(got, np.asarray(value)), path
 
   x, px = _images()
   q_ids, q_mask = _question()
-  ids, mask = _texts(OPT_TEXT["vocab_size"], left_pad=True)
+  vocab = TEXT[kind]["vocab_size"]
+  ids, mask, _, real = _llm_text(kind)
   ours = model.lm_logits(x, ids, mask, qformer_ids=q_ids, qformer_mask=q_mask)
   hf = transformers.InstructBlipForConditionalGeneration.from_pretrained(tmp_path / "out").eval()
-  image_token = OPT_TEXT["vocab_size"]  # the export's added <image> token
-  hf_ids = np.concatenate([np.full((3, QUERIES), image_token), ids], axis=1)
-  hf_mask = np.concatenate([np.ones((3, QUERIES), np.int64), mask], axis=1)
-  with torch.no_grad():
-    theirs = hf(
-      pixel_values=px,
-      qformer_input_ids=torch.from_numpy(q_ids),
-      qformer_attention_mask=torch.from_numpy(q_mask),
-      input_ids=torch.from_numpy(hf_ids),
-      attention_mask=torch.from_numpy(hf_mask),
-    ).logits
-  assert rel_error(ours, theirs[..., : OPT_TEXT["vocab_size"]]) < TOL
+  # image_token: the export's added <image> token
+  theirs = _hf_logits(hf, px, ids, mask, q_ids, q_mask, image_token=vocab)
+  assert rel_error(ours, theirs[..., :vocab], real) < TOL
