@@ -113,6 +113,42 @@ def unstack(stacked) -> list:
   return [jax.tree.map(lambda a, i=i: a[i], stacked) for i in range(jax.tree.leaves(stacked)[0].shape[0])]
 
 
+def causal_lm_prefill(module, params, prefix_embeds, prefix_mask, max_new_tokens: int, *, init_cache, split_cache):
+  """A decoder-only LLM's prefill for blip2_jax.generation (OPT and the LLaMA family): the prefix of embeddings
+  (queries + left-padded prompt) through the scanned layers into a fresh KV cache, from `init_cache(cfg, batch,
+  slots, dtype)`, split per layer by `split_cache`. Positions count real tokens only (HF: cumsum(mask) - 1), so left
+  padding shifts nothing. Returns the last position's logits and the decoding state {"cache", "mask" [N, S] valid
+  cache slots, "position" [N] next position, "index" [N] next cache slot, the same in every row}."""
+  b, p, _ = prefix_embeds.shape
+  # The last generated token is never fed back, so the cache needs one slot fewer than prefix + new tokens.
+  slots = p + max_new_tokens - 1
+  cache = init_cache(module.cfg, b, slots, jnp.dtype(module.cfg.dtype))
+  real = prefix_mask.astype(jnp.int32)
+  mask = jnp.zeros((b, slots), jnp.int32).at[:, :p].set(real)
+  positions = jnp.cumsum(real, axis=1) * real - 1
+  logits, cache = module.apply({"params": params}, prefix_embeds, mask, positions=positions, cache=cache, cache_index=0)
+  state = {
+    "cache": split_cache(cache),
+    "mask": mask,
+    "position": real.sum(axis=1),
+    "index": jnp.full((b,), p, jnp.int32),
+  }
+  return logits[:, -1], state
+
+
+def causal_lm_step(module, params, layer_params, tokens, state, *, decode_step):
+  """One token per row through the unrolled layers (`decode_step` of the model file, on `layer_params`), after
+  causal_lm_prefill: the logits [N, V] and the next state."""
+  index = state["index"][0]
+  mask = jax.lax.dynamic_update_slice(state["mask"], jnp.ones((tokens.shape[0], 1), jnp.int32), (0, index))
+  embeds = module.apply({"params": params}, tokens[:, None], method="embed")
+  logits, cache = decode_step(
+    module, params, layer_params, embeds, mask, state["position"][:, None], state["cache"], index
+  )
+  state = {"cache": cache, "mask": mask, "position": state["position"] + 1, "index": state["index"] + 1}
+  return logits[:, 0], state
+
+
 ATTENTION_IMPLEMENTATIONS = ("xla", "cudnn")
 
 

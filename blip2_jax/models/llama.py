@@ -429,30 +429,15 @@ class LlamaDecoder:
     return cls(layers.frozen_config(module), params, split_layers(params))
 
   def prefill(self, prefix_embeds, prefix_mask, max_new_tokens: int):
-    b, p, _ = prefix_embeds.shape
-    # The last generated token is never fed back, so the cache needs one slot fewer than prefix + new tokens.
-    slots = p + max_new_tokens - 1
-    cache = init_cache(self.module.cfg, b, slots, jnp.dtype(self.module.cfg.dtype))
-    real = prefix_mask.astype(jnp.int32)
-    mask = jnp.zeros((b, slots), jnp.int32).at[:, :p].set(real)
-    positions = jnp.cumsum(real, axis=1) * real - 1
-    logits, cache = self.module.apply(
-      {"params": self.params}, prefix_embeds, mask, positions=positions, cache=cache, cache_index=0
+    return layers.causal_lm_prefill(
+      self.module,
+      self.params,
+      prefix_embeds,
+      prefix_mask,
+      max_new_tokens,
+      init_cache=init_cache,
+      split_cache=split_cache,
     )
-    state = {
-      "cache": split_cache(cache),
-      "mask": mask,
-      "position": real.sum(axis=1),
-      "index": jnp.full((b,), p, jnp.int32),
-    }
-    return logits[:, -1], state
 
   def step(self, tokens, state):
-    index = state["index"][0]
-    mask = lax.dynamic_update_slice(state["mask"], jnp.ones((tokens.shape[0], 1), jnp.int32), (0, index))
-    embeds = self.module.apply({"params": self.params}, tokens[:, None], method="embed")
-    logits, cache = decode_step(
-      self.module, self.params, self.layer_params, embeds, mask, state["position"][:, None], state["cache"], index
-    )
-    state = {"cache": cache, "mask": mask, "position": state["position"] + 1, "index": state["index"] + 1}
-    return logits[:, 0], state
+    return layers.causal_lm_step(self.module, self.params, self.layer_params, tokens, state, decode_step=decode_step)
