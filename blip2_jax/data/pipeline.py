@@ -318,23 +318,12 @@ def tokenize_vqa_batch(batch: dict, tokenizer, qformer_tokenizer, data_cfg, kind
     out["target_ids"], out["target_mask"] = tokenizer_lib.tokenize(tokenizer, answers, max_len)
   else:
     end = family.caption_end or tokenizer.eos_token
-    out.update(tokenize_prompted_answers(tokenizer, prompts, answers, max_len, end))
+    out.update(tokenize_decoder_only(tokenizer, answers, prompts, max_len, end))
   if qformer_tokenizer is not None:
     out["qformer_ids"], out["qformer_mask"] = tokenizer_lib.tokenize(
       qformer_tokenizer, questions, max_question_len(data_cfg)
     )
   return out
-
-
-def tokenize_prompted_answers(tokenizer, prompts: list[str], answers: list[str], max_len: int, end: str) -> dict:
-  """A decoder-only LLM's text of answers to prompts: BOS ("</s>" for OPT) + prompt + " " + answer + end ("\n"
-  for OPT); label_mask is 1 on the answer and end tokens, 0 on BOS, the prompt and pads (each row's prompt length,
-  as tokenize_decoder_only counts it)."""
-  prompts = [p.rstrip() for p in prompts]
-  ids, mask = tokenizer_lib.tokenize(tokenizer, [f"{p} {a}{end}" for p, a in zip(prompts, answers)], max_len)
-  prompt_lens = np.asarray([len(x) for x in tokenizer(prompts).input_ids])  # bos + prompt tokens
-  label_mask = mask * (np.arange(max_len)[None] >= prompt_lens[:, None])
-  return {"text_ids": ids, "text_mask": mask, "label_mask": label_mask.astype(np.int32)}
 
 
 # ------------------------------------------------------------------------------------------- training
@@ -552,14 +541,16 @@ def _tokenize_batch(batch: dict, tokenizer, data_cfg, kind: str) -> dict:
   return out
 
 
-def tokenize_decoder_only(tokenizer, captions: list[str], prompt: str, max_len: int, end: str) -> dict:
+def tokenize_decoder_only(tokenizer, captions: list[str], prompt: str | list[str], max_len: int, end: str) -> dict:
   """BLIP-2's text for a decoder-only LLM: the tokenizer's BOS ("</s>" for OPT) + prompt + caption + end ("\n"
-  for OPT); label_mask is 1 on the caption and end tokens, 0 on BOS, prompt and pads (LAVIS Blip2OPT)."""
-  prompt = prompt.rstrip()
-  texts = [f"{prompt} {c}{end}" if prompt else f"{c}{end}" for c in captions]
+  for OPT); label_mask is 1 on the caption and end tokens, 0 on BOS, prompt and pads (LAVIS Blip2OPT). `prompt`:
+  one for every row (data.prompt), or one per row (VQA: the template with each row's question; the caption is then
+  the answer)."""
+  prompts = [p.rstrip() for p in ([prompt] * len(captions) if isinstance(prompt, str) else prompt)]
+  texts = [f"{p} {c}{end}" if p else f"{c}{end}" for p, c in zip(prompts, captions)]
   ids, mask = tokenizer_lib.tokenize(tokenizer, texts, max_len)
-  prompt_len = len(tokenizer(prompt).input_ids)  # bos + prompt tokens
-  label_mask = mask * (np.arange(max_len)[None] >= prompt_len)
+  prompt_lens = np.asarray([len(x) for x in tokenizer(prompts).input_ids])  # bos + prompt tokens
+  label_mask = mask * (np.arange(max_len)[None] >= prompt_lens[:, None])
   return {"text_ids": ids, "text_mask": mask, "label_mask": label_mask.astype(np.int32)}
 
 
