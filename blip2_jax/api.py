@@ -33,6 +33,7 @@ from blip2_jax import state as state_lib
 from blip2_jax import tasks
 from blip2_jax import weights
 from blip2_jax.data import images as images_lib
+from blip2_jax.data import tokenizer as tokenizer_lib
 from blip2_jax.models import llms
 from blip2_jax.models import lora
 from blip2_jax.models.blip2 import Blip2LLM
@@ -88,7 +89,7 @@ class Blip2:
       kind,
       params,
       mesh,
-      _load_tokenizer(Path(path)),
+      _load_tokenizer(Path(path), llm=kind != llms.RETRIEVAL),
       llm_hf_config=hf_config.get("text_config") if kind != llms.RETRIEVAL else None,
       image_token_index=hf_config.get("image_token_index"),
       qformer_tokenizer=_load_tokenizer(qformer_dir) if qformer_dir.is_dir() else None,
@@ -320,9 +321,12 @@ def _itc_scores(module, images, input_ids, attention_mask):
   return losses.itc_similarities(image_feats, text_feat)
 
 
-def _load_tokenizer(root: Path):
-  """The tokenizer saved beside the weights, if any (HF BLIP-2 directories have one)."""
+def _load_tokenizer(root: Path, llm: bool = False):
+  """The tokenizer saved beside the weights, if any (HF BLIP-2 directories have one); an LLM's gets a pad token
+  if it has none (tokenizer.load_llm_tokenizer)."""
   if not any((root / f).exists() for f in ("tokenizer_config.json", "tokenizer.json", "vocab.txt", "spiece.model")):
     log.info("%s has no tokenizer files; pass token ids yourself.", root)
     return None
+  if llm:
+    return tokenizer_lib.load_llm_tokenizer(str(root), local_files_only=False)
   return transformers.AutoTokenizer.from_pretrained(str(root))

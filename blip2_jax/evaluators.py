@@ -1,5 +1,5 @@
-"""Evaluators of a training run's eval split: image-text retrieval (stage 1), captioning (stage 2) and VQA (stage 2
-with config.data.task "vqa").
+"""Evaluators of a training run's eval split: image-text retrieval (stage 1), captioning (stage 2), VQA (stage 2
+with config.data.task "vqa") and every task of an instruction-tuning run (config.data.task "instruct").
 
 `make_evaluator(config, setup, tokenizer)` picks one by the model's kind and data.task; `run(params,
 max_images=None)` returns `eval/*` metrics over the split (or its first max_images images, the cheap look the trainer
@@ -74,10 +74,12 @@ def _first_images(data: dict, max_images: int | None) -> dict:
 class CaptionEvaluator:
   """Stage 2: captions every image of the eval split (config.eval: prompt, beams, new-token limits) and scores
   the captions against the split's references: exact match (the caption equals one of them after LAVIS's
-  cleaning), BLEU-4 and CIDEr-D (pycocoevalcap's scorers, see metrics.py)."""
+  cleaning), BLEU-4 and CIDEr-D (pycocoevalcap's scorers, see metrics.py). A question-conditioned model's Q-Former
+  reads the prompt too (an instruction-tuned model's caption instruction)."""
 
   def __init__(self, config, setup, tokenizer):
     self.config, self.setup, self.tokenizer = config, setup, tokenizer
+    self.qformer_tokenizer = state_lib.load_qformer_tokenizer(config)
     self.data = pipeline.load_eval_set(config.data, tokenizer)
     self.predictions: list[str] = []
     self.shown = None  # the images (and references) of the last run, for picture()
@@ -97,6 +99,7 @@ class CaptionEvaluator:
         self.tokenizer,
         batch,
         e.prompt,
+        qformer_tokenizer=self.qformer_tokenizer,
         max_new_tokens=e.max_new_tokens,
         min_new_tokens=e.min_new_tokens,
         num_beams=e.num_beams,
@@ -119,6 +122,14 @@ class CaptionEvaluator:
     refs = [[d["captions"][t] for t in texts] for texts in d["img2txt"]]
     return examples.grid(examples.to_uint8(d["images"][:n]), examples.caption_texts(self.predictions, refs, n))
 
+  def report(self) -> list[dict]:
+    """Every image of the last run with its caption and references (for WORKDIR/eval_step_N.json)."""
+    d = self.shown
+    return [
+      {"image": i, "prediction": p, "references": [d["captions"][t] for t in ts]}
+      for i, (p, ts) in enumerate(zip(self.predictions, d["img2txt"]))
+    ]
+
 
 class VqaEvaluator:
   """Stage 2 with config.data.task "vqa": answers every question of the eval split and scores the answers with the
@@ -128,10 +139,15 @@ class VqaEvaluator:
   question-conditioned model's Q-Former reads the question alone, in its own tokenizer (config.qformer_tokenizer).
   Decoding: config.eval's num_beams, max_new_tokens, min_new_tokens, length_penalty (the paper: 5 beams, at most 10
   new tokens, at least 1, length penalty -1, as LAVIS's VQA evaluation configs). Each question is one row of a
-  fixed-size batch; the rows of questions about one image read that image."""
+  fixed-size batch; the rows of questions about one image read that image.
 
-  def __init__(self, config, setup, tokenizer):
-    self.config, self.setup, self.tokenizer = config, setup, tokenizer
+  qformer_reads: what a question-conditioned Q-Former reads, "question" (BLIP-2's VQA fine-tuning) or "instruction"
+  (the prompt with the question in it, as InstructBLIP)."""
+
+  def __init__(self, config, setup, tokenizer, qformer_reads: str = "question"):
+    if qformer_reads not in ("question", "instruction"):
+      raise ValueError(f"qformer_reads={qformer_reads!r}: choose 'question' or 'instruction'.")
+    self.config, self.setup, self.tokenizer, self.qformer_reads = config, setup, tokenizer, qformer_reads
     kind = state_lib.kind(config)
     self.template = pipeline.vqa_template(config.eval.prompt, kind, "config.eval.prompt")
     self.qformer_tokenizer = state_lib.load_qformer_tokenizer(config)
@@ -155,14 +171,15 @@ class VqaEvaluator:
     preds = []
     for batch, n in images_lib.padded_batches(rows, batch_size=batch_size):
       questions = [d["questions"][i] for i in batch]
+      prompts = [self.template.format(q) for q in questions]
       preds += tasks.generate_text(
         self.setup.model,
         params,
         self.tokenizer,
         d["images"][d["q2img"][batch]],
-        [self.template.format(q) for q in questions],
+        prompts,
         qformer_tokenizer=self.qformer_tokenizer,
-        qformer_prompts=questions if conditioned else None,
+        qformer_prompts=(questions if self.qformer_reads == "question" else prompts) if conditioned else None,
         max_new_tokens=e.max_new_tokens,
         min_new_tokens=e.min_new_tokens,
         num_beams=e.num_beams,
@@ -211,12 +228,46 @@ class VqaEvaluator:
     ]
 
 
+class InstructEvaluator:
+  """Instruction tuning (config.data.task "instruct"): each task of config.data.tasks on its own eval split, under
+  its first template (the caption metrics for a caption task, the VQA accuracy per question type for a VQA one),
+  with config.eval overridden by the task's `eval` fields. Metrics are eval/<task>/<metric>."""
+
+  def __init__(self, config, setup, tokenizer):
+    self.evaluators = {}
+    for name, spec in pipeline.instruct_tasks(config.data).items():
+      sub = config.copy_and_resolve_references()
+      with sub.unlocked():
+        sub.data = pipeline.task_data_config(config.data, name)
+        sub.eval.prompt = str(spec.templates[0])
+        sub.eval.update(dict(spec.get("eval") or {}))
+      if spec.format == "vqa":
+        self.evaluators[name] = VqaEvaluator(sub, setup, tokenizer, qformer_reads="instruction")
+      else:
+        self.evaluators[name] = CaptionEvaluator(sub, setup, tokenizer)
+    self.shown = None
+
+  def run(self, params, max_images: int | None = None) -> dict:
+    out = {}
+    for name, evaluator in self.evaluators.items():
+      out.update({k.replace("eval/", f"eval/{name}/", 1): v for k, v in evaluator.run(params, max_images).items()})
+    self.shown = True
+    return out
+
+  def picture(self, n: int = 16):
+    """Each task's picture (its first n examples), one above the other."""
+    return examples.stack([e.picture(n) for e in self.evaluators.values()], list(self.evaluators))
+
+  def report(self) -> dict:
+    return {name: e.report() for name, e in self.evaluators.items()}
+
+
 def make_evaluator(config, setup, tokenizer):
-  """Retrieval for stage 1; for stage 2, VQA when config.data.task is "vqa", else captioning."""
+  """Retrieval for stage 1; for stage 2, by config.data.task: VQA, every instruction task, or captioning."""
   kind = state_lib.kind(config)
   if kind == llms.RETRIEVAL:
     return RetrievalEvaluator(config, setup, tokenizer)
-  cls = VqaEvaluator if pipeline.task(config.data, kind) == "vqa" else CaptionEvaluator
+  cls = {"vqa": VqaEvaluator, "instruct": InstructEvaluator}.get(pipeline.task(config.data, kind), CaptionEvaluator)
   return cls(config, setup, tokenizer)
 
 
@@ -230,12 +281,11 @@ def evaluate_workdir(config, workdir: str) -> dict:
   if jax.process_index() == 0:
     report = {"step": step, **scores}
     if isinstance(evaluator, CaptionEvaluator):
-      report["captions"] = [
-        {"image": i, "prediction": p, "references": [evaluator.data["captions"][t] for t in ts]}
-        for i, (p, ts) in enumerate(zip(evaluator.predictions, evaluator.data["img2txt"]))
-      ]
+      report["captions"] = evaluator.report()
     elif isinstance(evaluator, VqaEvaluator):
       report["answers"] = evaluator.report()
+    elif isinstance(evaluator, InstructEvaluator):
+      report["tasks"] = evaluator.report()
     with open(os.path.join(workdir, f"eval_step_{step}.json"), "w", encoding="utf-8") as f:
       json.dump(report, f, indent=2)
   return {"step": step, **scores}

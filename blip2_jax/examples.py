@@ -3,7 +3,8 @@
 The trainer writes one at the end of a run as WORKDIR/examples.png (and the same image to TensorBoard):
 stage 1, each image's top retrieved caption, green where it is one of the image's own captions, red where not;
 stage 2, the generated caption (green where it equals a reference after cleaning) above the reference (grey);
-VQA, the question (grey), the answer given (green where it scores, red where not) and the most common human answer.
+VQA, the question (grey), the answer given (green where it scores, red where not) and the most common human answer;
+instruction tuning, one such grid per task, one above the other.
 """
 
 import collections
@@ -57,6 +58,23 @@ def grid(
     canvas.paste(Image.fromarray(image).resize((cell, cell), Image.NEAREST), (x, y))
     for j, (line, colour) in enumerate(lines):
       draw.text((x, y + cell + 3 + j * line_height), line, fill=colour, font=font)
+  return canvas
+
+
+def stack(pictures: list[Image.Image], titles: list[str], font_size: int = 14) -> Image.Image:
+  """Pictures one above the other, each under its title (an instruction-tuning run: one grid per task)."""
+  if len(pictures) != len(titles) or not pictures:
+    raise ValueError(f"{len(pictures)} pictures and {len(titles)} titles: give one title per picture, at least one.")
+  font = ImageFont.load_default(size=font_size)
+  title_height = font_size + 10
+  width = max(p.width for p in pictures)
+  canvas = Image.new("RGB", (width, sum(p.height + title_height for p in pictures)), "white")
+  draw = ImageDraw.Draw(canvas)
+  y = 0
+  for picture, title in zip(pictures, titles):
+    draw.text((8, y + 4), title, fill=(0, 0, 0), font=font)
+    canvas.paste(picture, (0, y + title_height))
+    y += picture.height + title_height
   return canvas
 
 

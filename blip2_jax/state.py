@@ -25,7 +25,6 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
-import transformers
 
 from blip2_jax import checkpointing
 from blip2_jax import demo_llm
@@ -77,7 +76,7 @@ def load_tokenizer(config):
         f"No LLM tokenizer directory {path!r}: set config.tokenizer (or "
         "config.init.llm_weights) to a local Hugging Face OPT / T5 directory."
       )
-    return transformers.AutoTokenizer.from_pretrained(path, local_files_only=True)
+    return tokenizer_lib.load_llm_tokenizer(path)
   path = (
     tokenizer_lib.demo_vocab_path(config.tokenizer)
     if config.tokenizer in tokenizer_lib.DEMO_VOCABS

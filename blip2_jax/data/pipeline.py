@@ -20,6 +20,11 @@ expected loss is then the answer-weighted loss of BLIP and LAVIS (LAVIS's VQA da
 the weight count / len(answers), and BLIP's VQA loss sums the answers' losses times those weights). The LLM text is
 the family's VQA prompt with the question, then the answer (`tokenize_vqa_batch`); a question-conditioned model
 (model.qformer_text_input) also gets the question alone in the Q-Former's tokenizer, qformer_ids / qformer_mask.
+
+Instruction tuning (data.task "instruct", InstructBLIP): data.tasks names several datasets, each a caption or a VQA
+task with its instruction templates and a sampling weight (instruct_tasks). Each example draws one of its task's
+templates; the LLM reads the instruction, then the answer (the caption, or a drawn human answer), the loss on the
+answer; the Q-Former reads the whole instruction.
 """
 
 import collections
@@ -235,17 +240,18 @@ def split_prefix_lm(caption: str, rng: np.random.Generator) -> tuple[str, str]:
 
 # ------------------------------------------------------------------------------------------------ VQA
 
-TASKS = ("caption", "vqa")
+TASKS = ("caption", "vqa", "instruct")
 _QUESTION_STRIPPED = re.compile(r'[.!"()*#:;~]')  # what LAVIS's question processor removes ("?" stays)
 
 
 def task(data_cfg, kind: str) -> str:
-  """data.task: "caption" (the default: image-text pairs) or "vqa" (question-answer pairs, stage 2 only)."""
+  """data.task: "caption" (the default: image-text pairs), "vqa" (question-answer pairs) or "instruct" (a mixture of
+  caption and VQA tasks under instruction templates, data.tasks); the last two are for stage-2 models only."""
   name = data_cfg.get("task", "caption")
   if name not in TASKS:
     raise ValueError(f"config.data.task={name!r}: choose one of {', '.join(TASKS)}.")
-  if name == "vqa" and kind == llms.RETRIEVAL:
-    raise ValueError("config.data.task='vqa' is for stage-2 (LLM) models; a stage-1 model trains on captions.")
+  if name != "caption" and kind == llms.RETRIEVAL:
+    raise ValueError(f"config.data.task={name!r} is for stage-2 (LLM) models; a stage-1 model trains on captions.")
   return name
 
 
@@ -300,19 +306,30 @@ def vqa_train_preprocess(example: dict, rng: np.random.Generator, data_cfg) -> d
 
 
 def tokenize_vqa_batch(batch: dict, tokenizer, qformer_tokenizer, data_cfg, kind: str) -> dict:
-  """The text side of a VQA batch (data.prompt the template, "" = the family's VQA prompt):
-  - a decoder-only LLM (OPT): text_ids, text_mask of "</s>" + prompt(question) + " " + answer + "\n", label_mask
-    on the answer and "\n" only;
-  - an encoder-decoder LLM (T5): text_ids, text_mask of prompt(question) + "</s>" (the encoder), target_ids,
-    target_mask of answer + "</s>" (the decoder);
-  - with a Q-Former tokenizer (a question-conditioned model): qformer_ids, qformer_mask of "[CLS] question [SEP]",
-    padded to data.max_question_len."""
-  family = llms.family(kind)
+  """The text side of a VQA batch (data.prompt the template, "" = the family's VQA prompt): the template with the
+  question, then the answer (tokenize_prompted_batch); a question-conditioned model's Q-Former reads the question."""
   template = vqa_template(data_cfg.get("prompt", ""), kind)
-  questions, answers = [str(q) for q in batch["question"]], [str(a) for a in batch["answer"]]
+  questions = [str(q) for q in batch["question"]]
   prompts = [template.format(q) for q in questions]
+  return tokenize_prompted_batch(
+    batch["image"], prompts, [str(a) for a in batch["answer"]], questions, tokenizer, qformer_tokenizer, data_cfg, kind
+  )
+
+
+def tokenize_prompted_batch(
+  images, prompts: list[str], answers: list[str], qformer_texts: list[str], tokenizer, qformer_tokenizer, data_cfg, kind
+) -> dict:
+  """A batch of (image, prompt, answer) rows as the LLM family `kind` trains on them, the loss on the answer only:
+  - a decoder-only LLM (OPT, LLaMA): text_ids, text_mask of BOS + prompt + " " + answer + the family's end ("\n"
+    for OPT), label_mask on the answer and the end only;
+  - an encoder-decoder LLM (T5): text_ids, text_mask of prompt + "</s>" (the encoder), target_ids, target_mask of
+    answer + "</s>" (the decoder);
+  - with a Q-Former tokenizer (a question-conditioned model): qformer_ids, qformer_mask of "[CLS] text [SEP]" for
+    qformer_texts (the question for VQA fine-tuning, the whole instruction for instruction tuning), padded to
+    data.max_question_len."""
+  family = llms.family(kind)
   max_len = data_cfg.max_text_len
-  out = {"image": batch["image"]}
+  out = {"image": images}
   if family.encoder_decoder:
     out["text_ids"], out["text_mask"] = tokenizer_lib.tokenize(tokenizer, prompts, max_len)
     out["target_ids"], out["target_mask"] = tokenizer_lib.tokenize(tokenizer, answers, max_len)
@@ -321,9 +338,116 @@ def tokenize_vqa_batch(batch: dict, tokenizer, qformer_tokenizer, data_cfg, kind
     out.update(tokenize_decoder_only(tokenizer, answers, prompts, max_len, end))
   if qformer_tokenizer is not None:
     out["qformer_ids"], out["qformer_mask"] = tokenizer_lib.tokenize(
-      qformer_tokenizer, questions, max_question_len(data_cfg)
+      qformer_tokenizer, qformer_texts, max_question_len(data_cfg)
     )
   return out
+
+
+# ----------------------------------------------------------------------------------- instruction tuning
+
+INSTRUCT_FORMATS = ("caption", "vqa")  # the kinds of dataset an instruction-tuning task reads
+_TASK_KEYS = ("dataset", "format", "templates", "weight", "builder_kwargs", "train_split", "eval_split", "eval")
+
+
+def instruct_tasks(data_cfg) -> dict:
+  """data.tasks of an instruction-tuning config (data.task "instruct"), checked, by name in sorted order. Each task:
+    dataset         a TFDS dataset (data.data_dir): image-caption examples ("caption") or VQA ones ("vqa")
+    format          "caption" or "vqa"
+    templates       instruction templates; a VQA one has one "{}" where the question goes, a caption one none.
+                    Each training example draws one uniformly; evaluation uses the first.
+    weight          the task's sampling proportion; -1 = the square root of its number of examples (InstructBLIP's
+                    rule); 0 leaves the task out of training (it is still evaluated)
+    builder_kwargs, train_split, eval_split: the dataset's, by default data's
+    eval            config.eval fields for this task's evaluation (e.g. max_new_tokens), by default config.eval's."""
+  tasks = data_cfg.get("tasks") or {}
+  if not tasks:
+    raise ValueError(
+      "config.data.task='instruct' needs config.data.tasks: {name: {dataset, format ('caption' or 'vqa'), templates, "
+      "weight}} (configs/instruct.py has examples)."
+    )
+  out = {}
+  for name in sorted(tasks):
+    spec, where = tasks[name], f"config.data.tasks.{name}"
+    unknown = sorted(set(spec) - set(_TASK_KEYS))
+    if unknown:
+      raise ValueError(f"{where} has unknown field(s) {', '.join(unknown)}; a task has {', '.join(_TASK_KEYS)}.")
+    if not spec.get("dataset"):
+      raise ValueError(f"{where}.dataset is missing: the TFDS dataset the task reads (e.g. 'synthetic_vqa').")
+    if spec.get("format") not in INSTRUCT_FORMATS:
+      raise ValueError(f"{where}.format={spec.get('format')!r}: choose one of {', '.join(INSTRUCT_FORMATS)}.")
+    templates = [str(t) for t in (spec.get("templates") or ())]
+    if not templates:
+      raise ValueError(f"{where}.templates is empty: give at least one instruction template.")
+    slots = 1 if spec.format == "vqa" else 0
+    for t in templates:
+      if t.count("{}") != slots:
+        raise ValueError(
+          f"{where}.templates has {t!r}: a {spec.format} template has "
+          + ("one {} where the question goes." if slots else "no {} (a caption task has no question).")
+        )
+    weight = spec.get("weight", -1)
+    if weight != -1 and not weight >= 0:
+      raise ValueError(f"{where}.weight={weight}: use a positive weight, -1 (square root of size) or 0 (off).")
+    out[name] = spec
+  return out
+
+
+def task_data_config(data_cfg, name: str):
+  """The data config that reads instruction task `name`'s dataset as the ordinary pipeline does: data_cfg with that
+  task's dataset, splits and builder arguments, data.task its format, data.prompt its first template."""
+  spec = instruct_tasks(data_cfg)[name]
+  sub = data_cfg.copy_and_resolve_references()
+  with sub.unlocked():
+    sub.name = spec.dataset
+    sub.task = spec.format
+    sub.prompt = str(spec.templates[0])
+    sub.tasks = {}
+    for key in ("builder_kwargs", "train_split", "eval_split"):
+      if spec.get(key) is not None:
+        sub[key] = spec[key]
+  return sub
+
+
+def instruct_sources(data_cfg) -> list[tuple[str, object, float]]:
+  """(task name, train source, weight) of every task with a non-zero weight; -1 = sqrt(number of examples)."""
+  sources = []
+  for name, spec in instruct_tasks(data_cfg).items():
+    weight = spec.get("weight", -1)
+    if weight == 0:
+      continue
+    sub = task_data_config(data_cfg, name)
+    source = get_source(sub, sub.train_split)
+    sources.append((name, source, math.sqrt(len(source)) if weight == -1 else float(weight)))
+  if not sources:
+    raise ValueError("Every task of config.data.tasks has weight 0: give at least one a weight to train on.")
+  return sources
+
+
+def instruct_train_preprocess(example: dict, rng: np.random.Generator, task_configs: dict) -> dict | None:
+  """An instruction-tuning example: the image as its task's format augments it (a flip swaps left and right in the
+  text too), an instruction drawn uniformly from the task's templates (a VQA one with the question in it) and the
+  answer (the caption, or one of the human answers). task_configs: task name -> (spec, its data config)."""
+  spec, sub = task_configs[example["_where"][0]]
+  if spec.format == "vqa":
+    ex = vqa_train_preprocess(example, rng, sub)
+    if ex is None:
+      return None
+    template, answer = str(spec.templates[int(rng.integers(len(spec.templates)))]), ex["answer"]
+    prompt = template.format(ex["question"])
+  else:
+    ex = train_preprocess(example, rng, sub)
+    if ex is None:
+      return None
+    prompt, answer = str(spec.templates[int(rng.integers(len(spec.templates)))]), ex["caption"]
+  return {"image": ex["image"], "prompt": prompt, "answer": answer}
+
+
+def tokenize_instruct_batch(batch: dict, tokenizer, qformer_tokenizer, data_cfg, kind: str) -> dict:
+  """An instruction-tuning batch: the LLM reads the instruction, then the answer (the loss on the answer); the
+  Q-Former reads the same instruction (InstructBLIP's instruction-aware Q-Former)."""
+  prompts = [str(p) for p in batch["prompt"]]
+  answers = [str(a) for a in batch["answer"]]
+  return tokenize_prompted_batch(batch["image"], prompts, answers, prompts, tokenizer, qformer_tokenizer, data_cfg, kind)
 
 
 # ------------------------------------------------------------------------------------------- training
@@ -342,8 +466,9 @@ def make_train_iterator(
 ) -> "TrainIterator":
   """An endless iterator of this process's batches: {'image' f32 [b,S,S,3], 'text_ids', 'text_mask' i32 [b,L],
   and the other text fields the model `kind` reads (see _tokenize_batch)}; b = global_batch_size // process_count.
-  With data.task "vqa": VQA batches (tokenize_vqa_batch), with qformer_ids / qformer_mask when qformer_tokenizer
-  (a question-conditioned model's) is given.
+  With data.task "vqa": VQA batches (tokenize_vqa_batch); "instruct": the tasks of data.tasks mixed by their weights,
+  each example under an instruction template (tokenize_instruct_batch). Both with qformer_ids / qformer_mask when
+  qformer_tokenizer (a question-conditioned model's) is given.
 
   One stream defines the data, whatever the number of processes: the training split shuffled by `seed` (a new
   order each epoch), each example augmented by a function of (seed, its position in the stream). Global batch s
@@ -357,21 +482,29 @@ def make_train_iterator(
       f"global_batch_size {global_batch_size} is not divisible by the number of processes "
       f"{process_count}; pick a multiple of {process_count}."
     )
-  vqa = task(data_cfg, kind) == "vqa"
-  if vqa:
+  name = task(data_cfg, kind)
+  sources = None
+  if name == "vqa":
     _check_vqa(data_cfg, kind)
     preprocess = lambda ex, rng: vqa_train_preprocess(ex, rng, data_cfg)
     tokenize = lambda batch: tokenize_vqa_batch(batch, tokenizer, qformer_tokenizer, data_cfg, kind)
+  elif name == "instruct":
+    _check_instruct(data_cfg)
+    task_configs = {n: (spec, task_data_config(data_cfg, n)) for n, spec in instruct_tasks(data_cfg).items()}
+    sources = instruct_sources(data_cfg)
+    preprocess = lambda ex, rng: instruct_train_preprocess(ex, rng, task_configs)
+    tokenize = lambda batch: tokenize_instruct_batch(batch, tokenizer, qformer_tokenizer, data_cfg, kind)
   else:
     if qformer_tokenizer is not None:
       raise ValueError(
-        "A question-conditioned model (config.model.qformer_text_input) reads a question: set config.data.task='vqa'."
+        "A question-conditioned model (config.model.qformer_text_input) reads a question or an instruction: set "
+        "config.data.task to 'vqa' or 'instruct'."
       )
     _check_prompt_fraction(data_cfg, kind)
     preprocess = lambda ex, rng: train_preprocess(ex, rng, data_cfg, kind)
     tokenize = lambda batch: _tokenize_batch(batch, tokenizer, data_cfg, kind)
   stream = (
-    _mixture(train_sources(data_cfg), seed, data_cfg.get("captions_per_image", 1))
+    _mixture(sources or train_sources(data_cfg), seed, data_cfg.get("captions_per_image", 1))
     .filter(_has_image_bytes)
     .random_map(preprocess)
     .filter(lambda ex: ex is not None)  # broken images and examples without captions
@@ -486,6 +619,15 @@ def _check_vqa(data_cfg, kind: str):
     )
   if data_cfg.get("prompt_fraction", 0.0):
     raise ValueError("config.data.prompt_fraction is for captions; with config.data.task='vqa' set it to 0.")
+
+
+def _check_instruct(data_cfg):
+  if any(spec.get("path") for spec in (data_cfg.get("sources") or {}).values()):
+    raise ValueError(
+      "config.data.task='instruct' reads the TFDS datasets of config.data.tasks; clear the paths of data.sources."
+    )
+  if data_cfg.get("prompt_fraction", 0.0):
+    raise ValueError("config.data.prompt_fraction is for captions; with config.data.task='instruct' set it to 0.")
 
 
 def _check_prompt_fraction(data_cfg, kind: str):

@@ -11,8 +11,9 @@ _STRIPPED = re.compile(r'[.!"()*#:;~]')  # the characters LAVIS's caption proces
 
 # The WordPiece vocabs shipped for the demos, by the name a config's `tokenizer` gives them: "demo" has every word of
 # the synthetic_shapes captions, "demo_vqa" those and every word of the synthetic_vqa questions and answers (its
-# first lines are demo_vocab.txt's, in order, so a caption gets the same ids from both).
-DEMO_VOCABS = {"demo": "demo_vocab.txt", "demo_vqa": "demo_vqa_vocab.txt"}
+# first lines are demo_vocab.txt's, in order, so a caption gets the same ids from both), "demo_instruct" those and
+# the words of the instruction demo's templates (configs/instruct.py), again appended.
+DEMO_VOCABS = {"demo": "demo_vocab.txt", "demo_vqa": "demo_vqa_vocab.txt", "demo_instruct": "demo_instruct_vocab.txt"}
 
 
 def demo_vocab_path(name: str = "demo") -> str:
@@ -41,6 +42,16 @@ def load_tokenizer(path: str) -> transformers.PreTrainedTokenizerFast:
       f"tokenizer_config.json) or a WordPiece vocab .txt file."
     )
   tokenizer.add_special_tokens({"bos_token": "[DEC]"})
+  return tokenizer
+
+
+def load_llm_tokenizer(path: str, local_files_only: bool = True) -> transformers.PreTrainedTokenizerBase:
+  """The LLM's own tokenizer from a local HF directory. One without a pad token (LLaMA's and Vicuna's have none)
+  pads with its EOS, as HF's generate does and HF users set it: every pad is masked out, so which id fills it
+  changes nothing, but batching needs one."""
+  tokenizer = transformers.AutoTokenizer.from_pretrained(path, local_files_only=local_files_only)
+  if tokenizer.pad_token is None and tokenizer.eos_token is not None:
+    tokenizer.pad_token = tokenizer.eos_token
   return tokenizer
 
 
