@@ -113,3 +113,32 @@ def hf_blip2_retrieval(*, width, vocab, max_pos, queries, seed=0):
   )
   torch.manual_seed(seed)
   return randomise(transformers.Blip2ForImageTextRetrieval(config), seed)
+
+
+def word_tokenizer(kind: str, vocab_size: int, pad: bool = True) -> transformers.PreTrainedTokenizerFast:
+  """A word-level tokenizer over a tiny LLM's whole vocabulary ("w5" ... "w63"), which frames a text as the
+  family's own tokenizer does. OPT's: "</s>" = 2 in front of each text, "\\n" = 4 ends a caption; LLaMA's: "<s>" =
+  1 in front, "</s>" = 2 (its EOS) ends a caption, pad "<unk>" = 0; T5's: "</s>" = 1 after each text (the encoder
+  input), pad "<pad>" = 0. pad=False: no pad token, as the LLaMA tokenizers ship."""
+  import tokenizers  # pylint: disable=import-outside-toplevel  # only the generation tests need it
+
+  specials, bos, pad_token = {
+    "opt": (("<s>", "<pad>", "</s>", "<unk>"), "</s>", "<pad>"),
+    "llama": (("<unk>", "<s>", "</s>"), "<s>", "<unk>"),
+    "t5": (("<pad>", "</s>", "<unk>"), None, "<pad>"),
+  }[kind]
+  vocab = {t: i for i, t in enumerate(specials)}
+  vocab.update({"\n": 4} if kind == "opt" else {})
+  vocab.update({f"w{i}": i for i in range(len(vocab), vocab_size)})
+  tok = tokenizers.Tokenizer(tokenizers.models.WordLevel(vocab, unk_token="<unk>"))
+  tok.pre_tokenizer = tokenizers.pre_tokenizers.WhitespaceSplit()
+  tok.add_special_tokens([tokenizers.AddedToken(t, special=True) for t in specials])
+  if kind == "opt":
+    tok.add_tokens([tokenizers.AddedToken("\n", normalized=False)])
+  framing = "</s>" if bos is None else bos
+  tok.post_processor = tokenizers.processors.TemplateProcessing(
+    single="$A </s>" if bos is None else f"{bos} $A", special_tokens=[(framing, vocab[framing])]
+  )
+  return transformers.PreTrainedTokenizerFast(
+    tokenizer_object=tok, pad_token=pad_token if pad else None, eos_token="</s>", bos_token=bos, unk_token="<unk>"
+  )

@@ -12,12 +12,12 @@ from helpers import OPT_TEXT
 from helpers import T5_TEXT
 from helpers import randomise
 from helpers import rel_error
+from helpers import word_tokenizer
 import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import pytest
-import tokenizers
 import torch
 import transformers
 
@@ -252,40 +252,24 @@ def test_export_reloads_in_transformers_instructblip_with_the_same_logits(saved,
   assert rel_error(_hf_logits(again, px, ids, mask, q_ids, q_mask, dec), theirs, real) < TOL
 
 
-def _llm_tokenizer(kind):
-  """A word-level tokenizer over the tiny LLM's whole vocabulary ("w5" ... "w63"). OPT's: "\n" = 4 ends a
-  caption, and "</s>" goes in front of each text as OPT's tokenizer does; LLaMA's: "<s>" = 1 in front, "</s>" = 2
-  (its EOS) ends a caption."""
-  if kind == "opt":
-    specials, first, pad = ("<s>", "<pad>", "</s>", "<unk>"), "</s>", "<pad>"
-  else:
-    specials, first, pad = ("<unk>", "<s>", "</s>"), "<s>", "<unk>"
-  vocab = {t: i for i, t in enumerate(specials)}
-  vocab.update({"\n": 4} if kind == "opt" else {})
-  vocab.update({f"w{i}": i for i in range(len(vocab), TEXT[kind]["vocab_size"])})
-  tok = tokenizers.Tokenizer(tokenizers.models.WordLevel(vocab, unk_token="<unk>"))
-  tok.pre_tokenizer = tokenizers.pre_tokenizers.WhitespaceSplit()
-  tok.add_special_tokens([tokenizers.AddedToken(t, special=True) for t in specials])
-  if kind == "opt":
-    tok.add_tokens([tokenizers.AddedToken("\n", normalized=False)])
-  tok.post_processor = tokenizers.processors.TemplateProcessing(
-    single=f"{first} $A", special_tokens=[(first, vocab[first])]
-  )
-  return transformers.PreTrainedTokenizerFast(
-    tokenizer_object=tok, pad_token=pad, eos_token="</s>", bos_token=first, unk_token="<unk>"
-  )
+# Greedy, and beam search as BLIP-2 captions (3 beams here, a length penalty): settings of `Blip2.generate`. No
+# repetition penalty: HF's decoder-only generate counts the input_ids (<image> placeholders and prompt) as seen
+# tokens, `Blip2.generate` only the generated ones (as LAVIS, which passes inputs_embeds alone).
+SEARCHES = {"greedy": dict(num_beams=1), "beam": dict(num_beams=3, length_penalty=0.6)}
 
 
-@pytest.mark.parametrize("kind", ["opt", "llama"])
-def test_generation_matches_hf_instructblip_greedy(saved, loaded, kind):
-  """`Blip2.generate` tokenizes the LLM prompt and the Q-Former's text (its own tokenizer, as
-  InstructBlipProcessor) and decodes greedily as HF's generate does, token for token."""
+@pytest.mark.parametrize("search", sorted(SEARCHES))
+@pytest.mark.parametrize("kind", ["opt", "t5", "llama"])
+def test_generation_matches_hf_instructblip(saved, loaded, kind, search):
+  """`Blip2.generate` tokenizes the LLM prompt (OPT and LLaMA: BOS + prompt, left-padded; T5: prompt + "</s>",
+  the encoder's input) and the Q-Former's text (its own tokenizer, as InstructBlipProcessor), and decodes as HF's
+  generate does, token for token (each word of the tokenizer is one token)."""
   hf, ours = saved[kind][0], loaded[kind]
-  ours.tokenizer = _llm_tokenizer(kind)
+  ours.tokenizer = word_tokenizer(kind, TEXT[kind]["vocab_size"])
   ours.qformer_tokenizer = tokenizer_lib.load_tokenizer(tokenizer_lib.demo_vocab_path())
   x, px = _images(batch=2)
   prompts, questions = ["w7 w9 w30", "w12"], ["large red circle", "small blue square on the left"]
-  texts = ours.generate(x, prompts, qformer_prompts=questions, max_new_tokens=6)
+  texts = ours.generate(x, prompts, qformer_prompts=questions, max_new_tokens=6, **SEARCHES[search])
   want = []
   for i, (prompt, question) in enumerate(zip(prompts, questions)):  # one row at a time: no padding on HF's side
     ids = ours.tokenizer(prompt)["input_ids"]
@@ -296,11 +280,13 @@ def test_generation_matches_hf_instructblip_greedy(saved, loaded, kind):
         input_ids=torch.tensor([[IMAGE_TOKEN] * QUERIES + ids]),
         max_new_tokens=6,
         do_sample=False,
-        num_beams=1,
         eos_token_id=llms.family(kind).eos_token_id(ours.tokenizer),
         pad_token_id=ours.tokenizer.pad_token_id,
+        **SEARCHES[search],
       )
-    want.append(ours.tokenizer.decode(out[0, QUERIES + len(ids) :], skip_special_tokens=True).strip())
+    # A decoder-only LLM's output repeats its input ids; T5's starts with decoder_start_token_id (a pad).
+    new = out[0, 1:] if kind == "t5" else out[0, QUERIES + len(ids) :]
+    want.append(ours.tokenizer.decode(new, skip_special_tokens=True).strip())
   assert all(want) and texts == want
 
 
