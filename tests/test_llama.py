@@ -16,6 +16,7 @@ from flax import traverse_util
 import flax.linen as nn
 from helpers import randomise
 from helpers import rel_error
+from helpers import word_tokenizer
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -500,6 +501,36 @@ def test_blip2_llama_export_reloads_in_transformers_with_the_same_logits(blip2_l
   theirs, real = _hf_blip2_logits(hf, x, ids, mask, left_pad=False)
   reloaded, _ = _hf_blip2_logits(again, x, ids, mask, left_pad=False)
   assert rel_error(reloaded, theirs, real) < TOL
+
+
+# Greedy, and beam search with a length penalty (no repetition penalty: see tests/test_qformer_question.py).
+BLIP2_SEARCHES = {"greedy": dict(num_beams=1), "beam": dict(num_beams=3, length_penalty=0.6)}
+
+
+@pytest.mark.parametrize("search", sorted(BLIP2_SEARCHES))
+def test_blip2_llama_generation_matches_hf(blip2_llama, search):
+  """`Blip2.generate` (prompts "<s>" + prompt, left-padded behind the queries; EOS "</s>") gives HF's
+  Blip2ForConditionalGeneration.generate tokens, token for token (each word of the tokenizer is one token)."""
+  hf, ours = blip2_llama
+  ours.tokenizer = word_tokenizer("llama", 64)
+  x = _blip2_inputs(left_pad=True)[0][:2]
+  prompts = ["w7 w9 w30", "w12"]
+  texts = ours.generate(x, prompts, max_new_tokens=6, **BLIP2_SEARCHES[search])
+  want = []
+  for i, prompt in enumerate(prompts):  # one row at a time: no padding on HF's side
+    ids = ours.tokenizer(prompt)["input_ids"]
+    with torch.no_grad():
+      out = hf.generate(
+        pixel_values=torch.from_numpy(x[i : i + 1].transpose(0, 3, 1, 2).copy()),
+        input_ids=torch.tensor([[IMAGE_TOKEN] * BLIP2_QUERIES + ids]),
+        max_new_tokens=6,
+        do_sample=False,
+        eos_token_id=ours.tokenizer.eos_token_id,
+        pad_token_id=ours.tokenizer.pad_token_id,
+        **BLIP2_SEARCHES[search],
+      )
+    want.append(ours.tokenizer.decode(out[0, BLIP2_QUERIES + len(ids) :], skip_special_tokens=True).strip())
+  assert all(want) and texts == want
 
 
 def test_lora_adapters_merge_into_the_same_function():
