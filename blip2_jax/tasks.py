@@ -49,12 +49,13 @@ def _generate(module: Blip2LLM, params, images, ids, mask, options, rng, qformer
 
 def tokenize_prompts(tokenizer, prompts: list[str], family: llms.LLMFamily) -> tuple[np.ndarray, np.ndarray]:
   """Prompt ids and mask, [B, L] with L a multiple of PROMPT_BUCKET, padded on the family's side: OPT left
-  ("</s>" + prompt), T5 right (prompt + "</s>")."""
+  ("</s>" + prompt), T5 right (prompt + "</s>"). The padding is the tokenizer's pad, or its EOS without one
+  (LLaMA's tokenizers ship none; HF users set pad = eos): the mask hides it, any id in the vocabulary would do."""
   out = tokenizer(list(prompts), add_special_tokens=True)
   ids = out["input_ids"]
   length = max(len(x) for x in ids)
   length = -(-length // PROMPT_BUCKET) * PROMPT_BUCKET
-  pad = tokenizer.pad_token_id
+  pad = tokenizer.eos_token_id if tokenizer.pad_token_id is None else tokenizer.pad_token_id
   arr = np.full((len(ids), length), pad, np.int32)
   mask = np.zeros((len(ids), length), np.int32)
   for i, x in enumerate(ids):

@@ -27,6 +27,7 @@ import transformers
 
 from blip2_jax import generation
 from blip2_jax import partitioning
+from blip2_jax import tasks
 from blip2_jax import weights
 from blip2_jax.api import Blip2
 from blip2_jax.models import llama
@@ -555,3 +556,16 @@ def test_lora_adapters_merge_into_the_same_function():
   merged = llama.LlamaForCausalLM(cfg).apply({"params": lora.merged(adapted, adapted_cfg)}, x, jnp.asarray(MASK))[0]
   assert rel_error(plain, ours, MASK.astype(bool)) > 1e-3
   assert rel_error(merged, ours, MASK.astype(bool)) < TOL
+
+
+# --- the real tokenizers' gaps: LLaMA has no pad token, Qwen2 no BOS -------------------------------------------
+
+
+def test_prompts_of_a_tokenizer_without_pad_are_padded_with_its_eos():
+  """LLaMA's tokenizers ship without a pad token (HF users set pad = eos or unk): the left padding of a batch of
+  prompts, which the mask hides, is then EOS."""
+  tok = word_tokenizer("llama", 64, pad=False)
+  assert tok.pad_token_id is None
+  ids, mask = tasks.tokenize_prompts(tok, ["w7 w9 w30", "w12"], llms.family("llama"))
+  np.testing.assert_array_equal(ids, [[2, 2, 2, 2, 1, 7, 9, 30], [2, 2, 2, 2, 2, 2, 1, 12]])
+  np.testing.assert_array_equal(mask, [[0, 0, 0, 0, 1, 1, 1, 1], [0, 0, 0, 0, 0, 0, 1, 1]])
