@@ -29,7 +29,8 @@ MFU divides the achieved model FLOP/s by the devices' dense bf16 peak where it i
 prompt -> the whole search in one program) at config.global_batch_size images, `--new_tokens` new tokens with
 min_new_tokens = max_new_tokens so that every sequence generates exactly that many (the comparison is like for
 like). Without a tokenizer for random weights, the prompt is PROMPT_LENGTH random token ids (OPT: "</s>" first,
-as "</s>a photo of" is 4 tokens; T5: "</s>" last). Reports compile time, time per batch, images/s and tokens/s.
+as "</s>a photo of" is 4 tokens; T5: "</s>" last; an LLM config without a BOS, Qwen2's: 3 ids). Reports compile
+time, time per batch, images/s and tokens/s.
 
 --mode=data: the host's input work per training example, on one core: decode + RandomResizedCrop to
 data.image_size + flip + tokenisation, from prepared JPEG data, timed for both decode paths in the same run:
@@ -337,30 +338,38 @@ def _forward_flops(setup, params, batch, stage2: bool) -> dict:
 
 
 def llm_special_ids(config) -> dict:
-  """The frozen LLM's bos / eos / pad ids (transformers' defaults where its config leaves them out)."""
+  """The frozen LLM's bos / eos / pad ids (transformers' defaults where its config leaves them out). Without a pad
+  id (LLaMA's configs) the pad is EOS, as HF's generate pads then; bos and eos may be None (Qwen2Config's
+  defaults)."""
   llm = transformers.AutoConfig.for_model(**hf.llm_hf_config(config))
   return {
     "bos": getattr(llm, "bos_token_id", None),
     "eos": llm.eos_token_id,
-    "pad": llm.pad_token_id,
+    "pad": llm.eos_token_id if llm.pad_token_id is None else llm.pad_token_id,
     "vocab_size": llm.vocab_size,
     "kind": llm.model_type,
   }
 
 
 def prompt_ids(config, batch_size: int, seed: int = 1) -> tuple[np.ndarray, np.ndarray]:
-  """A tokenizer-free stand-in for "a photo of": PROMPT_LENGTH ids, the same for every image, as the LLM's
-  tokenizer frames a prompt (a decoder-only LLM: BOS "</s>" + 3 random ids; an encoder-decoder: 3 random ids +
-  EOS "</s>"), and an all-ones mask."""
+  """A tokenizer-free stand-in for "a photo of": PROMPT_LENGTH ids (one fewer without a BOS), the same for every
+  image, as the LLM's tokenizer frames a prompt (a decoder-only LLM: BOS ("</s>" for OPT, "<s>" for LLaMA) + 3
+  random ids, or the 3 ids alone for an LLM without a BOS, as Qwen2's tokenizer adds none; an encoder-decoder: 3
+  random ids + EOS "</s>"), and an all-ones mask."""
   ids = llm_special_ids(config)
   body = list(np.random.default_rng(seed).integers(4, ids["vocab_size"] - 1, PROMPT_LENGTH - 1))
-  row = body + [ids["eos"]] if llms.family(ids["kind"]).encoder_decoder else [ids["bos"]] + body
+  if llms.family(ids["kind"]).encoder_decoder:
+    row = body + [ids["eos"]]
+  else:
+    row = ([] if ids["bos"] is None else [ids["bos"]]) + body
   out = np.tile(np.asarray(row, np.int32), (batch_size, 1))
   return out, np.ones_like(out)
 
 
 def greedy_options(config, new_tokens: int) -> tuple:
-  """tasks._generate's options: greedy, exactly new_tokens tokens (EOS is blocked until the last one)."""
+  """tasks._generate's options: greedy, exactly new_tokens tokens (EOS is blocked until the last one). An LLM
+  config without EOS (Qwen2Config's defaults) has -1, no token: nothing ends a sequence, as in HF's generate
+  without one, and the pad (then 0) is never written."""
   ids = llm_special_ids(config)
   return tuple(
     sorted(
@@ -368,8 +377,8 @@ def greedy_options(config, new_tokens: int) -> tuple:
         max_new_tokens=new_tokens,
         min_new_tokens=new_tokens,
         num_beams=1,
-        eos_token_id=ids["eos"],
-        pad_token_id=ids["pad"],
+        eos_token_id=-1 if ids["eos"] is None else ids["eos"],
+        pad_token_id=0 if ids["pad"] is None else ids["pad"],
       ).items()
     )
   )

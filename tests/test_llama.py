@@ -25,6 +25,7 @@ import pytest
 import torch
 import transformers
 
+from blip2_jax import benchmark
 from blip2_jax import generation
 from blip2_jax import partitioning
 from blip2_jax import tasks
@@ -33,6 +34,7 @@ from blip2_jax.api import Blip2
 from blip2_jax.models import llama
 from blip2_jax.models import llms
 from blip2_jax.models import lora
+from configs import stage2_opt
 
 VOCAB, WIDTH, TOL = 100, 32, 1e-5
 # Three rows: no padding, left padding (batched generation) and right padding.
@@ -569,3 +571,20 @@ def test_prompts_of_a_tokenizer_without_pad_are_padded_with_its_eos():
   ids, mask = tasks.tokenize_prompts(tok, ["w7 w9 w30", "w12"], llms.family("llama"))
   np.testing.assert_array_equal(ids, [[2, 2, 2, 2, 1, 7, 9, 30], [2, 2, 2, 2, 2, 2, 1, 12]])
   np.testing.assert_array_equal(mask, [[0, 0, 0, 0, 1, 1, 1, 1], [0, 0, 0, 0, 0, 0, 1, 1]])
+
+
+@pytest.mark.parametrize("model_type", sorted(HF))
+def test_benchmark_prompt_and_options_of_configs_without_bos_or_pad(model_type):
+  """The benchmark's tokenizer-free prompt and greedy options from transformers' defaults: LlamaConfig has no
+  pad (then EOS, as HF's generate pads), Qwen2Config no BOS (then none in the prompt; its tokenizer adds none)
+  and no EOS (then none ends a sequence: -1, no token)."""
+  c = stage2_opt.get_config("tiny")
+  c.init.llm_weights = ""  # config.model.llm's sizes, transformers' defaults for the special ids
+  c.model.llm = llms.llm_config(_hf_config(model_type, vocab=64).to_dict())
+  ids, mask = benchmark.prompt_ids(c, 2)
+  bos = [1] if model_type == "llama" else []
+  assert ids.dtype == np.int32 and ids.shape == mask.shape == (2, len(bos) + benchmark.PROMPT_LENGTH - 1)
+  assert list(ids[0, : len(bos)]) == bos and (ids[:, len(bos) :] >= 4).all() and (ids == ids[:1]).all()
+  options = dict(benchmark.greedy_options(c, 3))
+  eos, pad = (2, 2) if model_type == "llama" else (-1, 0)
+  assert (options["eos_token_id"], options["pad_token_id"]) == (eos, pad)
