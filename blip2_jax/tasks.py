@@ -20,6 +20,7 @@ import numpy as np
 
 from blip2_jax import generation
 from blip2_jax import partitioning
+from blip2_jax.data import tokenizer as tokenizer_lib
 from blip2_jax.models import layers
 from blip2_jax.models import llms
 from blip2_jax.models.blip2 import Blip2LLM
@@ -55,7 +56,7 @@ def tokenize_prompts(tokenizer, prompts: list[str], family: llms.LLMFamily) -> t
   ids = out["input_ids"]
   length = max(len(x) for x in ids)
   length = -(-length // PROMPT_BUCKET) * PROMPT_BUCKET
-  pad = tokenizer.eos_token_id if tokenizer.pad_token_id is None else tokenizer.pad_token_id
+  pad = tokenizer_lib.pad_id(tokenizer)
   arr = np.full((len(ids), length), pad, np.int32)
   mask = np.zeros((len(ids), length), np.int32)
   for i, x in enumerate(ids):
@@ -148,7 +149,7 @@ def generate_text(
     top_p=top_p,
     temperature=temperature,
     eos_token_id=family.eos_token_id(tokenizer),
-    pad_token_id=tokenizer.pad_token_id,
+    pad_token_id=tokenizer_lib.pad_id(tokenizer),
   )
   module = layers.frozen_config(module)  # hashable: jit's static argument
   rng = jax.random.PRNGKey(seed) if do_sample else None

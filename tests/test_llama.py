@@ -513,9 +513,10 @@ BLIP2_SEARCHES = {"greedy": dict(num_beams=1), "beam": dict(num_beams=3, length_
 @pytest.mark.parametrize("search", sorted(BLIP2_SEARCHES))
 def test_blip2_llama_generation_matches_hf(blip2_llama, search):
   """`Blip2.generate` (prompts "<s>" + prompt, left-padded behind the queries; EOS "</s>") gives HF's
-  Blip2ForConditionalGeneration.generate tokens, token for token (each word of the tokenizer is one token)."""
+  Blip2ForConditionalGeneration.generate tokens, token for token (each word of the tokenizer is one token). The
+  tokenizer has no pad token, as LLaMA's: the prompts' padding and the finished rows' filler are EOS, as HF's."""
   hf, ours = blip2_llama
-  ours.tokenizer = word_tokenizer("llama", 64)
+  ours.tokenizer = word_tokenizer("llama", 64, pad=False)
   x = _blip2_inputs(left_pad=True)[0][:2]
   prompts = ["w7 w9 w30", "w12"]
   texts = ours.generate(x, prompts, max_new_tokens=6, **BLIP2_SEARCHES[search])
@@ -529,7 +530,7 @@ def test_blip2_llama_generation_matches_hf(blip2_llama, search):
         max_new_tokens=6,
         do_sample=False,
         eos_token_id=ours.tokenizer.eos_token_id,
-        pad_token_id=ours.tokenizer.pad_token_id,
+        pad_token_id=ours.tokenizer.eos_token_id,
         **BLIP2_SEARCHES[search],
       )
     want.append(ours.tokenizer.decode(out[0, BLIP2_QUERIES + len(ids) :], skip_special_tokens=True).strip())

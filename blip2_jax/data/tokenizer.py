@@ -55,6 +55,12 @@ def load_llm_tokenizer(path: str, local_files_only: bool = True) -> transformers
   return tokenizer
 
 
+def pad_id(tokenizer) -> int:
+  """The id that pads an LLM tokenizer's text: its pad token's, or its EOS's without one (load_llm_tokenizer's rule,
+  for a tokenizer made elsewhere)."""
+  return tokenizer.eos_token_id if tokenizer.pad_token_id is None else tokenizer.pad_token_id
+
+
 def clean_caption(text: str, max_words: int = 50) -> str:
   """Lower-cases, strips `[.!"()*#:;~]`, collapses whitespace and keeps `max_words` words (as LAVIS)."""
   words = _STRIPPED.sub(" ", text.lower()).split()
