@@ -234,8 +234,16 @@ class InstructEvaluator:
   with config.eval overridden by the task's `eval` fields. Metrics are eval/<task>/<metric>."""
 
   def __init__(self, config, setup, tokenizer):
+    tasks_ = pipeline.instruct_tasks(config.data)
+    for name, spec in tasks_.items():
+      unknown = sorted(set(spec.get("eval") or {}) - set(config.eval))
+      if unknown:
+        raise ValueError(
+          f"config.data.tasks.{name}.eval has {', '.join(unknown)}, which config.eval lacks; it may set "
+          f"{', '.join(sorted(config.eval))}."
+        )
     self.evaluators = {}
-    for name, spec in pipeline.instruct_tasks(config.data).items():
+    for name, spec in tasks_.items():
       sub = config.copy_and_resolve_references()
       with sub.unlocked():
         sub.data = pipeline.task_data_config(config.data, name)

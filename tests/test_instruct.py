@@ -75,6 +75,10 @@ def test_a_caption_template_with_a_slot_no_tasks_and_no_weights_are_errors():
     pipeline.instruct_sources(config.data)
   with pytest.raises(ValueError, match="is for stage-2"):
     pipeline.task(config.data, llms.RETRIEVAL)
+  config = _config()
+  config.data.tasks.vqa.eval.num_beam = 3
+  with pytest.raises(ValueError, match="config.data.tasks.vqa.eval has num_beam, which config.eval lacks"):
+    evaluators.InstructEvaluator(config, setup=None, tokenizer=None)
 
 
 # --- the batch -----------------------------------------------------------------------------------------------
