@@ -84,7 +84,9 @@ def test_the_train_iterator_gives_vqa_batches_of_fixed_shapes(tiny_data_dir):
     assert batch["label_mask"][i].sum() >= 2
   # A caption batch for a question-conditioned model (it has no question) is one clear error.
   config.data.task = "caption"
-  with pytest.raises(ValueError, match="reads a question or an instruction: set config.data.task to 'vqa' or 'instruct'"):
+  with pytest.raises(
+    ValueError, match="reads a question or an instruction: set config.data.task to 'vqa' or 'instruct'"
+  ):
     pipeline.make_train_iterator(config.data, tok, global_batch_size=8, seed=0, kind="opt", qformer_tokenizer=qtok)
 
 

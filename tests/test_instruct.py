@@ -120,7 +120,9 @@ def test_each_task_is_drawn_by_its_weight_under_its_own_templates(tiny_data_dir)
   sources = pipeline.instruct_sources(config.data)
   sizes = {name: len(source) for name, source, _ in sources}
   assert {name: w for name, _, w in sources} == {name: np.sqrt(n) for name, n in sizes.items()}  # weight -1
-  task_configs = {n: (s, pipeline.task_data_config(config.data, n)) for n, s in pipeline.instruct_tasks(config.data).items()}
+  task_configs = {
+    n: (s, pipeline.task_data_config(config.data, n)) for n, s in pipeline.instruct_tasks(config.data).items()
+  }
   stream = pipeline._mixture(sources, seed=0)
   rng = np.random.default_rng(0)
   counts, used = collections.Counter(), collections.defaultdict(set)
@@ -134,7 +136,9 @@ def test_each_task_is_drawn_by_its_weight_under_its_own_templates(tiny_data_dir)
       used[name].add(out["prompt"])
     else:
       question = pipeline.clean_question(config.data, example["question"].decode())
-      matches = [t for t in instruct.DEMO_VQA_TEMPLATES if t.format(pipeline.swap_left_right(question)) == out["prompt"]]
+      matches = [
+        t for t in instruct.DEMO_VQA_TEMPLATES if t.format(pipeline.swap_left_right(question)) == out["prompt"]
+      ]
       matches += [t for t in instruct.DEMO_VQA_TEMPLATES if t.format(question) == out["prompt"]]
       assert matches, out["prompt"]
       used[name].add(matches[0])
@@ -188,7 +192,9 @@ def test_instruction_tuning_trains_and_evaluates_every_task(tiny_data_dir, tmp_p
 def _vicuna_style_llm(path) -> str:
   """A tiny random LlamaForCausalLM (grouped-query, untied head) with a word-level tokenizer over the demo's words,
   framed as LLaMA's: "<s>" in front, "</s>" its EOS, and no pad token (load_llm_tokenizer pads with its EOS)."""
-  words = [w for w in open(tokenizer_lib.demo_vocab_path("demo_instruct"), encoding="utf-8").read().split() if "[" not in w]
+  words = [
+    w for w in open(tokenizer_lib.demo_vocab_path("demo_instruct"), encoding="utf-8").read().split() if "[" not in w
+  ]
   vocab = {t: i for i, t in enumerate(["<unk>", "<s>", "</s>", *words])}
   tok = tokenizers.Tokenizer(tokenizers.models.WordLevel(vocab, unk_token="<unk>"))
   tok.normalizer = tokenizers.normalizers.Lowercase()
@@ -196,7 +202,9 @@ def _vicuna_style_llm(path) -> str:
   tok.add_special_tokens([tokenizers.AddedToken(t, special=True) for t in ("<unk>", "<s>", "</s>")])
   tok.post_processor = tokenizers.processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
   tok.decoder = tokenizers.decoders.WordPiece()  # joins words with spaces
-  hf_tok = transformers.PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
+  hf_tok = transformers.PreTrainedTokenizerFast(
+    tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>"
+  )
   assert hf_tok.pad_token is None
   torch.manual_seed(0)
   model = transformers.LlamaForCausalLM(

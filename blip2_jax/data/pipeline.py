@@ -351,14 +351,14 @@ _TASK_KEYS = ("dataset", "format", "templates", "weight", "builder_kwargs", "tra
 
 def instruct_tasks(data_cfg) -> dict:
   """data.tasks of an instruction-tuning config (data.task "instruct"), checked, by name in sorted order. Each task:
-    dataset         a TFDS dataset (data.data_dir): image-caption examples ("caption") or VQA ones ("vqa")
-    format          "caption" or "vqa"
-    templates       instruction templates; a VQA one has one "{}" where the question goes, a caption one none.
-                    Each training example draws one uniformly; evaluation uses the first.
-    weight          the task's sampling proportion; -1 = the square root of its number of examples (InstructBLIP's
-                    rule); 0 leaves the task out of training (it is still evaluated)
-    builder_kwargs, train_split, eval_split: the dataset's, by default data's
-    eval            config.eval fields for this task's evaluation (e.g. max_new_tokens), by default config.eval's."""
+  dataset         a TFDS dataset (data.data_dir): image-caption examples ("caption") or VQA ones ("vqa")
+  format          "caption" or "vqa"
+  templates       instruction templates; a VQA one has one "{}" where the question goes, a caption one none.
+                  Each training example draws one uniformly; evaluation uses the first.
+  weight          the task's sampling proportion; -1 = the square root of its number of examples (InstructBLIP's
+                  rule); 0 leaves the task out of training (it is still evaluated)
+  builder_kwargs, train_split, eval_split: the dataset's, by default data's
+  eval            config.eval fields for this task's evaluation (e.g. max_new_tokens), by default config.eval's."""
   tasks = data_cfg.get("tasks") or {}
   if not tasks:
     raise ValueError(
@@ -447,7 +447,9 @@ def tokenize_instruct_batch(batch: dict, tokenizer, qformer_tokenizer, data_cfg,
   Q-Former reads the same instruction (InstructBLIP's instruction-aware Q-Former)."""
   prompts = [str(p) for p in batch["prompt"]]
   answers = [str(a) for a in batch["answer"]]
-  return tokenize_prompted_batch(batch["image"], prompts, answers, prompts, tokenizer, qformer_tokenizer, data_cfg, kind)
+  return tokenize_prompted_batch(
+    batch["image"], prompts, answers, prompts, tokenizer, qformer_tokenizer, data_cfg, kind
+  )
 
 
 # ------------------------------------------------------------------------------------------- training
