@@ -53,6 +53,11 @@ LLAMA_TEXT = dict(
 )
 
 
+def unpadded(row, mask) -> list[int]:
+  """The ids of one row of a padded batch where its mask is 1, as a list (to compare with a tokenizer's output)."""
+  return [int(t) for t, m in zip(row, mask) if m]
+
+
 def rel_error(ours, theirs, where=None):
   """max |ours - theirs| / max |theirs| in float32, over `where` (an index into both) if given. `theirs` may be a
   torch tensor; the two must have the same shape."""

@@ -34,10 +34,6 @@ def _config(kind="opt", tiny_data_dir=None):
   return config
 
 
-def _ids(row, mask):
-  return [int(t) for t, m in zip(row, mask) if m]
-
-
 # --- the batch -----------------------------------------------------------------------------------------------
 
 
@@ -51,7 +47,7 @@ def test_the_loss_is_on_the_answer_and_the_qformer_reads_the_question_alone(kind
   template = finetune_vqa.PROMPTS[kind]
   for i, (question, answer) in enumerate(zip(QUESTIONS, ANSWERS)):
     prompt = template.format(question)
-    text = _ids(out["text_ids"][i], out["text_mask"][i])
+    text = helpers.unpadded(out["text_ids"][i], out["text_mask"][i])
     if kind == "opt":
       # "</s>" + prompt + " " + answer + "\n"; the loss on the answer and "\n" only, right after the prompt.
       assert text == tok(f"{prompt} {answer}\n").input_ids
@@ -62,10 +58,10 @@ def test_the_loss_is_on_the_answer_and_the_qformer_reads_the_question_alone(kind
     else:
       # The encoder reads prompt + "</s>", the decoder writes answer + "</s>".
       assert text == tok(prompt).input_ids
-      assert _ids(out["target_ids"][i], out["target_mask"][i]) == tok(answer).input_ids
+      assert helpers.unpadded(out["target_ids"][i], out["target_mask"][i]) == tok(answer).input_ids
     # The Q-Former: "[CLS] question [SEP]" in its own tokenizer, padded to data.max_question_len; no answer.
     assert out["qformer_ids"].shape[1] == config.data.max_question_len
-    assert _ids(out["qformer_ids"][i], out["qformer_mask"][i]) == qtok(question).input_ids
+    assert helpers.unpadded(out["qformer_ids"][i], out["qformer_mask"][i]) == qtok(question).input_ids
 
 
 def test_the_train_iterator_gives_vqa_batches_of_fixed_shapes(tiny_data_dir):
@@ -79,8 +75,9 @@ def test_the_train_iterator_gives_vqa_batches_of_fixed_shapes(tiny_data_dir):
     **{k: (8, config.data.max_question_len) for k in ("qformer_ids", "qformer_mask")},
   }
   for i in range(8):  # the question in the LLM text is the Q-Former's, and something is learned after it
-    question = qtok.decode(_ids(batch["qformer_ids"][i], batch["qformer_mask"][i]), skip_special_tokens=True)
-    assert f"question: {question} answer:" in tok.decode(_ids(batch["text_ids"][i], batch["text_mask"][i]))
+    question_ids = helpers.unpadded(batch["qformer_ids"][i], batch["qformer_mask"][i])
+    question = qtok.decode(question_ids, skip_special_tokens=True)
+    assert f"question: {question} answer:" in tok.decode(helpers.unpadded(batch["text_ids"][i], batch["text_mask"][i]))
     assert batch["label_mask"][i].sum() >= 2
   # A caption batch for a question-conditioned model (it has no question) is one clear error.
   config.data.task = "caption"

@@ -34,10 +34,6 @@ def _config(kind="opt", tiny_data_dir=None):
   return config
 
 
-def _ids(row, mask):
-  return [int(t) for t, m in zip(row, mask) if m]
-
-
 # --- the task specs ----------------------------------------------------------------------------------------------
 
 
@@ -92,16 +88,16 @@ def test_the_instruction_goes_to_the_llm_and_the_qformer_and_the_loss_to_the_ans
   out = pipeline.tokenize_instruct_batch(batch, tok, qtok, config.data, kind)
   assert set(out) == {"image", "qformer_ids", "qformer_mask", *llms.family(kind).text_keys()}
   for i, (prompt, answer) in enumerate(zip(PROMPTS, ANSWERS)):
-    text = _ids(out["text_ids"][i], out["text_mask"][i])
+    text = helpers.unpadded(out["text_ids"][i], out["text_mask"][i])
     if kind == "opt":
       assert text == tok(f"{prompt} {answer}\n").input_ids
       prompt_len = len(tok(prompt).input_ids)
       assert np.flatnonzero(out["label_mask"][i]).tolist() == list(range(prompt_len, len(text)))
     else:
       assert text == tok(prompt).input_ids
-      assert _ids(out["target_ids"][i], out["target_mask"][i]) == tok(answer).input_ids
+      assert helpers.unpadded(out["target_ids"][i], out["target_mask"][i]) == tok(answer).input_ids
     # The Q-Former reads the whole instruction (InstructBLIP), every word of it known to the demo vocabulary.
-    qformer = _ids(out["qformer_ids"][i], out["qformer_mask"][i])
+    qformer = helpers.unpadded(out["qformer_ids"][i], out["qformer_mask"][i])
     assert qformer == qtok(prompt).input_ids and qtok.unk_token_id not in qformer
     assert out["qformer_ids"].shape[1] == config.data.max_question_len
 
@@ -232,7 +228,7 @@ def test_instruction_tuning_with_a_vicuna_style_llm(tiny_data_dir, tmp_path):
     config.data,
     "llama",
   )
-  text = _ids(out["text_ids"][0], out["text_mask"][0])
+  text = helpers.unpadded(out["text_ids"][0], out["text_mask"][0])
   assert text == tok(f"{PROMPTS[0]} {ANSWERS[0]}</s>").input_ids and text[0] == 1 and text[-1] == 2
   assert tok.decode([t for t, m in zip(out["text_ids"][0], out["label_mask"][0]) if m]) == "red </s>"
   metrics = train.train_and_evaluate(config, str(tmp_path / "workdir"), devices=jax.devices()[:1])
