@@ -701,6 +701,32 @@ def tokenize_decoder_only(tokenizer, captions: list[str], prompt: str | list[str
 # --------------------------------------------------------------------------------------------- eval
 
 
+def _eval_examples(data_cfg, split: str | None, decode) -> tuple[list[dict], list[int], list[np.ndarray]]:
+  """The eval split's examples (its first eval_max_examples; those whose image decodes), in the split's order:
+  (examples, the row of each one's image in `images`, images). Examples that share an `image_id` share one row;
+  without an image_id every example has its own. decode(example, index) -> the example with a PIL image or None."""
+  source = get_source(data_cfg, split or data_cfg.eval_split)
+  n = len(source) if data_cfg.eval_max_examples is None else min(len(source), data_cfg.eval_max_examples)
+  decoded = (
+    grain.MapDataset.source(source)[:n]
+    .map_with_index(lambda i, ex: decode(ex, i))
+    .filter(lambda ex: ex["image"] is not None)
+    .map(lambda ex: {**ex, "image": images_lib.eval_preprocess(ex["image"], data_cfg.image_size)})
+    # Threads decode in parallel, and the order stays that of the split.
+    .to_iter_dataset(grain.ReadOptions(num_threads=data_cfg.num_threads, prefetch_buffer_size=data_cfg.prefetch))
+  )
+  examples, rows, images = [], [], []
+  image_index = {}  # image_id -> row in images
+  for i, ex in enumerate(decoded):
+    key = ex.get("image_id", ("example", i))
+    if key not in image_index:
+      image_index[key] = len(images)
+      images.append(ex["image"])
+    rows.append(image_index[key])
+    examples.append(ex)
+  return examples, rows, images
+
+
 def load_eval_set(data_cfg, tokenizer, split: str | None = None) -> dict:
   """The whole eval split (or its first eval_max_examples examples), for retrieval and captioning.
 
@@ -710,25 +736,8 @@ def load_eval_set(data_cfg, tokenizer, split: str | None = None) -> dict:
     txt2img  i32 [N_txt]              img2txt  list of N_img lists of text indices
     captions list of N_txt cleaned captions.
   """
-  source = get_source(data_cfg, split or data_cfg.eval_split)
-  n = len(source) if data_cfg.eval_max_examples is None else min(len(source), data_cfg.eval_max_examples)
-  examples = (
-    grain.MapDataset.source(source)[:n]
-    .map_with_index(lambda i, ex: _decode(ex, i))
-    .filter(lambda ex: ex["image"] is not None)
-    .map(lambda ex: {**ex, "image": images_lib.eval_preprocess(ex["image"], data_cfg.image_size)})
-    # Threads decode in parallel, and the order stays that of the split.
-    .to_iter_dataset(grain.ReadOptions(num_threads=data_cfg.num_threads, prefetch_buffer_size=data_cfg.prefetch))
-  )
-  images, captions, txt2img = [], [], []
-  image_index = {}  # image_id -> row in images
-  for i, ex in enumerate(examples):
-    key = ex.get("image_id", ("example", i))
-    if key not in image_index:
-      image_index[key] = len(images)
-      images.append(ex["image"])
-    captions.append(tokenizer_lib.clean_caption(ex["caption"]))
-    txt2img.append(image_index[key])
+  examples, txt2img, images = _eval_examples(data_cfg, split, _decode)
+  captions = [tokenizer_lib.clean_caption(ex["caption"]) for ex in examples]
   img2txt = collections.defaultdict(list)
   for t, i in enumerate(txt2img):
     img2txt[i].append(t)
@@ -749,32 +758,17 @@ def load_vqa_eval_set(data_cfg, split: str | None = None) -> dict:
   its own image). Returns
     images          f32 [N_img, S, S, 3]    q2img  i32 [N_q], the image of each question
     questions, question_types: N_q strings  answers: N_q lists of the human answers   question_ids: N_q ints."""
-  source = get_source(data_cfg, split or data_cfg.eval_split)
-  n = len(source) if data_cfg.eval_max_examples is None else min(len(source), data_cfg.eval_max_examples)
-  examples = (
-    grain.MapDataset.source(source)[:n]
-    .map_with_index(lambda i, ex: _decode_vqa(ex, i))
-    .filter(lambda ex: ex["image"] is not None)
-    .map(lambda ex: {**ex, "image": images_lib.eval_preprocess(ex["image"], data_cfg.image_size)})
-    .to_iter_dataset(grain.ReadOptions(num_threads=data_cfg.num_threads, prefetch_buffer_size=data_cfg.prefetch))
-  )
-  out = {k: [] for k in ("images", "q2img", "questions", "answers", "question_types", "question_ids")}
-  image_index = {}  # image_id -> row in images
-  for i, ex in enumerate(examples):
-    key = ex.get("image_id", ("example", i))
-    if key not in image_index:
-      image_index[key] = len(out["images"])
-      out["images"].append(ex["image"])
-    out["q2img"].append(image_index[key])
-    out["questions"].append(clean_question(data_cfg, ex["question"]))
-    out["answers"].append(ex["answers"])
-    out["question_types"].append(ex["question_type"])
-    out["question_ids"].append(ex["question_id"])
-  if not out["images"]:
+  examples, q2img, images = _eval_examples(data_cfg, split, _decode_vqa)
+  if not images:
     raise ValueError(f"The VQA eval split of {data_cfg.name!r} has no question with a readable image.")
-  out["images"] = np.stack(out["images"])
-  out["q2img"] = np.asarray(out["q2img"], np.int32)
-  return out
+  return {
+    "images": np.stack(images),
+    "q2img": np.asarray(q2img, np.int32),
+    "questions": [clean_question(data_cfg, ex["question"]) for ex in examples],
+    "answers": [ex["answers"] for ex in examples],
+    "question_types": [ex["question_type"] for ex in examples],
+    "question_ids": [ex["question_id"] for ex in examples],
+  }
 
 
 def _decode_vqa(example: dict, index: int) -> dict:
