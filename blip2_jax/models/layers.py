@@ -4,8 +4,9 @@ Every parameter is created with logical axis names (MaxText style); `partitionin
 through the rules in the config, so the model code never names a mesh axis.
 """
 
-from typing import Any, Sequence
+from typing import Any, ClassVar, Sequence
 
+from flax import struct
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -113,40 +114,69 @@ def unstack(stacked) -> list:
   return [jax.tree.map(lambda a, i=i: a[i], stacked) for i in range(jax.tree.leaves(stacked)[0].shape[0])]
 
 
-def causal_lm_prefill(module, params, prefix_embeds, prefix_mask, max_new_tokens: int, *, init_cache, split_cache):
-  """A decoder-only LLM's prefill for blip2_jax.generation (OPT and the LLaMA family): the prefix of embeddings
-  (queries + left-padded prompt) through the scanned layers into a fresh KV cache, from `init_cache(cfg, batch,
-  slots, dtype)`, split per layer by `split_cache`. Positions count real tokens only (HF: cumsum(mask) - 1), so left
-  padding shifts nothing. Returns the last position's logits and the decoding state {"cache", "mask" [N, S] valid
-  cache slots, "position" [N] next position, "index" [N] next cache slot, the same in every row}."""
-  b, p, _ = prefix_embeds.shape
-  # The last generated token is never fed back, so the cache needs one slot fewer than prefix + new tokens.
-  slots = p + max_new_tokens - 1
-  cache = init_cache(module.cfg, b, slots, jnp.dtype(module.cfg.dtype))
-  real = prefix_mask.astype(jnp.int32)
-  mask = jnp.zeros((b, slots), jnp.int32).at[:, :p].set(real)
-  positions = jnp.cumsum(real, axis=1) * real - 1
-  logits, cache = module.apply({"params": params}, prefix_embeds, mask, positions=positions, cache=cache, cache_index=0)
-  state = {
-    "cache": split_cache(cache),
-    "mask": mask,
-    "position": real.sum(axis=1),
-    "index": jnp.full((b,), p, jnp.int32),
-  }
-  return logits[:, -1], state
+def split_layers(params) -> list:
+  """A decoder-only LLM's scanned layers' parameters [layers, ...] (LoRA adapters included) as one tree per layer,
+  for its model file's `decode_step`."""
+  return unstack(params["layers"])
 
 
-def causal_lm_step(module, params, layer_params, tokens, state, *, decode_step):
-  """One token per row through the unrolled layers (`decode_step` of the model file, on `layer_params`), after
-  causal_lm_prefill: the logits [N, V] and the next state."""
-  index = state["index"][0]
-  mask = jax.lax.dynamic_update_slice(state["mask"], jnp.ones((tokens.shape[0], 1), jnp.int32), (0, index))
-  embeds = module.apply({"params": params}, tokens[:, None], method="embed")
-  logits, cache = decode_step(
-    module, params, layer_params, embeds, mask, state["position"][:, None], state["cache"], index
-  )
-  state = {"cache": cache, "mask": mask, "position": state["position"] + 1, "index": state["index"] + 1}
-  return logits[:, 0], state
+def split_cache(cache) -> list:
+  """A decoder-only LLM's KV cache {"k", "v"} [B, layers, S, heads, Dh] as one {"k", "v"} [B, S, heads, Dh] per
+  layer."""
+  return [{"k": cache["k"][:, i], "v": cache["v"][:, i]} for i in range(cache["k"].shape[1])]
+
+
+class CausalLMDecoder(struct.PyTreeNode):
+  """A decoder-only LLM (OPT, the LLaMA family) decoding from a prefix of embeddings (queries + left-padded prompt),
+  for blip2_jax.generation. A model file subclasses it with two of its functions as static methods:
+  `init_cache(cfg, batch, slots, dtype)` (its KV cache [B, layers, S, heads, Dh]) and `decode_step(module, params,
+  layer_params, embeds, mask, positions, caches, index)` (its layers unrolled).
+
+  state: {"cache": one KV cache per layer, "mask": [N, S] valid cache slots, "position": [N] next position,
+  "index": [N] next cache slot (the same in every row)}. Positions count real tokens only (HF: cumsum(mask) - 1),
+  so left padding shifts nothing. The prefill runs the scanned layers; each step runs them unrolled on
+  `layer_params`, the layers' weights split once per generate call (a second copy of the LLM's layer weights while
+  generating)."""
+
+  module: Any = struct.field(pytree_node=False)
+  params: Any
+  layer_params: Any
+  start_ids: ClassVar[tuple[int, ...]] = ()  # nothing precedes the prompt in HF's input_ids
+
+  @classmethod
+  def create(cls, module, params):
+    return cls(frozen_config(module), params, split_layers(params))
+
+  def prefill(self, prefix_embeds, prefix_mask, max_new_tokens: int):
+    """The prefix through the scanned layers into a fresh KV cache: the last position's logits and the state."""
+    b, p, _ = prefix_embeds.shape
+    # The last generated token is never fed back, so the cache needs one slot fewer than prefix + new tokens.
+    slots = p + max_new_tokens - 1
+    cache = self.init_cache(self.module.cfg, b, slots, jnp.dtype(self.module.cfg.dtype))
+    real = prefix_mask.astype(jnp.int32)
+    mask = jnp.zeros((b, slots), jnp.int32).at[:, :p].set(real)
+    positions = jnp.cumsum(real, axis=1) * real - 1
+    logits, cache = self.module.apply(
+      {"params": self.params}, prefix_embeds, mask, positions=positions, cache=cache, cache_index=0
+    )
+    state = {
+      "cache": split_cache(cache),
+      "mask": mask,
+      "position": real.sum(axis=1),
+      "index": jnp.full((b,), p, jnp.int32),
+    }
+    return logits[:, -1], state
+
+  def step(self, tokens, state):
+    """One token per row through the unrolled layers: the logits [N, V] and the next state."""
+    index = state["index"][0]
+    mask = jax.lax.dynamic_update_slice(state["mask"], jnp.ones((tokens.shape[0], 1), jnp.int32), (0, index))
+    embeds = self.module.apply({"params": self.params}, tokens[:, None], method="embed")
+    logits, cache = self.decode_step(
+      self.module, self.params, self.layer_params, embeds, mask, state["position"][:, None], state["cache"], index
+    )
+    state = {"cache": cache, "mask": mask, "position": state["position"] + 1, "index": state["index"] + 1}
+    return logits[:, 0], state
 
 
 ATTENTION_IMPLEMENTATIONS = ("xla", "cudnn")

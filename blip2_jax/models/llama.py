@@ -25,7 +25,6 @@ import copy
 import math
 from typing import Any
 
-from flax import struct
 import flax.linen as nn
 import jax
 from jax import lax
@@ -349,17 +348,6 @@ class LlamaForCausalLM(nn.Module):
     return jnp.einsum("btd,vd->btv", h, table, preferred_element_type=jnp.float32)
 
 
-def split_layers(params) -> list:
-  """The scanned layers' parameters [layers, ...] (LoRA adapters included) as one tree per layer, for
-  `decode_step`."""
-  return layers.unstack(params["layers"])
-
-
-def split_cache(cache) -> list:
-  """A KV cache {"k", "v"} [B, layers, S, G, Dh] as one {"k", "v"} [B, S, G, Dh] per layer."""
-  return [{"k": cache["k"][:, i], "v": cache["v"][:, i]} for i in range(cache["k"].shape[1])]
-
-
 def decode_step(
   model: LlamaForCausalLM, params, layer_params: list, embeds, attention_mask, positions, caches: list, cache_index
 ):
@@ -405,39 +393,9 @@ def weight_map(cfg) -> list[tuple[str, str, str]]:
 # --- decoding adapter for blip2_jax.generation ---------------------------------------------------------------
 
 
-@struct.dataclass
-class LlamaDecoder:
-  """LlamaForCausalLM decoding from a prefix of embeddings (queries + left-padded prompt); the same interface and
-  state as opt.OPTDecoder.
+class LlamaDecoder(layers.CausalLMDecoder):
+  """LlamaForCausalLM decoding from a prefix of embeddings (queries + left-padded prompt): layers.CausalLMDecoder with
+  this file's KV cache and unrolled layers."""
 
-  state: {"cache": one KV cache per layer, "mask": [N, S] valid cache slots, "position": [N] next position,
-  "index": [N] next cache slot (the same in every row)}. Positions count real tokens only (HF generate:
-  cumsum(mask) - 1). The prefill runs the scanned layers; each step runs them unrolled (`decode_step`) on
-  `layer_params`, the layers' weights split once per generate call.
-  """
-
-  module: LlamaForCausalLM = struct.field(pytree_node=False)
-  params: Any
-  layer_params: Any
-
-  @property
-  def start_ids(self) -> tuple[int, ...]:
-    return ()  # nothing precedes the prompt in HF's input_ids
-
-  @classmethod
-  def create(cls, module: LlamaForCausalLM, params) -> "LlamaDecoder":
-    return cls(layers.frozen_config(module), params, split_layers(params))
-
-  def prefill(self, prefix_embeds, prefix_mask, max_new_tokens: int):
-    return layers.causal_lm_prefill(
-      self.module,
-      self.params,
-      prefix_embeds,
-      prefix_mask,
-      max_new_tokens,
-      init_cache=init_cache,
-      split_cache=split_cache,
-    )
-
-  def step(self, tokens, state):
-    return layers.causal_lm_step(self.module, self.params, self.layer_params, tokens, state, decode_step=decode_step)
+  init_cache = staticmethod(init_cache)
+  decode_step = staticmethod(decode_step)

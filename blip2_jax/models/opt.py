@@ -11,9 +11,6 @@ reorders a whole decoding state with one gather on axis 0. The caller owns the c
 the positions; new keys/values are written at the traced `cache_index`, so one compiled step serves every step.
 """
 
-from typing import Any
-
-from flax import struct
 import flax.linen as nn
 import jax
 from jax import lax
@@ -255,27 +252,17 @@ class OPTForCausalLM(nn.Module):
     return jnp.einsum("btd,vd->btv", h, table, preferred_element_type=jnp.float32)
 
 
-def split_layers(params) -> list:
-  """The scanned layers' parameters [layers, ...] (LoRA adapters included) as one tree per layer, for
-  `decode_step`."""
-  return layers.unstack(params["layers"])
-
-
-def split_cache(cache) -> list:
-  """A KV cache {"k", "v"} [B, layers, S, H, Dh] as one {"k", "v"} [B, S, H, Dh] per layer."""
-  return [{"k": cache["k"][:, i], "v": cache["v"][:, i]} for i in range(cache["k"].shape[1])]
-
-
 def decode_step(
   model: OPTForCausalLM, params, layer_params: list, embeds, attention_mask, positions, caches: list, cache_index
 ):
   """`model(embeds, attention_mask, positions=..., cache=..., cache_index=...)` with the layers unrolled: the same
   function, faster for decoding one token at a time.
 
-  layer_params (`split_layers(params)`) and caches (`split_cache`) hold one tree per layer. In a decoding loop
-  each layer's cache is then its own loop-carried buffer, updated in place at cache_index, and each layer reads
-  its own weights; the scanned layers would instead slice the stacked weights and caches into copies and stack
-  the caches again, every layer of every token (MaxText decodes with unscanned layers for the same reason).
+  layer_params (`layers.split_layers(params)`) and caches (`layers.split_cache`) hold one tree per layer. In a
+  decoding loop each layer's cache is then its own loop-carried buffer, updated in place at cache_index, and each
+  layer reads its own weights; the scanned layers would instead slice the stacked weights and caches into copies
+  and stack the caches again, every layer of every token (MaxText decodes with unscanned layers for the same
+  reason).
   Returns (logits [B, T, vocab] float32, the updated caches).
   """
   x = model.apply({"params": params}, embeds, positions, method="inputs")
@@ -313,39 +300,9 @@ def weight_map(cfg) -> list[tuple[str, str, str]]:
 # --- decoding adapter for blip2_jax.generation ---------------------------------------------------------------
 
 
-@struct.dataclass
-class OPTDecoder:
-  """OPTForCausalLM decoding from a prefix of embeddings (queries + left-padded prompt).
+class OPTDecoder(layers.CausalLMDecoder):
+  """OPTForCausalLM decoding from a prefix of embeddings (queries + left-padded prompt): layers.CausalLMDecoder with
+  this file's KV cache and unrolled layers."""
 
-  state: {"cache": one KV cache per layer, "mask": [N, S] valid cache slots, "position": [N] next position,
-  "index": [N] next cache slot (the same in every row)}. Positions count real tokens only (HF: cumsum(mask) - 1),
-  so left padding shifts nothing. The prefill runs the scanned layers; each step runs them unrolled
-  (`decode_step`) on `layer_params`, the layers' weights split once per generate call (this holds a second
-  copy of the LLM's layer weights while generating).
-  """
-
-  module: OPTForCausalLM = struct.field(pytree_node=False)
-  params: Any
-  layer_params: Any
-
-  @property
-  def start_ids(self) -> tuple[int, ...]:
-    return ()  # nothing precedes the prompt in HF's input_ids
-
-  @classmethod
-  def create(cls, module: OPTForCausalLM, params) -> "OPTDecoder":
-    return cls(layers.frozen_config(module), params, split_layers(params))
-
-  def prefill(self, prefix_embeds, prefix_mask, max_new_tokens: int):
-    return layers.causal_lm_prefill(
-      self.module,
-      self.params,
-      prefix_embeds,
-      prefix_mask,
-      max_new_tokens,
-      init_cache=init_cache,
-      split_cache=split_cache,
-    )
-
-  def step(self, tokens, state):
-    return layers.causal_lm_step(self.module, self.params, self.layer_params, tokens, state, decode_step=decode_step)
+  init_cache = staticmethod(init_cache)
+  decode_step = staticmethod(decode_step)
