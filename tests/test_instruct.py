@@ -157,34 +157,6 @@ def test_each_task_is_drawn_by_its_weight_under_its_own_templates(tiny_data_dir)
 # --- a tiny run ----------------------------------------------------------------------------------------------
 
 
-def test_instruction_tuning_trains_and_evaluates_every_task(tiny_data_dir, tmp_path):
-  workdir = str(tmp_path / "instruct")
-  config = _config("opt", tiny_data_dir)
-  config.total_steps = config.checkpoint_every = 4
-  train.train_and_evaluate(config, workdir, devices=jax.devices()[:1])
-  with open(os.path.join(workdir, "metrics.jsonl"), encoding="utf-8") as f:
-    metrics = [json.loads(line) for line in f]
-  evals = [m for m in metrics if "eval/vqa/vqa_accuracy" in m]
-  assert [m["step"] for m in evals] == [0, 4]  # before the first step (eval_at_start) and at the end
-  for m in evals:
-    assert m["eval/caption/num_images"] == 32 and 0 <= m["eval/caption/cider"]
-    assert m["eval/vqa/num_questions"] == 32 and 0 <= m["eval/vqa/vqa_accuracy"] <= 100
-    assert {f"eval/vqa/vqa_accuracy_{t}" for t in ("colour", "shape", "size", "position", "count")} <= set(m)
-  assert all(np.isfinite(m["loss"]) for m in metrics if "loss" in m)
-  assert os.path.getsize(os.path.join(workdir, "examples.png")) > 0
-
-  # The workdir's evaluation alone: every task's predictions in eval_step_4.json, with the same scores.
-  with open(os.path.join(workdir, "config.json"), encoding="utf-8") as f:
-    assert json.load(f)["data"]["task"] == "instruct"
-  scores = evaluators.evaluate_workdir(config, workdir)
-  assert scores["eval/vqa/vqa_accuracy"] == evals[-1]["eval/vqa/vqa_accuracy"]
-  with open(os.path.join(workdir, "eval_step_4.json"), encoding="utf-8") as f:
-    report = json.load(f)
-  assert set(report["tasks"]) == {"caption", "vqa"}
-  assert len(report["tasks"]["caption"]) == 32 and len(report["tasks"]["vqa"]) == 32
-  assert report["tasks"]["vqa"][0]["question"] and "prediction" in report["tasks"]["caption"][0]
-
-
 def _vicuna_style_llm(path) -> str:
   """A tiny random LlamaForCausalLM (grouped-query, untied head) with a word-level tokenizer over the demo's words,
   framed as LLaMA's: "<s>" in front, "</s>" its EOS, and no pad token (load_llm_tokenizer pads with its EOS)."""
@@ -211,13 +183,14 @@ def _vicuna_style_llm(path) -> str:
   return str(path)
 
 
-def test_instruction_tuning_with_a_vicuna_style_llm(tiny_data_dir, tmp_path):
-  """The LLaMA family in the trainer: a tokenizer without a pad token, "<s>" + instruction + answer + "</s>" with
-  the loss on the answer, the evaluation's generation, every task scored."""
+def test_instruction_tuning_trains_and_evaluates_every_task(tiny_data_dir, tmp_path):
+  """A tiny run with a LLaMA-family LLM whose tokenizer has no pad token: "<s>" + instruction + answer + "</s>" with
+  the loss on the answer; both tasks scored before the first step and at the end, and again by evaluate_workdir
+  with every task's predictions in eval_step_N.json. (The OPT demo LLM's tiny runs: test_finetune_vqa.py.)"""
   config = _config("opt", tiny_data_dir)
   config.model.llm.kind = "llama"
   config.init.llm_weights = _vicuna_style_llm(tmp_path / "vicuna")
-  config.update(dict(total_steps=2, checkpoint_every=2, log_every=1, eval_at_start=False))
+  config.update(dict(total_steps=2, checkpoint_every=2, log_every=1))
   config.data.eval_max_examples = 8
   tok = state_lib.load_tokenizer(config)
   assert tok.pad_token == "</s>"
@@ -231,6 +204,24 @@ def test_instruction_tuning_with_a_vicuna_style_llm(tiny_data_dir, tmp_path):
   text = helpers.unpadded(out["text_ids"][0], out["text_mask"][0])
   assert text == tok(f"{PROMPTS[0]} {ANSWERS[0]}</s>").input_ids and text[0] == 1 and text[-1] == 2
   assert tok.decode([t for t, m in zip(out["text_ids"][0], out["label_mask"][0]) if m]) == "red </s>"
-  metrics = train.train_and_evaluate(config, str(tmp_path / "workdir"), devices=jax.devices()[:1])
-  assert np.isfinite(metrics["loss"]) and metrics["eval/vqa/num_questions"] == 8
-  assert metrics["eval/caption/num_images"] == 8 and metrics["eval/caption/cider"] >= 0
+
+  workdir = str(tmp_path / "workdir")
+  train.train_and_evaluate(config, workdir, devices=jax.devices()[:1])
+  with open(os.path.join(workdir, "metrics.jsonl"), encoding="utf-8") as f:
+    metrics = [json.loads(line) for line in f]
+  evals = [m for m in metrics if "eval/vqa/vqa_accuracy" in m]
+  assert [m["step"] for m in evals] == [0, 2]  # before the first step (eval_at_start) and at the end
+  for m in evals:
+    assert m["eval/caption/num_images"] == 8 and 0 <= m["eval/caption/cider"]
+    assert m["eval/vqa/num_questions"] == 8 and 0 <= m["eval/vqa/vqa_accuracy"] <= 100
+    assert "eval/vqa/vqa_accuracy_colour" in m
+  assert all(np.isfinite(m["loss"]) for m in metrics if "loss" in m)
+  assert os.path.getsize(os.path.join(workdir, "examples.png")) > 0
+
+  scores = evaluators.evaluate_workdir(config, workdir)
+  assert scores["eval/vqa/vqa_accuracy"] == evals[-1]["eval/vqa/vqa_accuracy"]
+  with open(os.path.join(workdir, "eval_step_2.json"), encoding="utf-8") as f:
+    report = json.load(f)
+  assert set(report["tasks"]) == {"caption", "vqa"}
+  assert len(report["tasks"]["caption"]) == 8 and len(report["tasks"]["vqa"]) == 8
+  assert report["tasks"]["vqa"][0]["question"] and "prediction" in report["tasks"]["caption"][0]
