@@ -25,8 +25,9 @@ transformers' vision_model forward): the step's image-encoder share, the rest be
 with a bfloat16 ViT it also reports vit_forward_cudnn_attention_s, the same forward with model.vit.attention='cudnn'.
 MFU divides the achieved model FLOP/s by the devices' dense bf16 peak where it is known.
 
---mode=generate (stage 2): greedy captioning through the jitted BLIP-2 generation path of tasks.py (soft prompt +
-prompt -> the whole search in one program) at config.global_batch_size images, `--new_tokens` new tokens with
+--mode=generate (stage 2): captioning, greedy or with --num_beams beams (length penalty 1), through the jitted
+BLIP-2 generation path of tasks.py (soft prompt + prompt -> the whole search in one program) at
+config.global_batch_size images, `--new_tokens` new tokens with
 min_new_tokens = max_new_tokens so that every sequence generates exactly that many (the comparison is like for
 like). Without a tokenizer for random weights, the prompt is PROMPT_LENGTH random token ids (OPT: "</s>" first,
 as "</s>a photo of" is 4 tokens; T5: "</s>" last; an LLM config without a BOS, Qwen2's: 3 ids). Reports compile
@@ -51,8 +52,8 @@ them. It times
   as transformers >= 4.47 wants; no KV cache), backward, and an AdamW step (config.optimizer's lr, betas, weight
   decay) over the Q-Former, query tokens and language_projection (the ViT and the LLM have requires_grad=False
   and run in eval mode: no dropout, as ours; ours also trains ln_vision, HF's frozen post_layernorm);
-- generate: `generate(max_new_tokens=N, min_new_tokens=N, do_sample=False, num_beams=1)` on the same images and
-  prompt,
+- generate: `generate(max_new_tokens=N, min_new_tokens=N, do_sample=False, num_beams=--num_beams)` on the same
+  images and prompt,
 after 2 warm-up calls, with torch.cuda.synchronize(). It runs first and frees its model and torch's cached memory
 before JAX starts; the JAX side then prints both and ours / theirs. When JAX and torch share a GPU, JAX must not
 preallocate 75% of it: --compare sets XLA_PYTHON_CLIENT_PREALLOCATE=false unless the environment already sets it
@@ -366,17 +367,18 @@ def prompt_ids(config, batch_size: int, seed: int = 1) -> tuple[np.ndarray, np.n
   return out, np.ones_like(out)
 
 
-def greedy_options(config, new_tokens: int) -> tuple:
-  """tasks._generate's options: greedy, exactly new_tokens tokens (EOS is blocked until the last one). An LLM
-  config without EOS (Qwen2Config's defaults) has -1, no token: nothing ends a sequence, as in HF's generate
-  without one, and the pad (then 0) is never written."""
+def search_options(config, new_tokens: int, num_beams: int = 1) -> tuple:
+  """tasks._generate's options: greedy (num_beams 1) or beam search (length penalty 1, HF's default), exactly
+  new_tokens tokens (EOS is blocked until the last one). An LLM config without EOS (Qwen2Config's defaults) has
+  -1, no token: nothing ends a sequence, as in HF's generate without one, and the pad (then 0) is never
+  written."""
   ids = llm_special_ids(config)
   return tuple(
     sorted(
       dict(
         max_new_tokens=new_tokens,
         min_new_tokens=new_tokens,
-        num_beams=1,
+        num_beams=num_beams,
         eos_token_id=-1 if ids["eos"] is None else ids["eos"],
         pad_token_id=0 if ids["pad"] is None else ids["pad"],
       ).items()
@@ -384,9 +386,10 @@ def greedy_options(config, new_tokens: int) -> tuple:
   )
 
 
-def run_generate(config, steps: int, new_tokens: int, devices=None) -> dict:
-  """Greedy captioning of exactly new_tokens tokens per image at config.global_batch_size, through tasks._generate
-  (soft prompt + prompt + the whole search, one jitted program)."""
+def run_generate(config, steps: int, new_tokens: int, devices=None, num_beams: int = 1) -> dict:
+  """Captioning (greedy, or beam search with num_beams) of exactly new_tokens tokens per image at
+  config.global_batch_size, through tasks._generate (soft prompt + prompt + the whole search, one jitted
+  program)."""
   _check_config(config, "generate", "")
   setup = state_lib.build(config, None, devices)
   state, frozen = setup.init(jax.random.PRNGKey(0))
@@ -400,10 +403,11 @@ def run_generate(config, steps: int, new_tokens: int, devices=None) -> dict:
   args = (params, inputs["image"], inputs["ids"], inputs["mask"])
 
   def timed(new_tokens):
-    """(compile seconds, seconds per batch, tokens) of greedy generation of exactly new_tokens tokens."""
-    options = greedy_options(config, new_tokens)
+    """(compile seconds, seconds per batch, tokens) of generating exactly new_tokens tokens."""
+    options = search_options(config, new_tokens, num_beams)
     t0 = time.perf_counter()
-    compiled = tasks._generate.lower(module, *args, options, None).compile()  # pylint: disable=protected-access
+    with setup.kernel_mesh():
+      compiled = tasks._generate.lower(module, *args, options, None).compile()  # pylint: disable=protected-access
     compile_s = time.perf_counter() - t0
     for _ in range(WARMUP):
       tokens = compiled(*args, None)
@@ -427,6 +431,7 @@ def run_generate(config, steps: int, new_tokens: int, devices=None) -> dict:
     "global_batch_size": b,
     "prompt_tokens": ids.shape[1],
     "new_tokens": new_tokens,
+    "num_beams": num_beams,
     "steps_timed": steps,
     "compile_s": round(compile_s, 2),
     "batch_s": round(batch_s, 4),
@@ -553,6 +558,7 @@ def benchmark(
   devices=None,
   photos: int = 0,
   photo_size: tuple[int, int] = (640, 480),
+  num_beams: int = 1,
 ) -> dict:
   """Ours (with compare='transformers', theirs first, then ours) -> one dict, with ours / theirs.
 
@@ -572,11 +578,12 @@ def benchmark(
       prompt=prompt_ids(config, config.global_batch_size),
       special_ids=special,
       warmup=WARMUP,
+      num_beams=num_beams,
     )
   if mode == "train":
     ours = run(config, steps, devices)
   else:
-    ours = run_generate(config, steps, new_tokens, devices)
+    ours = run_generate(config, steps, new_tokens, devices, num_beams)
   if not compare:
     return ours
   out = dict(ours, **theirs)
@@ -615,6 +622,7 @@ def main(argv):
       FLAGS.compare,
       photos=FLAGS.photos,
       photo_size=_photo_size(),
+      num_beams=FLAGS.num_beams,
     )
   except (FileNotFoundError, ValueError) as e:
     raise SystemExit(f"error: {e}") from None
@@ -632,13 +640,14 @@ if __name__ == "__main__":
     "mode",
     "train",
     ["train", "generate", "data"],
-    "train: the trainer's update step (stage 1 or 2); generate: greedy captioning (stage 2); data: the input "
+    "train: the trainer's update step (stage 1 or 2); generate: captioning (stage 2); data: the input "
     "pipeline's host work per example, full against fast JPEG decoding.",
   )
   flags.DEFINE_integer("photos", 0, "--mode=data: time N synthetic photo-like JPEGs instead of the config's data.")
   flags.DEFINE_string("photo_size", "640x480", "--mode=data: the size of the --photos JPEGs, WxH.")
   flags.DEFINE_integer("steps", 20, "Timed steps or batches (after compilation and 2 warm-up calls).")
   flags.DEFINE_integer("new_tokens", 30, "--mode=generate: tokens generated per image (min = max).")
+  flags.DEFINE_integer("num_beams", 1, "--mode=generate: 1 = greedy, more = beam search with that many beams.")
   flags.DEFINE_enum(
     "compare",
     "",

@@ -16,24 +16,34 @@ from blip2_jax.models import llms
 
 
 def compare_transformers(
-  config, mode: str, steps: int, new_tokens: int, *, batch: dict, prompt: tuple, special_ids: dict, warmup: int
+  config,
+  mode: str,
+  steps: int,
+  new_tokens: int,
+  *,
+  batch: dict,
+  prompt: tuple,
+  special_ids: dict,
+  warmup: int,
+  num_beams: int = 1,
 ) -> dict:
   """transformers' Blip2ForConditionalGeneration at this config's sizes (random init), timed like ours: a training
   step (mode 'train') on `batch` (host arrays with the training batch's keys) or greedy generation of exactly
-  new_tokens tokens (mode 'generate') after `prompt` (ids, mask); see the module docstring. special_ids: the LLM's
+  new_tokens tokens (mode 'generate'; beam search with num_beams > 1) after `prompt` (ids, mask); see the module
+  docstring. special_ids: the LLM's
   'eos', 'pad' and 'vocab_size'. Frees the model and torch's cached GPU memory before returning."""
   import torch  # pylint: disable=g-import-not-at-top  (optional: the [test] extra)
 
   device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
   try:
-    return _time_transformers(config, mode, steps, new_tokens, device, batch, prompt, special_ids, warmup)
+    return _time_transformers(config, mode, steps, new_tokens, device, batch, prompt, special_ids, warmup, num_beams)
   finally:  # the model, optimizer and batch died with _time_transformers' frame
     gc.collect()
     if device.type == "cuda":
       torch.cuda.empty_cache()
 
 
-def _time_transformers(config, mode, steps, new_tokens, device, host, prompt, special, warmup) -> dict:
+def _time_transformers(config, mode, steps, new_tokens, device, host, prompt, special, warmup, num_beams) -> dict:
   import torch  # pylint: disable=g-import-not-at-top  (optional: the [test] extra)
 
   cfg = state.model_config(config, None)
@@ -113,7 +123,7 @@ def _time_transformers(config, mode, steps, new_tokens, device, host, prompt, sp
           max_new_tokens=new_tokens,
           min_new_tokens=new_tokens,
           do_sample=False,
-          num_beams=1,
+          num_beams=num_beams,
           pad_token_id=special["pad"],
           eos_token_id=special["eos"],
         )

@@ -34,6 +34,7 @@ from blip2_jax import optim
 from blip2_jax import partitioning
 from blip2_jax import weights
 from blip2_jax.data import tokenizer as tokenizer_lib
+from blip2_jax.models import layers
 from blip2_jax.models import llms
 from blip2_jax.models import lora
 from blip2_jax.models import vit as vit_lib
@@ -152,7 +153,13 @@ def llm_config(config) -> ml_collections.ConfigDict:
   else:
     hf_config = dict(hf.llm_hf_config(config))
     names = None
-  return llms.llm_config(hf_config, dtype=llm.dtype, remat_policy=llm.remat_policy, tensor_names=names)
+  return llms.llm_config(
+    hf_config,
+    dtype=llm.dtype,
+    remat_policy=llm.remat_policy,
+    tensor_names=names,
+    attention=llm.get("attention", "xla"),
+  )
 
 
 # How long the other processes of a multi-process run wait for process 0 to pretrain the demo LLM.
@@ -218,6 +225,13 @@ def model_config(config, tokenizer) -> ml_collections.ConfigDict:
   _fit_vocab(cfg.qformer, len(tokenizer), "the tokenizer's")
   cfg.bos_token_id = tokenizer.bos_token_id
   return cfg
+
+
+def _check_attention(cfg, platform: str) -> None:
+  """Each model.<part>.attention can run on the mesh's devices (layers.check_attention)."""
+  for part in ("vit", "qformer", "llm"):
+    if part in cfg:
+      layers.check_attention(cfg[part].get("attention", "xla"), cfg[part].dtype, f"model.{part}.attention", platform)
 
 
 def _fit_vocab(qformer_cfg, vocab: int, whose: str):
@@ -288,11 +302,19 @@ class Setup:
   abstract_state: dict
   init: callable  # rng -> (state, frozen), born sharded
 
+  def kernel_mesh(self):
+    """Around the tracing of a program over this mesh: the Pallas attention kernel runs per shard of the batch and
+    heads as the rules split them (layers.kernel_mesh)."""
+    rules = dict(self.rules)
+    return layers.kernel_mesh(self.mesh, rules.get("batch"), rules.get("heads"))
+
 
 def build(config, tokenizer, devices=None) -> Setup:
   mesh = partitioning.make_mesh(dict(config.sharding.mesh), devices)
   rules = tuple(tuple(r) for r in config.sharding.rules)
-  model = build_module(model_config(config, tokenizer), kind(config))
+  cfg = model_config(config, tokenizer)
+  _check_attention(cfg, mesh.devices.flat[0].platform)
+  model = build_module(cfg, kind(config))
   tx, schedule = optim.make_optimizer(config.optimizer, config.total_steps)
   dummy = dummy_batch(config)
   frozen_dtype = jnp.dtype(config.frozen_dtype)

@@ -13,6 +13,7 @@ Compilation: prompts are padded to a multiple of PROMPT_BUCKET tokens and batche
 folder of images with prompts of different lengths compiles a handful of programs, not one per call.
 """
 
+import contextlib
 import functools
 
 import jax
@@ -162,7 +163,12 @@ def generate_text(
     images, ids, mask = (partitioning.from_host(x, sharding) for x in (images, ids, mask))
     if qformer_ids is not None:
       qformer_ids, qformer_mask = (partitioning.from_host(x, sharding) for x in (qformer_ids, qformer_mask))
-  tokens = _generate(module, params, images, ids, mask, tuple(sorted(options.items())), rng, qformer_ids, qformer_mask)
+  # The batch's mesh axes, for the Pallas attention kernel (layers.kernel_mesh).
+  kernel = contextlib.nullcontext() if sharding is None else layers.kernel_mesh(sharding.mesh, sharding.spec[0])
+  with kernel:
+    tokens = _generate(
+      module, params, images, ids, mask, tuple(sorted(options.items())), rng, qformer_ids, qformer_mask
+    )
   texts = tokenizer.batch_decode(partitioning.host_copy(tokens), skip_special_tokens=True)
   return [t.strip() for t in texts]
 

@@ -60,7 +60,8 @@ def make_train_step(setup: state_lib.Setup):
       )
       return out["loss"], out
 
-    (_, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"])
+    with setup.kernel_mesh():
+      (_, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"])
     updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
     params = optax.apply_updates(state["params"], updates)
     metrics = dict(metrics, lr=schedule(state["step"]), grad_norm=optax.global_norm(grads))
@@ -106,9 +107,10 @@ def make_image_gain_fn(setup: state_lib.Setup):
 
   def image_gain(params, frozen, batch):
     variables = {"params": partitioning.merge(params, frozen)}
-    loss = model.apply(variables, batch, train=False, method="losses")["loss"]
     shifted = dict(batch, image=jnp.roll(batch["image"], 1, axis=0))
-    return model.apply(variables, shifted, train=False, method="losses")["loss"] - loss
+    with setup.kernel_mesh():
+      loss = model.apply(variables, batch, train=False, method="losses")["loss"]
+      return model.apply(variables, shifted, train=False, method="losses")["loss"] - loss
 
   return jax.jit(
     image_gain,

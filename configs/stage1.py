@@ -71,7 +71,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         layer_norm_eps=1e-6,
         act="gelu",
         dtype="bfloat16",
-        # "cudnn": cuDNN's fused attention kernel (NVIDIA GPUs, bfloat16); "xla" runs everywhere.
+        # Where attention runs: "xla" (everywhere), "cudnn" (cuDNN's fused kernel: NVIDIA GPUs, bfloat16) or
+        # "tpu_flash" (the Pallas flash-attention kernel: TPUs). The same for qformer and llm below.
         attention="xla",
         # What a block keeps for a backward pass through the ViT (none while it is frozen): "none", "full",
         # "dots", "dots_no_batch".
@@ -92,6 +93,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         layer_norm_eps=1e-12,
         dropout_rate=0.1,
         dtype="bfloat16",  # fp32 master weights, bf16 compute
+        # A fused kernel ("cudnn", "tpu_flash") runs where no attention dropout is drawn (evaluation, or
+        # dropout_rate=0); training with dropout takes the "xla" path.
+        attention="xla",
         # std of the randomly initialised weights (BERT's; the cross-attention and heads start so
         # in LAVIS, the rest comes from bert-base-uncased)
         init_std=0.02,

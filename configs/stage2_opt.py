@@ -114,7 +114,8 @@ def stage2_config(kind: str, variant: str) -> ml_collections.ConfigDict:
         layer_norm_eps=1e-6,
         act="gelu",
         dtype="bfloat16",
-        # "cudnn": cuDNN's fused attention kernel (NVIDIA GPUs, bfloat16); "xla" runs everywhere.
+        # Where attention runs: "xla" (everywhere), "cudnn" (cuDNN's fused kernel: NVIDIA GPUs, bfloat16) or
+        # "tpu_flash" (the Pallas flash-attention kernel: TPUs). The same for qformer and llm below.
         attention="xla",
         # What a block keeps for a backward pass through the ViT (none while it is frozen): "none", "full",
         # "dots", "dots_no_batch".
@@ -135,6 +136,9 @@ def stage2_config(kind: str, variant: str) -> ml_collections.ConfigDict:
         layer_norm_eps=1e-12,
         dropout_rate=0.1,
         dtype="bfloat16",
+        # A fused kernel ("cudnn", "tpu_flash") runs where no attention dropout is drawn (evaluation, or
+        # dropout_rate=0); training with dropout takes the "xla" path.
+        attention="xla",
       ),
       num_query_tokens=32,
       ln_vision_eps=1e-5,
@@ -147,6 +151,9 @@ def stage2_config(kind: str, variant: str) -> ml_collections.ConfigDict:
         kind=kind,
         dtype="bfloat16",
         remat_policy="none",
+        # Self-attention over more than one new token (training, the prompt's prefill; decoding reads the KV
+        # cache with "xla"). Decoder-only LLMs (OPT, LLaMA); T5 takes "xla" only.
+        attention="xla",
         # LoRA adapters on the frozen LLM's projections (models/lora.py, docs/finetune.md), with or without
         # llm_weights; rank 0 = off (the paper trains none). targets: HF / PEFT module names. Common practice
         # for BLIP-2 with PEFT (e.g. PEFT's BLIP-2 fine-tuning examples) is rank=16, alpha=32, dropout=0.05 on

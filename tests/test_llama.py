@@ -586,6 +586,6 @@ def test_benchmark_prompt_and_options_of_configs_without_bos_or_pad(model_type):
   bos = [1] if model_type == "llama" else []
   assert ids.dtype == np.int32 and ids.shape == mask.shape == (2, len(bos) + benchmark.PROMPT_LENGTH - 1)
   assert list(ids[0, : len(bos)]) == bos and (ids[:, len(bos) :] >= 4).all() and (ids == ids[:1]).all()
-  options = dict(benchmark.greedy_options(c, 3))
+  options = dict(benchmark.search_options(c, 3))
   eos, pad = (2, 2) if model_type == "llama" else (-1, 0)
   assert (options["eos_token_id"], options["pad_token_id"]) == (eos, pad)

@@ -184,22 +184,6 @@ def test_vision_transformer_shapes_and_position_interpolation(m, base):
     jax.eval_shape(lambda p, x: m.model.apply({"params": p}, x, method=vit), m.params, jnp.ones((B, 36, 36, 3)))
 
 
-def test_attention_is_jax_dot_product_attention():
-  # model.vit.attention='cudnn' swaps in jax.nn.dot_product_attention's fused kernel, so ours must be the same
-  # function as that API (here its XLA implementation), with and without a mask.
-  rng = np.random.default_rng(0)
-  q, k, v = (jnp.asarray(rng.normal(size=(2, n, 3, 8)), jnp.float32) for n in (5, 7, 7))
-  mask = jnp.asarray(rng.random((2, 1, 5, 7)) < 0.7).at[..., 0].set(True)
-  for m_ in (None, mask):
-    ours = layers.attention(q, k, v, m_)
-    ref = jax.nn.dot_product_attention(q, k, v, mask=m_, implementation="xla")
-    np.testing.assert_allclose(np.asarray(ours), np.asarray(ref), rtol=1e-5, atol=1e-6)
-  with pytest.raises(ValueError, match="'flash' is not one of"):
-    layers.attention(q, k, v, implementation="flash")
-  with pytest.raises(ValueError, match="without a mask"):
-    layers.attention(q, k, v, mask, implementation="cudnn")
-
-
 def test_vit_blocks_are_one_scan_that_equals_the_blocks_applied_in_turn():
   # nn.scan stacks the blocks' parameters on a leading axis; running block i on slice i, in turn, is the same
   # function. Every remat policy gives the same value and gradients (a backward pass through the ViT).

@@ -4,6 +4,8 @@ Every parameter is created with logical axis names (MaxText style); `partitionin
 through the rules in the config, so the model code never names a mesh axis.
 """
 
+import contextlib
+import threading
 from typing import Any, ClassVar, Sequence
 
 from flax import struct
@@ -179,7 +181,18 @@ class CausalLMDecoder(struct.PyTreeNode):
     return logits[:, 0], state
 
 
-ATTENTION_IMPLEMENTATIONS = ("xla", "cudnn")
+# Where attention runs: "xla" (einsums and a float32 softmax, any backend), "cudnn" (jax.nn.dot_product_attention's
+# fused cuDNN kernel: NVIDIA GPUs, 16-bit inputs) or "tpu_flash" (the Pallas flash-attention kernel for TPUs,
+# jax.experimental.pallas.ops.tpu.flash_attention). The config names them per place: model.vit.attention,
+# model.qformer.attention, model.llm.attention.
+ATTENTION_IMPLEMENTATIONS = ("xla", "cudnn", "tpu_flash")
+# The Pallas TPU kernel's sequence blocks. Keys are padded to a multiple (and masked); queries that are not a
+# multiple are one block if at most TPU_FLASH_MAX_WHOLE long (the ViT's 257 tokens, a Q-Former's 32 + text), else
+# padded too (and dropped).
+TPU_FLASH_BLOCK = 128
+TPU_FLASH_MAX_WHOLE = 512
+# What a masked logit becomes in the TPU kernel (added to the logits): large and finite.
+_TPU_MASKED = -1e30
 
 
 def cudnn_attention_available(dtype) -> bool:
@@ -187,22 +200,54 @@ def cudnn_attention_available(dtype) -> bool:
   return jax.default_backend() == "gpu" and jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16)
 
 
+def tpu_interpret_mode() -> bool:
+  """Whether Pallas TPU kernels run in interpret mode here (jax.experimental.pallas.tpu.force_tpu_interpret_mode,
+  as the tests use on a CPU)."""
+  from jax._src import config  # pylint: disable=import-outside-toplevel
+
+  flag = getattr(config, "pallas_tpu_interpret_mode_context_manager", None)
+  return flag is not None and flag.value is not None
+
+
+def check_attention(implementation: str, dtype, where: str, platform: str | None = None) -> None:
+  """One error if `implementation` (the config value `where`) is unknown or cannot run with inputs of `dtype` on
+  `platform`, the mesh's devices' platform (state.build). Without a platform (inside the models) 'cudnn' is checked
+  against JAX's default backend and 'tpu_flash' not at all: compile-only TPU devices (blip2_jax.compile) sit under
+  a CPU backend."""
+  if implementation not in ATTENTION_IMPLEMENTATIONS:
+    raise ValueError(f"{where}={implementation!r} is not one of {ATTENTION_IMPLEMENTATIONS}.")
+  if implementation == "cudnn" and not (
+    (platform or jax.default_backend()) == "gpu" and jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16)
+  ):
+    raise ValueError(
+      f"{where}='cudnn' needs an NVIDIA GPU and a bfloat16 or float16 compute dtype; this run has backend "
+      f"{platform or jax.default_backend()!r} and dtype {jnp.dtype(dtype)}. Use 'xla'."
+    )
+  if implementation == "tpu_flash" and platform not in (None, "tpu") and not tpu_interpret_mode():
+    raise ValueError(f"{where}='tpu_flash' is a Pallas kernel for TPUs; this run has backend {platform!r}. Use 'xla'.")
+
+
 def attention(
   q, k, v, mask=None, *, dropout_rate=0.0, deterministic=True, dropout_rng=None, implementation: str = "xla"
 ):
   """Multi-head scaled dot-product attention.
 
-  q: [B, Lq, H, Dh]; k, v: [B, Lk, H, Dh]; mask: bool, broadcastable to [B, H, Lq, Lk], True = may attend.
-  Softmax runs in float32; the output has q's dtype.
-  implementation: "xla" (below, any backend) or "cudnn" (jax.nn.dot_product_attention's fused cuDNN kernel: an
-  NVIDIA GPU, bfloat16/float16 inputs, no mask or dropout; used by the frozen ViT, `model.vit.attention`).
+  q: [B, Lq, H, Dh]; k, v: [B, Lk, G, Dh] with G dividing H (grouped-query attention: query head i reads key/value
+  head i // (H / G)); mask: bool, broadcastable to [B, H, Lq, Lk], True = may attend. A query row with no key to
+  attend to (a padding token's) has a finite output that no caller may read: XLA's path averages all values, the
+  kernels may differ. The output [B, Lq, H, Dh] has q's dtype.
+  implementation (ATTENTION_IMPLEMENTATIONS): "xla" (below: softmax in float32; the only one with attention
+  dropout), "cudnn" or "tpu_flash" (fused kernels: the same function to rounding; tests/test_attention.py).
   """
-  if implementation == "cudnn":
-    if mask is not None or (dropout_rate > 0.0 and not deterministic):
-      raise ValueError("attention implementation 'cudnn' is used here without a mask or dropout only.")
-    return jax.nn.dot_product_attention(q, k, v, implementation="cudnn")
   if implementation != "xla":
+    if dropout_rate > 0.0 and not deterministic:
+      raise ValueError(f"attention implementation {implementation!r} has no attention dropout; use 'xla' there.")
+    if implementation == "cudnn":
+      return dot_product_attention(q, k, v, mask, "cudnn")
+    if implementation == "tpu_flash":
+      return tpu_flash_attention(q, k, v, mask)
     raise ValueError(f"attention implementation {implementation!r} is not one of {ATTENTION_IMPLEMENTATIONS}.")
+  k, v = _repeat_kv(k, q.shape[2]), _repeat_kv(v, q.shape[2])
   scale = q.shape[-1] ** -0.5
   logits = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32) * scale
   if mask is not None:
@@ -212,6 +257,102 @@ def attention(
     keep = jax.random.bernoulli(dropout_rng, 1.0 - dropout_rate, probs.shape)
     probs = jnp.where(keep, probs / (1.0 - dropout_rate), 0.0)
   return jnp.einsum("bhqk,bkhd->bqhd", probs.astype(v.dtype), v)
+
+
+def _repeat_kv(x, heads: int):
+  """[B, L, G, Dh] -> [B, L, heads, Dh], each key/value head repeated for its heads // G query heads."""
+  return x if x.shape[2] == heads else jnp.repeat(x, heads // x.shape[2], axis=2)
+
+
+def dot_product_attention(q, k, v, mask, implementation: str = "cudnn"):
+  """`attention` through jax.nn.dot_product_attention: implementation "cudnn" is its fused cuDNN kernel (an
+  NVIDIA GPU, 16-bit inputs; the mask becomes an additive bias), "xla" its reference (the tests' stand-in for the
+  kernel on a CPU: the same arguments)."""
+  if mask is not None:
+    mask = jnp.broadcast_to(mask, (q.shape[0], q.shape[2], q.shape[1], k.shape[1]))
+  return jax.nn.dot_product_attention(q, k, v, mask=mask, implementation=implementation)
+
+
+def _tpu_blocks(length: int, whole_up_to: int) -> tuple[int, int]:
+  """(block, padded length) of a sequence for the TPU kernel: TPU_FLASH_BLOCK blocks (padding to a multiple), or
+  the whole sequence as one block when it is at most `whole_up_to` long."""
+  if length % TPU_FLASH_BLOCK and length <= whole_up_to:
+    return length, length
+  return TPU_FLASH_BLOCK, -(-length // TPU_FLASH_BLOCK) * TPU_FLASH_BLOCK
+
+
+_KERNEL_MESH = threading.local()
+
+
+@contextlib.contextmanager
+def kernel_mesh(mesh, batch_axes=None, head_axes=None):
+  """While a program that runs on `mesh` is traced: where its activations' batch and head dimensions are split
+  (mesh axis names, as the sharding rules 'batch' and 'heads' give them). The Pallas TPU kernel cannot be split by
+  XLA's partitioner, so tpu_flash_attention runs it per shard (shard_map) over these axes."""
+  previous = getattr(_KERNEL_MESH, "value", None)
+  _KERNEL_MESH.value = (mesh, batch_axes, head_axes)
+  try:
+    yield
+  finally:
+    _KERNEL_MESH.value = previous
+
+
+def tpu_flash_attention(q, k, v, mask):
+  """`attention` through the Pallas flash-attention kernel for TPUs (its forward and backward kernels). Key/value
+  heads are repeated per query head; a mask becomes an additive float32 bias [B, H, Lq, Lk]; keys are padded to
+  whole TPU_FLASH_BLOCK blocks (and masked), queries too when long (and dropped) (_tpu_blocks).
+
+  On a mesh of several devices the kernel runs per shard of the batch and heads, as kernel_mesh declares them;
+  a program traced without that declaration (an evaluation helper, parameter init) on a process with several
+  devices takes XLA's path instead, which the partitioner can split."""
+  k, v = _repeat_kv(k, q.shape[2]), _repeat_kv(v, q.shape[2])
+  visible = None
+  if mask is not None:
+    visible = jnp.broadcast_to(mask, (q.shape[0], q.shape[2], q.shape[1], k.shape[1]))
+  declared = getattr(_KERNEL_MESH, "value", None)
+  if declared is None or declared[0].size == 1:
+    if declared is None and jax.device_count() > 1:
+      return attention(q, k, v, visible)
+    return _tpu_flash(q, k, v, visible)
+  mesh, batch, heads = declared
+  spec = jax.sharding.PartitionSpec(batch, None, heads, None)
+  specs = (spec, spec, spec) + (() if visible is None else (jax.sharding.PartitionSpec(batch, heads, None, None),))
+  return jax.shard_map(_tpu_flash, mesh=mesh, in_specs=specs, out_specs=spec, check_vma=False)(
+    q, k, v, *(() if visible is None else (visible,))
+  )
+
+
+def _tpu_flash(q, k, v, mask=None):
+  """tpu_flash_attention on one device's shard: q, k, v [B, L, H, Dh], mask None or [B, H, Lq, Lk]."""
+  from jax.experimental.pallas.ops.tpu import flash_attention as fa  # pylint: disable=import-outside-toplevel
+
+  b, lq, h, _ = q.shape
+  lk = k.shape[1]
+  block_q, pad_q = _tpu_blocks(lq, TPU_FLASH_MAX_WHOLE)
+  block_k, pad_k = _tpu_blocks(lk, 0)  # the backward kernel wants whole blocks of keys
+  bias = None
+  if mask is not None or pad_k != lk:
+    visible = jnp.broadcast_to(True if mask is None else mask, (b, h, lq, lk))
+    # A row that may see no key (a padding token's) sees them all instead: the kernel's output for a row without
+    # a key is not defined (NaN in interpret mode), and a NaN there would reach the real rows of later layers.
+    # So do padded queries, whose rows are dropped; padded keys are masked.
+    visible = visible | ~jnp.any(visible, axis=-1, keepdims=True)
+    visible = jnp.pad(visible, ((0, 0), (0, 0), (0, pad_q - lq), (0, 0)), constant_values=True)
+    visible = jnp.pad(visible, ((0, 0), (0, 0), (0, 0), (0, pad_k - lk)), constant_values=False)
+    bias = jnp.where(visible, 0.0, _TPU_MASKED).astype(jnp.float32)
+  heads_first = lambda x, n: jnp.pad(x, ((0, 0), (0, n - x.shape[1]), (0, 0), (0, 0))).transpose(0, 2, 1, 3)
+  sizes = dict(block_b=1, block_q=block_q, block_q_major_dkv=block_q, block_q_dkv=block_q, block_q_dq=block_q)
+  sizes.update(block_k_major=block_k, block_k=block_k, block_k_major_dkv=block_k, block_k_dkv=block_k)
+  sizes.update(block_k_major_dq=block_k, block_k_dq=block_k)
+  out = fa.flash_attention(
+    heads_first(q, pad_q),
+    heads_first(k, pad_k),
+    heads_first(v, pad_k),
+    ab=bias,
+    sm_scale=q.shape[-1] ** -0.5,
+    block_sizes=fa.BlockSizes(**sizes),
+  )
+  return out.transpose(0, 2, 1, 3)[:, :lq].astype(q.dtype)
 
 
 def frozen_config(module: nn.Module) -> nn.Module:

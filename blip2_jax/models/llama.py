@@ -210,7 +210,14 @@ class Attention(nn.Module):
       k = lax.dynamic_update_slice(cache["k"], k.astype(cache["k"].dtype), at)
       v = lax.dynamic_update_slice(cache["v"], v.astype(cache["v"].dtype), at)
       cache = {"k": k, "v": v}
-    out = grouped_attention(q, k, v, mask).reshape(b, t, heads * hd)
+    # One new token (decoding) reads the cache here; more (training, prefill) go through model.llm.attention.
+    impl = cfg.get("attention", "xla") if t > 1 else "xla"
+    if impl == "xla":
+      out = grouped_attention(q, k, v, mask)
+    else:
+      layers.check_attention(impl, q.dtype, "model.llm.attention")
+      out = layers.attention(q, k, v, mask[:, :, 0], implementation=impl)
+    out = out.reshape(b, t, heads * hd)
     return proj(d, ("heads", "embed"), o_bias, "o_proj")(out, deterministic), cache
 
 

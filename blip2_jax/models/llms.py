@@ -142,13 +142,20 @@ def kind_of(model_cfg) -> str:
 
 
 def llm_config(
-  hf: dict, *, dtype: str = "float32", remat_policy: str = "none", tensor_names=None
+  hf: dict, *, dtype: str = "float32", remat_policy: str = "none", tensor_names=None, attention: str = "xla"
 ) -> ml_collections.ConfigDict:
   """The frozen LLM's config from its HF config dict (a config.json, or BLIP-2's text_config), with `kind` set.
-  tensor_names: the checkpoint's tensor names relative to the LLM, when there is a checkpoint."""
+  tensor_names: the checkpoint's tensor names relative to the LLM, when there is a checkpoint. attention: where
+  its self-attention runs over more than one new token (layers.ATTENTION_IMPLEMENTATIONS; decoder-only LLMs)."""
   kind = hf.get("model_type")
   if kind not in FAMILIES:
     raise ValueError(f"The LLM's model_type {kind!r} is not supported: blip2_jax has {', '.join(FAMILIES)}.")
+  if attention != "xla" and FAMILIES[kind].encoder_decoder:
+    raise ValueError(
+      f"config.model.llm.attention={attention!r}: a {kind} LLM's attention adds a relative position bias that the "
+      "fused kernels do not take here; use 'xla'."
+    )
   cfg = FAMILIES[kind].config_from_hf(hf, dtype=dtype, remat_policy=remat_policy, tensor_names=tensor_names)
   cfg.kind = kind
+  cfg.attention = attention
   return cfg

@@ -124,8 +124,11 @@ class Attention(nn.Module):
       v = lax.dynamic_update_slice(cache["v"], v.astype(cache["v"].dtype), at)
       cache = {"k": k, "v": v}
     # HF scales q by head_dim**-0.5 before the product; layers.attention scales the float32 logits instead: the
-    # same function, one rounding fewer in low precision.
-    out = layers.attention(q, k, v, mask).reshape(b, t, d)
+    # same function, one rounding fewer in low precision. One new token (decoding) reads the cache with XLA's
+    # einsums; more (training, prefill) go through model.llm.attention.
+    impl = cfg.get("attention", "xla") if t > 1 else "xla"
+    layers.check_attention(impl, q.dtype, "model.llm.attention")
+    out = layers.attention(q, k, v, mask, implementation=impl).reshape(b, t, d)
     return proj(("heads", "embed"), "out_proj")(out, deterministic), cache
 
 

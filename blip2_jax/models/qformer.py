@@ -44,9 +44,19 @@ class MultiHeadAttention(nn.Module):
     if prefix_kv is not None:  # cached query keys/values come first (ITG)
       k = jnp.concatenate([prefix_kv[0], k], axis=1)
       v = jnp.concatenate([prefix_kv[1], v], axis=1)
-    rng = None if deterministic or cfg.dropout_rate == 0 else self.make_rng("dropout")
+    dropout = not deterministic and cfg.dropout_rate > 0
+    # A fused kernel (model.qformer.attention) where no attention dropout is drawn; XLA's path where one is.
+    impl = cfg.get("attention", "xla") if not dropout else "xla"
+    layers.check_attention(impl, q.dtype, "model.qformer.attention")
     out = layers.attention(
-      q, k, v, mask, dropout_rate=cfg.dropout_rate, deterministic=deterministic, dropout_rng=rng
+      q,
+      k,
+      v,
+      mask,
+      dropout_rate=cfg.dropout_rate,
+      deterministic=deterministic,
+      dropout_rng=self.make_rng("dropout") if dropout else None,
+      implementation=impl,
     ).reshape(b, lq, d)
     out = layers.dense(d, ("heads", "embed"), dtype=cfg.dtype, init_std=std, name="output")(out)
     out = nn.Dropout(cfg.dropout_rate)(out, deterministic=deterministic)

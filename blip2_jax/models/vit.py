@@ -86,11 +86,7 @@ class Attention(nn.Module):
     k = k.reshape(b, n, heads, d // heads)
     v = (v + v_bias.astype(v.dtype)).reshape(b, n, heads, d // heads)
     impl = cfg.get("attention", "xla")
-    if impl == "cudnn" and not layers.cudnn_attention_available(q.dtype):
-      raise ValueError(
-        f"model.vit.attention='cudnn' needs an NVIDIA GPU and a bfloat16 or float16 model.vit.dtype; "
-        f"this run has backend {jax.default_backend()!r} and dtype {q.dtype}. Use 'xla'."
-      )
+    layers.check_attention(impl, q.dtype, "model.vit.attention")
     out = layers.attention(q, k, v, implementation=impl).reshape(b, n, d)
     return layers.dense(d, ("heads", "vit_embed"), dtype=cfg.dtype, name="proj")(out)
 
