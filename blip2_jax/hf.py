@@ -186,7 +186,11 @@ def llm_hf_config(config) -> dict:
   if path:
     hf = json.loads((Path(path) / "config.json").read_text())
     return hf["text_config"] if hf.get("model_type") in ("blip-2", "instructblip") else hf
-  hf = {k: v for k, v in config.model.llm.to_dict().items() if k not in ("kind", "dtype", "remat_policy", "lora")}
+  hf = {
+    k: v
+    for k, v in config.model.llm.to_dict().items()
+    if k not in ("kind", "dtype", "remat_policy", "lora", "attention")
+  }
   return dict(hf, model_type=config.model.llm.kind)
 
 

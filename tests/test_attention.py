@@ -13,6 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from blip2_jax import hf
 from blip2_jax import state as state_lib
 from blip2_jax.models import blip2
 from blip2_jax.models import layers
@@ -159,5 +160,6 @@ def test_kernel_choices_that_cannot_run_are_one_sentence_errors():
   c = stage2_opt.get_config("tiny")
   c.model.llm.attention = "cudnn"
   c.init.llm_weights = ""
+  assert "attention" not in hf.llm_hf_config(c)  # ours, not a field of the LLM's HF config
   with pytest.raises(ValueError, match=r"model.llm.attention='cudnn' needs an NVIDIA GPU"):
     state_lib.build(c, None, jax.devices()[:1])
