@@ -14,6 +14,8 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
+from blip2_jax import profiling
+
 Dtype = Any
 
 # BERT and the ViTs initialise weights with a truncated-ish normal of std 0.02 (timm, HF BertPreTrainedModel).
@@ -50,9 +52,17 @@ def dense(
   )
 
 
+class LayerNorm(nn.LayerNorm):
+  """nn.LayerNorm under the name scope by which a profile (blip2_jax.profiling) counts layer norms."""
+
+  def __call__(self, x, *args, **kwargs):
+    with jax.named_scope(profiling.LAYER_NORM_SCOPE):
+      return super().__call__(x, *args, **kwargs)
+
+
 def layer_norm(eps: float, name: str | None = None) -> nn.LayerNorm:
   """LayerNorm computed and returned in float32 whatever the activation dtype (bf16 statistics drift)."""
-  return nn.LayerNorm(
+  return LayerNorm(
     epsilon=eps,
     dtype=jnp.float32,
     param_dtype=jnp.float32,
@@ -71,9 +81,10 @@ class RMSNorm(nn.Module):
   @nn.compact
   def __call__(self, x):
     scale = self.param("scale", logical(nn.initializers.ones, ("norm",)), (x.shape[-1],), jnp.float32)
-    x = x.astype(jnp.float32)
-    x = x * jax.lax.rsqrt(jnp.mean(jnp.square(x), axis=-1, keepdims=True) + self.eps)
-    return x * scale
+    with jax.named_scope(profiling.LAYER_NORM_SCOPE):
+      x = x.astype(jnp.float32)
+      x = x * jax.lax.rsqrt(jnp.mean(jnp.square(x), axis=-1, keepdims=True) + self.eps)
+      return x * scale
 
 
 def gelu(x):
@@ -239,6 +250,11 @@ def attention(
   implementation (ATTENTION_IMPLEMENTATIONS): "xla" (below: softmax in float32; the only one with attention
   dropout), "cudnn" or "tpu_flash" (fused kernels: the same function to rounding; tests/test_attention.py).
   """
+  with jax.named_scope(profiling.ATTENTION_SCOPE):  # the profile's attention category
+    return _attention(q, k, v, mask, dropout_rate, deterministic, dropout_rng, implementation)
+
+
+def _attention(q, k, v, mask, dropout_rate, deterministic, dropout_rng, implementation):
   if implementation != "xla":
     if dropout_rate > 0.0 and not deterministic:
       raise ValueError(f"attention implementation {implementation!r} has no attention dropout; use 'xla' there.")

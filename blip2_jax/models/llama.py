@@ -33,6 +33,7 @@ import ml_collections
 import numpy as np
 import transformers
 
+from blip2_jax import profiling
 from blip2_jax.models import layers
 from blip2_jax.models import lora
 
@@ -178,12 +179,13 @@ def grouped_attention(q, k, v, mask):
   returns [B, T, H, Dh] in q's dtype."""
   b, t, h, dh = q.shape
   g = k.shape[2]
-  q = q.reshape(b, t, g, h // g, dh)
-  logits = jnp.einsum("btgrd,bsgd->bgrts", q, k, preferred_element_type=jnp.float32) * dh**-0.5
-  logits = jnp.where(mask, logits, jnp.finfo(jnp.float32).min)
-  probs = jax.nn.softmax(logits, axis=-1)
-  out = jnp.einsum("bgrts,bsgd->btgrd", probs.astype(v.dtype), v)
-  return out.reshape(b, t, h, dh)
+  with jax.named_scope(profiling.ATTENTION_SCOPE):
+    q = q.reshape(b, t, g, h // g, dh)
+    logits = jnp.einsum("btgrd,bsgd->bgrts", q, k, preferred_element_type=jnp.float32) * dh**-0.5
+    logits = jnp.where(mask, logits, jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(logits, axis=-1)
+    out = jnp.einsum("bgrts,bsgd->btgrd", probs.astype(v.dtype), v)
+    return out.reshape(b, t, h, dh)
 
 
 class Attention(nn.Module):

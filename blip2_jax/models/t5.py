@@ -31,6 +31,7 @@ import ml_collections
 import numpy as np
 import transformers
 
+from blip2_jax import profiling
 from blip2_jax.models import layers
 from blip2_jax.models import lora
 
@@ -179,12 +180,13 @@ class Attention(nn.Module):
     """x [B, T, D] attends to k, v [B, S, heads, d_kv]; bias float32 broadcastable to [B, heads, T, S] (or None);
     mask bool broadcastable to [B, heads, T, S], True = may attend."""
     q = self._split(self.q(x, deterministic))
-    logits = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32)  # no 1/sqrt(d_kv)
-    if bias is not None:
-      logits = logits + bias
-    logits = jnp.where(mask, logits, jnp.finfo(jnp.float32).min)
-    probs = jax.nn.softmax(logits, axis=-1)
-    out = jnp.einsum("bhqk,bkhd->bqhd", probs.astype(v.dtype), v)
+    with jax.named_scope(profiling.ATTENTION_SCOPE):
+      logits = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32)  # no 1/sqrt(d_kv)
+      if bias is not None:
+        logits = logits + bias
+      logits = jnp.where(mask, logits, jnp.finfo(jnp.float32).min)
+      probs = jax.nn.softmax(logits, axis=-1)
+      out = jnp.einsum("bhqk,bkhd->bqhd", probs.astype(v.dtype), v)
     return self.o(out.reshape(*x.shape[:2], -1), deterministic)
 
 
