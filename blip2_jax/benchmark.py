@@ -2,6 +2,7 @@ r"""Throughput of training (stage 1 or 2) and of generation (stage 2), optionall
 
   python -m blip2_jax.benchmark --config=configs/stage1.py:demo --steps=20
   python -m blip2_jax.benchmark --config=configs/stage1.py --config.global_batch_size=128 --steps=20
+  python -m blip2_jax.benchmark --config=configs/stage1.py:demo --steps=5 --profile=/tmp/blip2_profile
   XLA_PYTHON_CLIENT_PREALLOCATE=false python -m blip2_jax.benchmark --config=configs/stage2_opt.py \
       --config.global_batch_size=64 --config.data.max_text_len=32 --mode=train --steps=10 --compare=transformers
   XLA_PYTHON_CLIENT_PREALLOCATE=false python -m blip2_jax.benchmark --config=configs/stage2_opt.py \
@@ -43,6 +44,13 @@ split), or, with --photos=N, N synthetic photo-like JPEGs of --photo_size (defau
 size of a COCO photo) written to a temporary prepared folder. It also runs the whole grain pipeline
 (make_train_iterator, data.num_threads threads) for --steps batches and reports its samples/s on this machine.
 
+--profile=DIR (train and generate): after the timed steps, PROFILE_CALLS (3) more calls of the same compiled program
+run under jax.profiler.trace(DIR); blip2_jax.profiling then reads the trace written there and the program's HLO and
+prints, before the figures, the ops' time per step by category (attention, matmul, layer_norm, collective, copy,
+other) and the 15 longest ops (with the end of their JAX name stack), also written to DIR/profile.txt and
+DIR/profile.json; the result's `profile` entry holds them. docs/benchmarks.md says what the categories count and how
+to open the full trace.
+
 --compare=transformers (stage 2): builds transformers' PyTorch `Blip2ForConditionalGeneration` at the same sizes
 (benchmark_torch.py, from hf.hf_config_from_ours; random init) on the same accelerator (cuda if torch sees one,
 else CPU), with the ViT and the LLM in config.frozen_dtype and the Q-Former, query tokens and language projection
@@ -82,6 +90,7 @@ from blip2_jax import benchmark_torch
 from blip2_jax import cli
 from blip2_jax import hf
 from blip2_jax import partitioning
+from blip2_jax import profiling
 from blip2_jax import state as state_lib
 from blip2_jax import tasks
 from blip2_jax import train
@@ -115,6 +124,7 @@ PEAK_FLOPS = {
 }
 PROMPT_LENGTH = 4  # "</s>a photo of" in OPT's tokenizer
 WARMUP = 2
+PROFILE_CALLS = 3  # calls traced by --profile, after the timed ones
 
 
 def peak_flops(device) -> float | None:
@@ -220,10 +230,11 @@ def _local(batch: dict) -> dict:
 # --------------------------------------------------------------------------------------------------------------
 
 
-def run(config, steps: int, devices=None) -> dict:
+def run(config, steps: int, devices=None, profile_dir: str = "") -> dict:
   """The train-step benchmark (stage 1 or 2): compile time, step time, samples/s, model FLOPs, MFU.
 
-  devices: the devices of the mesh (default: all)."""
+  devices: the devices of the mesh (default: all). profile_dir: where to trace PROFILE_CALLS more steps and write
+  the profile (_profile), "" for none."""
   _check_config(config, "train", "")
   stage2 = state_lib.kind(config) != llms.RETRIEVAL
   tokenizer = None if stage2 else state_lib.load_tokenizer(config)  # stage 2 on random weights needs none
@@ -249,6 +260,13 @@ def run(config, steps: int, devices=None) -> dict:
   jax.block_until_ready((state, metrics))
   step_s = (time.perf_counter() - t0) / steps
   loss = float(jax.device_get(metrics["loss"]))
+  profile = None
+  if profile_dir:
+    with jax.profiler.trace(profile_dir):
+      for _ in range(PROFILE_CALLS):
+        state, metrics = compiled(state, frozen, batch)
+      jax.block_until_ready((state, metrics))
+    profile = _profile(profile_dir, compiled)
   vit_s = vit_cudnn_s = None
   if stage2:
     params = partitioning.merge(state["params"], frozen)
@@ -282,7 +300,17 @@ def run(config, steps: int, devices=None) -> dict:
     "peak_tflop_per_s_per_device": None if peak is None else peak / 1e12,
     **({} if vit_s is None else {"vit_forward_s": round(vit_s, 4)}),
     **({} if vit_cudnn_s is None else {"vit_forward_cudnn_attention_s": vit_cudnn_s}),
+    **({} if profile is None else {"profile": profile}),
   }
+
+
+def _profile(profile_dir: str, compiled) -> dict:
+  """The profile of the PROFILE_CALLS calls of `compiled` just traced into profile_dir (profiling.summarize),
+  also written there as profile.txt (the table) and profile.json."""
+  profile = profiling.summarize(profile_dir, [compiled.as_text()], PROFILE_CALLS)
+  if jax.process_index() == 0:
+    profiling.save(profile, profile_dir)
+  return profile
 
 
 def _time_vit_forward(vit_cfg, params, images, steps: int, attention: str | None = None) -> float:
@@ -386,10 +414,10 @@ def search_options(config, new_tokens: int, num_beams: int = 1) -> tuple:
   )
 
 
-def run_generate(config, steps: int, new_tokens: int, devices=None, num_beams: int = 1) -> dict:
+def run_generate(config, steps: int, new_tokens: int, devices=None, num_beams: int = 1, profile_dir: str = "") -> dict:
   """Captioning (greedy, or beam search with num_beams) of exactly new_tokens tokens per image at
   config.global_batch_size, through tasks._generate (soft prompt + prompt + the whole search, one jitted
-  program)."""
+  program). profile_dir: as run's."""
   _check_config(config, "generate", "")
   setup = state_lib.build(config, None, devices)
   state, frozen = setup.init(jax.random.PRNGKey(0))
@@ -402,8 +430,9 @@ def run_generate(config, steps: int, new_tokens: int, devices=None, num_beams: i
   inputs = state_lib.global_batch(_local({"image": images, "ids": ids, "mask": mask}), setup.batch_sharding)
   args = (params, inputs["image"], inputs["ids"], inputs["mask"])
 
-  def timed(new_tokens):
-    """(compile seconds, seconds per batch, tokens) of generating exactly new_tokens tokens."""
+  def timed(new_tokens, traced: bool):
+    """(compile seconds, seconds per batch, tokens, profile or None) of generating exactly new_tokens tokens;
+    `traced`: then PROFILE_CALLS more calls traced into profile_dir."""
     options = search_options(config, new_tokens, num_beams)
     t0 = time.perf_counter()
     with setup.kernel_mesh():
@@ -416,13 +445,20 @@ def run_generate(config, steps: int, new_tokens: int, devices=None, num_beams: i
     for _ in range(steps):
       tokens = compiled(*args, None)
     jax.block_until_ready(tokens)
-    return compile_s, (time.perf_counter() - t0) / steps, tokens
+    batch_s = (time.perf_counter() - t0) / steps
+    if not traced:
+      return compile_s, batch_s, tokens, None
+    with jax.profiler.trace(profile_dir):
+      for _ in range(PROFILE_CALLS):
+        tokens = compiled(*args, None)
+      jax.block_until_ready(tokens)
+    return compile_s, batch_s, tokens, _profile(profile_dir, compiled)
 
-  compile_s, batch_s, tokens = timed(new_tokens)
+  compile_s, batch_s, tokens, profile = timed(new_tokens, bool(profile_dir))
   if tokens.shape != (b, new_tokens):
     raise AssertionError(f"Generated tokens {tokens.shape}, expected {(b, new_tokens)}.")
   # One token: the image side (ViT, Q-Former, projection) and the prefill; the rest is the decoding loop.
-  _, first_s, _ = timed(1)
+  _, first_s, _, _ = timed(1, traced=False)
   return {
     "mode": "generate",
     "stage": 2,
@@ -439,6 +475,7 @@ def run_generate(config, steps: int, new_tokens: int, devices=None, num_beams: i
     "tokens_per_s": round(b * new_tokens / batch_s, 1),
     "first_token_s": round(first_s, 4),
     "per_token_ms": round(1000 * (batch_s - first_s) / max(new_tokens - 1, 1), 3),
+    **({} if profile is None else {"profile": profile}),
   }
 
 
@@ -559,11 +596,15 @@ def benchmark(
   photos: int = 0,
   photo_size: tuple[int, int] = (640, 480),
   num_beams: int = 1,
+  profile_dir: str = "",
 ) -> dict:
   """Ours (with compare='transformers', theirs first, then ours) -> one dict, with ours / theirs.
 
-  devices: the devices of our mesh (default: all)."""
+  devices: the devices of our mesh (default: all). profile_dir: where to trace and profile our program (train and
+  generate modes), "" for no profile."""
   if mode == "data":
+    if profile_dir:
+      raise ValueError("--profile traces the train or generate mode's compiled program; --mode=data has none.")
     return run_data(config, steps, photos, photo_size)
   _check_config(config, mode, compare)
   theirs = {}
@@ -581,9 +622,9 @@ def benchmark(
       num_beams=num_beams,
     )
   if mode == "train":
-    ours = run(config, steps, devices)
+    ours = run(config, steps, devices, profile_dir)
   else:
-    ours = run_generate(config, steps, new_tokens, devices, num_beams)
+    ours = run_generate(config, steps, new_tokens, devices, num_beams, profile_dir)
   if not compare:
     return ours
   out = dict(ours, **theirs)
@@ -623,13 +664,17 @@ def main(argv):
       photos=FLAGS.photos,
       photo_size=_photo_size(),
       num_beams=FLAGS.num_beams,
+      profile_dir=FLAGS.profile,
     )
   except (FileNotFoundError, ValueError) as e:
     raise SystemExit(f"error: {e}") from None
   if jax.process_index() == 0:
+    if "profile" in out:
+      print(profiling.format_table(out["profile"]) + "\n")
     width = max(map(len, out))
     for k, v in out.items():
-      print(f"{k:<{width}}  {v if v is not None else 'n/a (peak unknown for this device)'}")
+      if k != "profile":
+        print(f"{k:<{width}}  {v if v is not None else 'n/a (peak unknown for this device)'}")
     print(json.dumps(out))
 
 
@@ -648,6 +693,13 @@ if __name__ == "__main__":
   flags.DEFINE_integer("steps", 20, "Timed steps or batches (after compilation and 2 warm-up calls).")
   flags.DEFINE_integer("new_tokens", 30, "--mode=generate: tokens generated per image (min = max).")
   flags.DEFINE_integer("num_beams", 1, "--mode=generate: 1 = greedy, more = beam search with that many beams.")
+  flags.DEFINE_string(
+    "profile",
+    "",
+    "--mode=train or generate: a directory; after the timed steps, trace 3 more under jax.profiler.trace there and "
+    "print where their time went (the top ops, the shares of attention, matmuls, layer norms, collectives, "
+    "copies), also written to DIR/profile.txt and profile.json.",
+  )
   flags.DEFINE_enum(
     "compare",
     "",

@@ -34,9 +34,28 @@ def _tiny_stage2(batch=8):
   return c
 
 
-def test_stage2_train_counts_flops_and_compares_with_transformers():
+def _check_profile(profile, log_dir):
+  """--profile's result: every op's time shared among the categories, the model's attention, dense layers and
+  layer norms (ViT, Q-Former and LLM have all three) among them, no collectives on one device, the table written."""
+  assert profile["calls"] == benchmark.PROFILE_CALLS and profile["devices"] == 1
+  assert profile["not_in_hlo_share"] == 0  # every traced op found in the program's HLO
+  rows, categories = profile["top_ops"], profile["categories"]
+  assert rows and all(r["ms_per_step"] > 0 and r["calls_per_step"] > 0 for r in rows)
+  assert [r["ms_per_step"] for r in rows] == sorted((r["ms_per_step"] for r in rows), reverse=True)
+  # Over every op, not only the top ones.
+  assert sum(c["share"] for c in categories.values()) == pytest.approx(1, abs=1e-3)
+  assert sum(c["ms_per_step"] for c in categories.values()) == pytest.approx(profile["ms_per_step"], rel=1e-3)
+  for c in ("attention", "matmul", "layer_norm"):
+    assert categories[c]["share"] > 0, c
+  assert categories["collective"]["share"] == 0
+  table = (log_dir / "profile.txt").read_text()
+  assert table.startswith(f"{benchmark.PROFILE_CALLS} steps traced") and rows[0]["op"] in table
+  assert (log_dir / "profile.json").exists()
+
+
+def test_stage2_train_counts_flops_profiles_and_compares_with_transformers(tmp_path):
   c = _tiny_stage2()
-  out = benchmark.benchmark(c, "train", steps=1, compare="transformers", devices=ONE_DEVICE)
+  out = benchmark.benchmark(c, "train", steps=1, compare="transformers", devices=ONE_DEVICE, profile_dir=str(tmp_path))
   assert out["device"].startswith("1 x ")
   assert out["stage"] == 2 and out["samples_per_s"] > 0 and math.isfinite(out["loss"])
   fwd = out["forward_gflop_per_sample"]
@@ -53,16 +72,24 @@ def test_stage2_train_counts_flops_and_compares_with_transformers():
   # The same trainable parts (Q-Former query side, query tokens, language projection); ours also trains
   # ln_vision, which transformers keeps inside its frozen vision model.
   assert out["trainable_params"] - out["transformers_trainable_params"] == 2 * c.model.vit.width
+  _check_profile(out["profile"], tmp_path)
 
 
-def test_generate_makes_exactly_new_tokens_and_compares_with_transformers():
+def test_generate_makes_exactly_new_tokens_profiles_and_compares_with_transformers(tmp_path):
   out = benchmark.benchmark(
-    _tiny_stage2(), "generate", steps=1, new_tokens=3, compare="transformers", devices=ONE_DEVICE
+    _tiny_stage2(),
+    "generate",
+    steps=1,
+    new_tokens=3,
+    compare="transformers",
+    devices=ONE_DEVICE,
+    profile_dir=str(tmp_path),
   )
   assert out["new_tokens"] == 3 and out["prompt_tokens"] == benchmark.PROMPT_LENGTH
   assert out["images_per_s"] > 0 and out["transformers_images_per_s"] > 0
   assert out["tokens_per_s"] == pytest.approx(3 * out["images_per_s"], rel=1e-2)
   assert out["speedup_vs_transformers"] == pytest.approx(out["transformers_batch_s"] / out["batch_s"], rel=1e-2)
+  _check_profile(out["profile"], tmp_path)
 
 
 def test_flops_count_every_iteration_of_a_scan():
@@ -93,6 +120,8 @@ def test_unsupported_requests_are_one_sentence_errors():
   c.init.llm_weights = "demo"
   with pytest.raises(ValueError, match="llm_weights"):
     benchmark.benchmark(c, "train")
+  with pytest.raises(ValueError, match="--profile"):
+    benchmark.benchmark(stage1.get_config("tiny"), "data", profile_dir="/tmp/unused")
 
 
 def test_data_mode_times_both_decode_paths_on_the_same_photos():
