@@ -176,10 +176,11 @@ def test_two_processes_train_and_evaluate_as_one(runs):
   assert len([line for line in lines if '"loss"' in line]) == STEPS
 
 
-@pytest.mark.parametrize("written_by, resumed_by", [("two", (1, 8)), ("one", (2, 4))])
+@pytest.mark.parametrize("written_by, resumed_by", [("one", (2, 4))])
 def test_a_checkpoint_resumes_on_another_number_of_processes(runs, tmp_path, written_by, resumed_by):
   """The half-way checkpoint of one run, resumed on the other process count, ends where the straight run did:
-  the data position is the global batch count, not a process's own."""
+  the data position is the global batch count, not a process's own. (Two processes' checkpoint resumed by one:
+  the preemption test below.)"""
   workdir = str(tmp_path / "resumed")
   shutil.copytree(runs[written_by], workdir)
   shutil.rmtree(os.path.join(workdir, "checkpoints", str(STEPS)))
@@ -195,12 +196,13 @@ def test_a_checkpoint_resumes_on_another_number_of_processes(runs, tmp_path, wri
 
 def test_sigterm_to_one_process_saves_every_process_at_one_step_and_the_run_resumes(runs, tmp_path):
   """A preemption notice reaching one host: JAX's preemption sync point makes both processes save the same step
-  and exit 0; the same command then ends where the uninterrupted 2-process run did."""
+  and exit 0; the run then resumes on one process of 8 devices (the other process count) and ends where the
+  uninterrupted 2-process run did."""
   workdir = str(tmp_path / "preempted")
   train(workdir, runs["data_dir"], 2, 4, sigterm_after=2)
   saved = sorted(int(d) for d in os.listdir(os.path.join(workdir, "checkpoints")) if d.isdigit())
   assert saved and saved[-1] < STEPS, saved
-  train(workdir, runs["data_dir"], 2, 4)
+  train(workdir, runs["data_dir"], 1, 8)
   straight, resumed = losses(runs["two"]), losses(workdir)
   assert [resumed[s] for s in range(saved[-1] + 1, STEPS + 1)] == pytest.approx(
     [straight[s] for s in range(saved[-1] + 1, STEPS + 1)], rel=1e-5
