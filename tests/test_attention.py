@@ -93,36 +93,66 @@ def test_tpu_flash_kernel_runs_per_shard_of_batch_and_heads():
   chex.assert_trees_all_close(out, layers.attention(q, k, v, mask), **TOL)
 
 
-def _stage1_model(attention):
-  c = stage1.get_config("tiny")  # a ViT of one block over 36 patches + [CLS]
-  c.model.qformer.update(vocab_size=40, hidden_size=32, num_layers=1, num_heads=2, intermediate_size=64)
-  c.model.qformer.update(dropout_rate=0.0, dtype="float32")
+def _spy(monkeypatch) -> list:
+  """(query length, implementation) of each layers.attention call traced from now on, in order."""
+  calls, real = [], layers.attention
+
+  def spy(q, *args, implementation="xla", **kwargs):
+    calls.append((q.shape[1], implementation))
+    return real(q, *args, implementation=implementation, **kwargs)
+
+  monkeypatch.setattr(layers, "attention", spy)
+  return calls
+
+
+def test_each_place_takes_the_kernel_its_config_names(monkeypatch):
+  # Traced only: which path each attention of the stage-1 forward takes (the kernel's numbers are the tests above
+  # and below). The ViT always; the Q-Former (self- and cross-attention, ITC / ITM / ITG masks) where no attention
+  # dropout is drawn: in evaluation, not in training at dropout_rate 0.1.
+  c = stage1.get_config("tiny")  # a ViT of one block
+  c.model.qformer.update(vocab_size=40, hidden_size=32, num_layers=2, num_heads=2, intermediate_size=64)
+  c.model.qformer.dropout_rate = 0.1  # the paper's (the tiny config has none)
   c.model.update(num_query_tokens=4, embed_dim=16, bos_token_id=3)
-  c.model.vit.attention = c.model.qformer.attention = attention
-  return blip2.Blip2Qformer(c.model), c.data.image_size
-
-
-def test_fused_attention_in_the_vit_and_qformer_gives_the_stage1_losses_of_xla():
-  # Every attention of the stage-1 forward (ViT; Q-Former self- and cross-attention with the ITC, ITM and ITG
-  # masks) through the kernel; the backward kernels are the test above's.
-  (xla, size), (flash, _) = _stage1_model("xla"), _stage1_model("tpu_flash")
-  rng = np.random.default_rng(0)
-  images = jnp.asarray(rng.integers(0, 256, (2, size, size, 3)), jnp.uint8)
+  c.model.vit.attention = c.model.qformer.attention = "tpu_flash"
+  model, size = blip2.Blip2Qformer(c.model), c.data.image_size
+  images = jnp.zeros((2, size, size, 3), jnp.uint8)
   ids = jnp.asarray([[3, 5, 6, 7, 8, 9], [3, 10, 11, 12, 0, 0]], jnp.int32)
-  mask = (ids > 0).astype(jnp.int32)
-  itm = {"itm": jax.random.PRNGKey(1)}
-  params = xla.init({"params": jax.random.PRNGKey(0), **itm}, images, ids, mask)["params"]
-  # Training mode: a Q-Former without dropout takes the kernel.
-  losses = lambda model: jax.jit(lambda: model.apply({"params": params}, images, ids, mask, rngs=itm))()
-  with pltpu.force_tpu_interpret_mode():
-    ours = losses(flash)
-  chex.assert_trees_all_close(ours, losses(xla), rtol=1e-4, atol=1e-5)
+  rngs = {"params": jax.random.PRNGKey(0), "itm": jax.random.PRNGKey(1), "dropout": jax.random.PRNGKey(2)}
+  params = jax.eval_shape(lambda: model.init(rngs, images, ids, ids > 0, train=False))["params"]
+  calls = _spy(monkeypatch)
+  vit_tokens = (size // c.model.vit.patch_size) ** 2 + 1
+  for train in (False, True):
+    calls.clear()
+    jax.make_jaxpr(lambda p, t=train: model.apply({"params": p}, images, ids, ids > 0, train=t, rngs=rngs))(params)
+    vit = {impl for length, impl in calls if length == vit_tokens}
+    qformer = [impl for length, impl in calls if length != vit_tokens]
+    assert vit == {"tpu_flash"} and len(qformer) > 10 and set(qformer) == {"xla" if train else "tpu_flash"}, calls
+  # OPT: its training forward and the prompt's prefill take model.llm.attention; a decoding step reads the cache
+  # with XLA's einsums.
+  family = llms.family("opt")
+  opt = family.module(llms.llm_config(dict(helpers.OPT_TEXT), attention="tpu_flash"))
+  embeds, mask = jnp.zeros((2, 6, helpers.OPT_TEXT["hidden_size"])), jnp.ones((2, 6), jnp.int32)
+  params = jax.eval_shape(lambda: opt.init(jax.random.PRNGKey(0), embeds, mask))["params"]
+
+  def prefill_and_step(p):
+    decoder = family.decoder.create(opt, p)
+    _, state = decoder.prefill(embeds, mask, max_new_tokens=3)
+    return decoder.step(jnp.zeros((2,), jnp.int32), state)
+
+  calls.clear()
+  jax.make_jaxpr(lambda p: opt.apply({"params": p}, embeds, mask))(params)
+  assert {impl for _, impl in calls} == {"tpu_flash"}, calls
+  calls.clear()
+  jax.make_jaxpr(prefill_and_step)(params)
+  assert {impl for length, impl in calls if length == 6} == {"tpu_flash"}, calls  # the prefill
+  assert {impl for length, impl in calls if length == 1} == {"xla"}, calls  # a decoding step
 
 
-@pytest.mark.parametrize("text", [helpers.OPT_TEXT, helpers.LLAMA_TEXT], ids=["opt", "llama"])
-def test_fused_attention_in_decoder_only_llms_gives_the_logits_gradients_and_prefill_of_xla(text):
-  family = llms.family(text["model_type"])
-  text = dict(text, num_hidden_layers=1)
+def test_tpu_flash_in_llama_gives_the_logits_gradients_and_prefill_of_xla():
+  # The kernel inside an LLM with grouped-query heads and left padding: the training forward and its gradient,
+  # and the prompt's prefill into the KV cache.
+  text = dict(helpers.LLAMA_TEXT, num_hidden_layers=1)
+  family = llms.family("llama")
   models = {a: family.module(llms.llm_config(text, attention=a)) for a in ("xla", "tpu_flash")}
   rng = np.random.default_rng(0)
   embeds = jnp.asarray(rng.normal(size=(2, 6, text["hidden_size"])), jnp.float32)
