@@ -30,8 +30,8 @@ def compare_transformers(
   """transformers' Blip2ForConditionalGeneration at this config's sizes (random init), timed like ours: a training
   step (mode 'train') on `batch` (host arrays with the training batch's keys) or greedy generation of exactly
   new_tokens tokens (mode 'generate'; beam search with num_beams > 1) after `prompt` (ids, mask); see the module
-  docstring. special_ids: the LLM's
-  'eos', 'pad' and 'vocab_size'. Frees the model and torch's cached GPU memory before returning."""
+  docstring. special_ids: the LLM's 'eos', 'pad' and 'vocab_size'. Frees the model and torch's cached GPU memory
+  before returning."""
   import torch  # pylint: disable=g-import-not-at-top  (optional: the [test] extra)
 
   device = torch.device("cuda" if torch.cuda.is_available() else "cpu")

@@ -206,9 +206,10 @@ TPU_FLASH_MAX_WHOLE = 512
 _TPU_MASKED = -1e30
 
 
-def cudnn_attention_available(dtype) -> bool:
-  """Whether `attention(..., implementation="cudnn")` can run here on inputs of `dtype`: an NVIDIA GPU, 16 bits."""
-  return jax.default_backend() == "gpu" and jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16)
+def cudnn_attention_available(dtype, platform: str | None = None) -> bool:
+  """Whether `attention(..., implementation="cudnn")` can run on `platform` (default: JAX's default backend) on
+  inputs of `dtype`: an NVIDIA GPU, 16 bits."""
+  return (platform or jax.default_backend()) == "gpu" and jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16)
 
 
 def tpu_interpret_mode() -> bool:
@@ -227,9 +228,7 @@ def check_attention(implementation: str, dtype, where: str, platform: str | None
   a CPU backend."""
   if implementation not in ATTENTION_IMPLEMENTATIONS:
     raise ValueError(f"{where}={implementation!r} is not one of {ATTENTION_IMPLEMENTATIONS}.")
-  if implementation == "cudnn" and not (
-    (platform or jax.default_backend()) == "gpu" and jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16)
-  ):
+  if implementation == "cudnn" and not cudnn_attention_available(dtype, platform):
     raise ValueError(
       f"{where}='cudnn' needs an NVIDIA GPU and a bfloat16 or float16 compute dtype; this run has backend "
       f"{platform or jax.default_backend()!r} and dtype {jnp.dtype(dtype)}. Use 'xla'."
